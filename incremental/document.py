@@ -1,0 +1,240 @@
+"""A live document: its text, its token mirror and its KV cache, updated edit by edit."""
+from __future__ import annotations
+
+import time
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+import kernels
+
+from . import strategies
+from .decode import Completion, decode_line
+from .kv_cache import KVCache
+from .token_mirror import MirrorState
+
+Position = tuple[int, int]
+Change = tuple[Position, Position, str]
+
+
+class Document:
+    """One open file. Create it with Engine.open; every method runs on the caller's thread."""
+
+    def __init__(self, engine, uri: str, text: str, strategy: str):
+        self.engine, self.uri, self.strategy = engine, uri, strategy
+        m = engine.model
+        self.kv = KVCache(m.n_layers, m.n_kv_heads, m.head_dim, m.dtype, m.device)
+        self.state: MirrorState = engine.mirror.state(text)
+        self.version = 0
+        self.last_keep: np.ndarray | None = None
+        self._stats = dict(edits=0, tokens_encoded_last_edit=0, keys_rotated_last_edit=0, edit_ms_last=0.0,
+                           tokens_encoded_total=0, keys_rotated_total=0, completions=0, last_completion={})
+        T = len(self.state.ids)
+        self.kv.reserve(T + 64)
+        self.kv.length = T
+        self.kv.pos[:T] = np.arange(T)
+        self.kv.dirty[:T] = True
+
+    # -- reading -----------------------------------------------------------------------------
+    @property
+    def text(self) -> str:
+        return self.state.text
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.state.ids.tolist()
+
+    @property
+    def stats(self) -> dict:
+        kv, T = self.kv, self.kv.length
+        return dict(self._stats, uri=self.uri, strategy=self.strategy, tokens=T, version=self.version,
+                    stale_tokens=int(kv.stale[:T].sum()), dirty_tokens=int(kv.dirty[:T].sum()),
+                    cache_bytes=T * kv.bytes_per_token(), full_reencode_tokens=T)
+
+    def offset(self, line: int, col: int) -> int:
+        return self.engine.mirror.offset(self.state, line, col)
+
+    def fork(self, uri: str, strategy: str | None = None) -> "Document":
+        """An independent copy (text, tokens and cache) registered under uri, e.g. to compare
+        strategies from one encoded state without encoding it again."""
+        new = Document.__new__(Document)
+        new.engine, new.uri, new.strategy = self.engine, uri, strategy or self.strategy
+        new.state, new.version, new.last_keep = self.state, self.version, self.last_keep
+        new._stats = dict(self._stats)
+        new.kv = self.engine._new_cache(self.kv.capacity)
+        new.kv.restore(self.kv.snapshot())
+        self.engine.documents[uri] = new
+        return new
+
+    # -- editing -----------------------------------------------------------------------------
+    def edit(self, start: Position, end: Position, text: str, **kw) -> dict:
+        """Replace start..end ((line, column), columns in code points) with text."""
+        return self.edit_batch([(start, end, text)], **kw)
+
+    def edit_batch(self, changes: Sequence[Change], settle: bool = True,
+                   should_stop: Callable[[], bool] | None = None) -> dict:
+        """Apply changes in order, as one batch: each cached key is rotated at most once.
+
+        Raises ValueError (leaving text, tokens and cache untouched) when any change is invalid.
+        With settle=False the new tokens are only marked for encoding; `settle` encodes them.
+        """
+        t0 = time.perf_counter()
+        mirror, st = self.engine.mirror, self.state
+        origin = np.arange(len(st.ids), dtype=np.int64)
+        for i, ch in enumerate(changes):
+            try:
+                start, end, text = ch
+                st, sp = mirror.apply(st, tuple(start), tuple(end), text)
+            except ValueError as e:
+                raise ValueError(f"change {i + 1} of {len(changes)}: {e}; the document was left unchanged") from None
+            except (TypeError, IndexError) as e:
+                raise ValueError(f"change {i + 1} of {len(changes)} is malformed ({e}): expected "
+                                 "((line, column), (line, column), text); the document was left unchanged") from None
+            origin = np.concatenate([origin[: sp.start], np.full(len(sp.inserted), -1, dtype=np.int64),
+                                     origin[sp.start + sp.removed:]])
+        old_ids = self.state.ids
+        cfg = self.engine.config
+        p = strategies.plan(self.strategy, old_ids, st.ids, origin, cfg.reuse_min_chunk, cfg.refresh_window)
+        self.state = st
+        self.version += 1
+        rotated = self._rearrange(p)
+        s = self._stats
+        s["edits"] += 1
+        s["keys_rotated_last_edit"] = rotated
+        s["keys_rotated_total"] += rotated
+        s["tokens_encoded_last_edit"] = 0
+        if settle:
+            self.settle(should_stop)
+        s["edit_ms_last"] = (time.perf_counter() - t0) * 1e3
+        return self.stats
+
+    def _rearrange(self, p: strategies.Plan) -> int:
+        """Move kept K/V to their new slots, rotate them, mark the rest dirty. Returns keys rotated."""
+        kv, keep = self.kv, p.keep
+        self.last_keep = keep  # for tests and tools: which old slot each token came from
+        T = len(keep)
+        new_idx = np.flatnonzero(keep >= 0)
+        old_idx = keep[new_idx]
+        kv.reserve(T + 64)
+        # Runs of tokens that move together. Left-movers go first in ascending order, right-movers
+        # last in descending order: then no move overwrites a source that is still to be read.
+        if len(new_idx):
+            shift = new_idx - old_idx
+            brk = np.flatnonzero((np.diff(new_idx) != 1) | (np.diff(shift) != 0)) + 1
+            runs = [(int(old_idx[a]), int(new_idx[a]), int(b - a))
+                    for a, b in zip(np.concatenate([[0], brk]), np.concatenate([brk, [len(new_idx)]]))]
+            for src, dst, n in [r for r in runs if r[1] < r[0]]:
+                kv.move(src, dst, n)
+            for src, dst, n in sorted([r for r in runs if r[1] > r[0]], reverse=True):
+                kv.move(src, dst, n)
+        kv.length = T
+        enc = keep < 0
+        changes = strategies.change_points(keep)
+        if len(changes):
+            kv.stale[new_idx[new_idx >= changes[0]]] = True
+        enc_idx = np.flatnonzero(enc)
+        kv.stale[enc_idx] = False
+        kv.dirty[enc_idx] = True
+        rotated = 0
+        if p.rotate and len(new_idx):
+            delta = new_idx - kv.pos[new_idx]
+            moved = new_idx[delta != 0]
+            if len(moved):
+                a, b = int(moved[0]), int(moved[-1]) + 1
+                d = np.zeros(b - a, dtype=np.int64)
+                d[moved - a] = delta[delta != 0]
+                dev = kv.k.device
+                kernels.rerotate_keys_(kv.k[:, :, a:b], torch.from_numpy(d).to(dev), self.engine.model.inv_freq.to(dev),
+                                       positions=torch.from_numpy(kv.pos[a:b].copy()).to(dev))
+                kv.pos[moved] = moved
+                rotated = len(moved)
+        kv.pos[enc_idx] = enc_idx
+        return rotated
+
+    def set_text(self, text: str, **kw) -> dict:
+        """Replace the whole text (an LSP full-document change) as one minimal splice."""
+        old = self.state.text
+        n = min(len(old), len(text))
+        p = 0
+        while p < n and old[p] == text[p]:
+            p += 1
+        s = 0
+        while s < n - p and old[len(old) - 1 - s] == text[len(text) - 1 - s]:
+            s += 1
+        # never split a CRLF pair: LSP positions cannot name the spot between \r and \n
+        if 0 < p < len(old) and old[p - 1] == "\r" and old[p] == "\n":
+            p -= 1
+        while s and 0 < len(old) - s < len(old) and old[len(old) - s - 1] == "\r" and old[len(old) - s] == "\n":
+            s -= 1
+        to_pos = self.engine.mirror.position
+        start, end = to_pos(self.state, p), to_pos(self.state, len(old) - s)
+        return self.edit(start, end, text[p: len(text) - s], **kw)
+
+    def settle(self, should_stop: Callable[[], bool] | None = None, upto: int | None = None,
+               progress: Callable[[int, int], None] | None = None) -> bool:
+        """Encode dirty tokens (those before slot `upto`, default all), left to right, in chunks.
+
+        progress(done, total) is called after each chunk. Returns False when should_stop()
+        interrupted it; the rest stays dirty for later."""
+        kv, model, chunk = self.kv, self.engine.model, self.engine.config.encode_chunk
+        T = kv.length if upto is None else min(upto, kv.length)
+        done, total, encoded = True, int(kv.dirty[:T].sum()), 0
+        while True:
+            dirty = np.flatnonzero(kv.dirty[:T])
+            if not len(dirty):
+                break
+            if should_stop is not None and should_stop():
+                done = False
+                break
+            idx = dirty[:chunk]
+            n_keys = int(idx[-1]) + 1
+            clean_stale = kv.stale[:n_keys] & ~kv.dirty[:n_keys]
+            any_before = np.concatenate([[False], np.logical_or.accumulate(clean_stale)[:-1]])
+            ids = torch.from_numpy(self.state.ids[idx])
+            pos = torch.from_numpy(idx)
+            mask = torch.arange(n_keys)[None, :] <= pos[:, None]                    # (n, n_keys)
+            contiguous = int(idx[-1]) - int(idx[0]) + 1 == len(idx)
+            model.forward(kv, ids, pos, int(idx[0]) if contiguous else pos, n_keys, mask)
+            kv.pos[idx] = idx
+            kv.stale[idx] = any_before[idx]
+            kv.dirty[idx] = False
+            self._stats["tokens_encoded_last_edit"] += len(idx)
+            self._stats["tokens_encoded_total"] += len(idx)
+            encoded += len(idx)
+            if progress is not None:
+                progress(encoded, total)
+        return done
+
+    # -- staleness ---------------------------------------------------------------------------
+    def refresh(self, max_tokens: int | None = None, should_stop: Callable[[], bool] | None = None) -> int:
+        """Re-encode the stalest region (from the first stale token on), up to max_tokens.
+        Returns how many tokens were re-encoded."""
+        kv, T = self.kv, self.kv.length
+        stale = np.flatnonzero(kv.stale[:T])
+        if not len(stale):
+            return 0
+        a = int(stale[0])
+        b = T if max_tokens is None else min(T, a + max_tokens)
+        kv.dirty[a:b] = True
+        before = self._stats["tokens_encoded_total"]
+        self.settle(should_stop, upto=b)
+        return self._stats["tokens_encoded_total"] - before
+
+    # -- completing --------------------------------------------------------------------------
+    def stream(self, line: int, col: int, max_new_tokens: int | None = None,
+               should_stop: Callable[[], bool] | None = None) -> Iterator[str]:
+        """Yield the next-line completion at (line, col) piece by piece (one per decoded token)."""
+        c = self.offset(line, col)
+        n = max_new_tokens or self.engine.config.max_new_tokens
+        if n < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {n}")
+        comp = Completion()
+        self._stats["completions"] += 1
+        yield from decode_line(self, c, n, comp, should_stop)
+        self._stats["last_completion"] = comp.summary()
+
+    def complete(self, line: int, col: int, max_new_tokens: int | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> str:
+        """The text to insert at (line, col): greedy, up to the end of the line."""
+        return "".join(self.stream(line, col, max_new_tokens, should_stop))

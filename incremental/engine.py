@@ -1,0 +1,84 @@
+"""The engine: one loaded model and tokenizer, and the live documents that share them."""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from .config import STRATEGIES, Config
+from .document import Document
+from .kv_cache import KVCache
+from .models import load_model, resolve_device_dtype
+from .token_mirror import TokenMirror
+from .transformer import Transformer
+
+log = logging.getLogger("livekv")
+
+
+class Engine:
+    """Holds the model; opens documents, each with its own KV cache.
+
+    Not thread-safe: drive an engine from one thread (the LSP server uses one worker thread).
+    """
+
+    def __init__(self, config: Config, hf, tokenizer, name: str):
+        self.config, self.tokenizer, self.model_name = config, tokenizer, name
+        self.model = Transformer(hf)
+        self.mirror = TokenMirror(tokenizer, verify=config.verify_tokens)
+        gen = getattr(hf, "generation_config", None)
+        eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        self.stop_ids = frozenset(int(t) for t in list(tokenizer.all_special_ids) + eos)
+        self.documents: dict[str, Document] = {}
+        probe = self.mirror.tokenize("def add(a, b):\n    return a + b\n")[0].tolist()[:12]
+        self.model.check_against_hf(self._new_cache, probe)
+
+    @classmethod
+    def load(cls, model: str | None = None, strategy: str = "pie", device: str | None = None,
+             dtype: str | None = None, **settings) -> "Engine":
+        """Load a model: None is the embedded SmolLM2-135M (offline); "qwen2.5-coder-0.5b" the
+        optional coder; else a HF id, local directory or .gguf file of a RoPE causal LM.
+        Other Config fields may be given as keyword arguments."""
+        config = Config(model=model, strategy=strategy, device=device, dtype=dtype, **settings)
+        return cls.from_config(config)
+
+    @classmethod
+    def from_config(cls, config: Config) -> "Engine":
+        t0 = time.perf_counter()
+        dev, dt = resolve_device_dtype(config.device, config.dtype)
+        torch.manual_seed(0)
+        hf, tok, name = load_model(config.model, dev, dt, config.cache_path)
+        eng = cls(config, hf, tok, name)
+        log.info("loaded %s on %s/%s in %.1fs", name, dev, str(dt).removeprefix("torch."), time.perf_counter() - t0)
+        return eng
+
+    def _new_cache(self, capacity: int) -> KVCache:
+        m = self.model
+        return KVCache(m.n_layers, m.n_kv_heads, m.head_dim, m.dtype, m.device, capacity=capacity)
+
+    def open(self, uri: str, text: str, strategy: str | None = None, settle: bool = True,
+             progress=None, should_stop=None) -> Document:
+        """Open (or reopen, replacing) a document and encode it once.
+
+        progress(done, total) reports the encoding; should_stop() may interrupt it, leaving the
+        rest to be encoded by the next edit or completion (Document.settle)."""
+        strategy = strategy or self.config.strategy
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
+        if not isinstance(text, str):
+            raise ValueError(f"document text must be a str, got {type(text).__name__}")
+        doc = Document(self, uri, text, strategy)
+        if settle:
+            doc.settle(should_stop, progress=progress)
+        self.documents[uri] = doc
+        return doc
+
+    def get(self, uri: str) -> Document:
+        try:
+            return self.documents[uri]
+        except KeyError:
+            raise KeyError(f"document {uri!r} is not open; open it first") from None
+
+    def close(self, uri: str) -> None:
+        self.documents.pop(uri, None)

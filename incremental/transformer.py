@@ -1,0 +1,105 @@
+"""A forward pass over a Hugging Face Llama-family model that reads and writes livekv's KV cache.
+
+HF's own forward owns its cache and its masks; livekv needs queries at arbitrary slots with
+arbitrary position ids and an arbitrary visibility mask (a cached suffix hidden from a completion,
+later whole position groups). So this runs the HF modules layer by layer, gpt-fast style, and the
+result is checked against HF's forward when a model is loaded.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Transformer:
+    """The HF model's modules, driven over an external KVCache."""
+
+    def __init__(self, hf):
+        m = hf.model
+        need = ("embed_tokens", "layers", "norm", "rotary_emb")
+        missing = [n for n in need if not hasattr(m, n)]
+        attn0 = m.layers[0].self_attn if hasattr(m, "layers") else None
+        if missing or attn0 is None or not all(hasattr(attn0, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")):
+            raise ValueError(f"model type {hf.config.model_type!r} does not have the Llama layout livekv runs "
+                             f"(missing {missing or 'q/k/v/o projections'}); use a Llama, Qwen2 or Mistral family model")
+        self.hf, self.embed, self.layers, self.norm, self.rotary, self.lm_head = hf, m.embed_tokens, m.layers, m.norm, m.rotary_emb, hf.lm_head
+        cfg = hf.config
+        self.n_layers = len(self.layers)
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.n_heads
+        self.head_dim = attn0.head_dim
+        self.scaling = attn0.scaling
+        self.qk_norm = hasattr(attn0, "q_norm")
+        self.inv_freq = self.rotary.inv_freq.detach().float().clone()  # (D/2,) for re-rotation
+        self.vocab_size = cfg.vocab_size
+        p = next(hf.parameters())
+        self.device, self.dtype = p.device, p.dtype
+
+    @torch.inference_mode()
+    def forward(self, kv, ids: torch.Tensor, pos: torch.Tensor, slots, n_keys: int,
+                mask: torch.Tensor | None, logits_at: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Run tokens `ids` at positions `pos`, writing their K/V into `slots` of `kv`.
+
+        ids, pos: (n,). slots: an int (the n tokens go to slots [slots, slots + n)) or a (n,) index
+        tensor. Each query attends to kv slots [0, n_keys) where `mask` (n, n_keys) is True (all
+        when None); the new tokens must lie inside that range. Returns logits (len(logits_at), V)
+        for the selected query rows, or None.
+        """
+        n = ids.shape[0]
+        x = self.embed(ids.to(self.device)[None])                      # (1, n, C)
+        cos, sin = self.rotary(x, pos.to(self.device)[None])           # (1, n, D)
+        cos, sin = cos[:, None], sin[:, None]                          # (1, 1, n, D)
+        attn_mask = None
+        if mask is not None:
+            attn_mask = torch.zeros(mask.shape, dtype=x.dtype, device=self.device)
+            attn_mask.masked_fill_(~mask.to(self.device), float("-inf"))  # (n, n_keys)
+        contiguous = isinstance(slots, int)
+        if not contiguous:
+            slots = slots.to(self.device)
+        for i, layer in enumerate(self.layers):
+            a = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = a.q_proj(h).view(1, n, -1, self.head_dim)              # (1, n, H, D)
+            k = a.k_proj(h).view(1, n, -1, self.head_dim)              # (1, n, Hkv, D)
+            v = a.v_proj(h).view(1, n, -1, self.head_dim)
+            if self.qk_norm:
+                q, k = a.q_norm(q), a.k_norm(k)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (1, H|Hkv, n, D)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            if contiguous:
+                kv.k[i, :, slots: slots + n] = k[0]
+                kv.v[i, :, slots: slots + n] = v[0]
+            else:
+                kv.k[i].index_copy_(1, slots, k[0])
+                kv.v[i].index_copy_(1, slots, v[0])
+            K, V = kv.layer(i, n_keys)                                 # (1, Hkv, n_keys, D)
+            o = F.scaled_dot_product_attention(q, K, V, attn_mask=attn_mask, scale=self.scaling,
+                                               enable_gqa=self.n_heads != self.n_kv_heads)
+            x = x + a.o_proj(o.transpose(1, 2).reshape(1, n, -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        if logits_at is None:
+            return None
+        h = self.norm(x[0, logits_at.to(self.device)])
+        return self.lm_head(h).float()                                 # (m, V)
+
+    @torch.inference_mode()
+    def check_against_hf(self, kv_factory, tokens: list[int]) -> float:
+        """Max |logit difference| between this forward and HF's on `tokens`; refuse a mismatch."""
+        ids = torch.tensor(tokens, dtype=torch.long)
+        ref = self.hf(ids[None].to(self.device)).logits[0].float()
+        kv = kv_factory(len(tokens))
+        n = len(tokens)
+        mask = torch.ones(n, n, dtype=torch.bool).tril()
+        ours = self.forward(kv, ids, torch.arange(n), 0, n, mask, torch.arange(n))
+        err = (ours - ref).abs().max().item()
+        tol = 1e-2 if self.dtype == torch.float32 else 0.25 * ref.abs().max().item()
+        if not err <= tol:
+            raise ValueError(f"model type {self.hf.config.model_type!r}: livekv's forward disagrees with HF's "
+                             f"(max logit difference {err:.3g} > {tol:.3g}); this architecture is not supported")
+        return err

@@ -1,0 +1,84 @@
+"""Vectorised torch re-rotation: the CPU path (and a fallback anywhere).
+
+All layers go in one call (the engine folds layers into B), only the token
+slots that actually moved are touched, and the result goes back with a single
+slice assignment or index_copy_.
+"""
+
+import torch
+
+from .rope import check_args, rotation_tables
+
+
+def rerotate_keys_torch_(k, delta, inv_freq, *, positions=None, interleaved=False,
+                         rotary_dim=None, slots=None):
+    """Rotate cached keys in place by per-token position shifts (torch ops).
+
+    k: (B, Hkv, T, D) fp32/fp16/bf16, any strides (a view of a bigger buffer is
+    fine; it is written through, never replaced). delta: integer (N,) or (B, N)
+    where N = T, or S when slots (int64 (S,), unique indices into T) are given.
+    positions: optional integer, delta's shape, the position each key is at now
+    (gives HF-exact angles, see rope.rotation_angles). inv_freq: fp32
+    (rotary_dim/2,). Keys with delta 0 and dims past rotary_dim stay bit-exact.
+    Returns k.
+    """
+    n_tok, R = check_args(k, delta, inv_freq, positions, rotary_dim, slots)
+    dev = k.device
+    delta = delta.to(dev)
+    positions = None if positions is None else positions.to(dev)
+
+    # token columns that move for at least one batch row; the rest are never read
+    nz = delta != 0  # (N,) or (B, N)
+    sel = (nz if delta.dim() == 1 else nz.any(0)).nonzero().squeeze(1)  # (M,)
+    M = sel.numel()
+    if M == 0 or k.shape[0] == 0 or k.shape[1] == 0:
+        return k
+    if M < n_tok:
+        delta = delta[..., sel]
+        positions = None if positions is None else positions[..., sel]
+        nz = nz[..., sel]
+    # One rounding per rotation, on store: fp32 caches do their math in fp64, half-precision
+    # caches in fp32. A key is rotated once per edit batch, but over a long session it is
+    # rotated by every edit before it; extra roundings per rotation would add up (random walk).
+    math = torch.float64 if k.dtype == torch.float32 else torch.float32
+    cos, sin = rotation_tables(delta, inv_freq, positions, device=dev, dtype=math)  # (M, R/2) or (B, M, R/2)
+    if cos.dim() == 3:
+        cos, sin = cos[:, None], sin[:, None]  # (B, 1, M, R/2): broadcast over heads
+
+    kr = k[..., :R]  # (B, Hkv, T, R) view: dims past rotary_dim are never read or written
+    tok = sel if slots is None else slots.to(dev)[sel]  # (M,) indices into T
+    # the usual edit shifts one contiguous run of tokens: a slice view beats a gather
+    lo = int(tok[0])
+    run = bool((tok == torch.arange(lo, lo + M, device=dev)).all())
+    src = kr[:, :, lo:lo + M] if run else kr.index_select(2, tok)  # (B, Hkv, M, R) view or copy
+    # rows with delta 0 in a moved column keep their loaded bits (x * 1 - y * 0 is not
+    # always x: -0.0 and non-finite values would change), so those need the original
+    masked = delta.dim() == 2 and not bool(nz.all())
+
+    assert src.dtype != math, "the math copy must not alias k"
+    y = src.to(math)  # a copy: the math never touches k until the store
+    _rotate_(y, cos, sin, interleaved)
+    y = y.to(k.dtype)  # one rounding on store
+    if masked:
+        y = torch.where(nz[:, None, :, None], y, src)
+    if run:
+        kr[:, :, lo:lo + M] = y
+    else:
+        kr.index_copy_(2, tok, y)
+    return k
+
+
+def _rotate_(x, cos, sin, interleaved):
+    """Rotate the pairs of x (..., M, R) in place by angles with these cos/sin (M, R/2).
+
+    In-place mul_/addcmul_ touch memory about half as often as building the result
+    with cat: on CPU this path is bandwidth-bound.
+    """
+    if interleaved:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+    else:
+        half = x.shape[-1] // 2
+        x1, x2 = x[..., :half], x[..., half:]
+    x1_old = x1.clone()
+    x1.mul_(cos).addcmul_(x2, sin, value=-1)  # x1 cos - x2 sin
+    x2.mul_(cos).addcmul_(x1_old, sin)  # x2 cos + x1 sin

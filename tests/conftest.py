@@ -1,0 +1,42 @@
+"""Shared fixtures: the real embedded model (loaded once per session) and a tiny random Llama."""
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Kernel tests run the Triton kernel under the interpreter when there is no GPU; it must be set
+# before anything imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from incremental import Config, Engine  # noqa: E402
+
+
+def stdlib_source(module=difflib) -> str:
+    return Path(module.__file__).read_text(encoding="utf-8")
+
+
+def excerpt(text: str, first_line: int, n_lines: int) -> str:
+    return "".join(text.splitlines(keepends=True)[first_line: first_line + n_lines])
+
+
+@pytest.fixture(scope="session")
+def engine() -> Engine:
+    """The embedded SmolLM2-135M, checking the token mirror on every edit."""
+    return Engine.load(verify_tokens=True, max_new_tokens=8)
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(engine) -> Engine:
+    """A randomly initialised 2-layer Llama with the real tokenizer: fast, for unit tests."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(engine.tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=32768,
+                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=True)
+    hf = LlamaForCausalLM(cfg).eval()
+    return Engine(Config(verify_tokens=True, max_new_tokens=8), hf, engine.tokenizer, "tiny-llama")
