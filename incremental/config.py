@@ -1,6 +1,7 @@
 """The one configuration of livekv. CLI flags and LSP settings map onto its fields."""
 from __future__ import annotations
 
+import argparse
 import os
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -26,6 +27,10 @@ class Config:
     refresh_window: int = 32        # tokens re-encoded after an edit by pie-window / pie-refresh
     encode_chunk: int = 512         # queries per forward pass when (re-)encoding long runs
     fresh_tail: int = 1             # tokens before the cursor re-run fresh for each completion
+    multiline: bool = True          # after a block-opening colon, suggest the block, not one line
+    max_lines: int = 8              # lines of a block suggestion
+    max_prompt_ms: int = 0          # bring the cache up to date within this, else answer incomplete (0: no cap)
+    max_predict_ms: int = 0         # stop decoding after this, returning the partial line (0: no cap)
     verify_tokens: bool = False     # check the token mirror against a full tokenization after each edit
     cache_dir: str | None = None    # converted models; default $XDG_CACHE_HOME/livekv
 
@@ -36,11 +41,12 @@ class Config:
             raise ValueError(f"unknown dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
         if self.device is not None and not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"unknown device {self.device!r}: use 'cpu', 'cuda' or 'cuda:N'")
-        for name in ("max_new_tokens", "reuse_min_chunk", "encode_chunk", "fresh_tail"):
+        for name in ("max_new_tokens", "reuse_min_chunk", "encode_chunk", "fresh_tail", "max_lines"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.refresh_window < 0:
-            raise ValueError(f"refresh_window must be >= 0, got {self.refresh_window}")
+        for name in ("refresh_window", "max_prompt_ms", "max_predict_ms"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
     @property
     def cache_path(self) -> Path:
@@ -61,7 +67,8 @@ def add_config_arguments(parser) -> None:
         flag = "--" + f.name.replace("_", "-")
         default = f.default
         if isinstance(default, bool):
-            parser.add_argument(flag, dest=f.name, action="store_true", default=None, help=f"(default {default})")
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"(default {default})")
         elif f.name == "strategy":
             parser.add_argument(flag, dest=f.name, choices=STRATEGIES, default=None, help=f"(default {default})")
         else:

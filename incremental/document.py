@@ -10,9 +10,13 @@ import torch
 import kernels
 
 from . import strategies
-from .decode import Completion, decode_line
+from .decode import Completion, decode
 from .kv_cache import KVCache
+from .syntax import SyntaxTree
 from .token_mirror import MirrorState
+from .typeahead import TypeAhead
+
+PYTHON_SUFFIXES = (".py", ".pyi", ".pyw")
 
 Position = tuple[int, int]
 Change = tuple[Position, Position, str]
@@ -28,8 +32,14 @@ class Document:
         self.state: MirrorState = engine.mirror.state(text)
         self.version = 0
         self.last_keep: np.ndarray | None = None
+        self.encode_ms_per_token = 1.0  # an estimate, refined by every encode (for maxPromptMs)
+        self.python = uri.lower().endswith(PYTHON_SUFFIXES)
+        self._syntax: SyntaxTree | None = None
+        self._syntax_stale = False
+        self.typeahead = TypeAhead()
         self._stats = dict(edits=0, tokens_encoded_last_edit=0, keys_rotated_last_edit=0, edit_ms_last=0.0,
-                           tokens_encoded_total=0, keys_rotated_total=0, completions=0, last_completion={})
+                           tokens_encoded_total=0, keys_rotated_total=0, completions=0, last_completion={},
+                           prompt_caps=0, predict_caps=0)
         T = len(self.state.ids)
         self.kv.reserve(T + 64)
         self.kv.length = T
@@ -49,6 +59,7 @@ class Document:
     def stats(self) -> dict:
         kv, T = self.kv, self.kv.length
         return dict(self._stats, uri=self.uri, strategy=self.strategy, tokens=T, version=self.version,
+                    reuse_hits=self.typeahead.hits,
                     stale_tokens=int(kv.stale[:T].sum()), dirty_tokens=int(kv.dirty[:T].sum()),
                     cache_bytes=T * kv.bytes_per_token(), full_reencode_tokens=T)
 
@@ -61,6 +72,8 @@ class Document:
         new = Document.__new__(Document)
         new.engine, new.uri, new.strategy = self.engine, uri, strategy or self.strategy
         new.state, new.version, new.last_keep = self.state, self.version, self.last_keep
+        new.encode_ms_per_token, new.python = self.encode_ms_per_token, self.python
+        new._syntax, new._syntax_stale, new.typeahead = None, False, TypeAhead()
         new._stats = dict(self._stats)
         new.kv = self.engine._new_cache(self.kv.capacity)
         new.kv.restore(self.kv.snapshot())
@@ -82,10 +95,13 @@ class Document:
         t0 = time.perf_counter()
         mirror, st = self.engine.mirror, self.state
         origin = np.arange(len(st.ids), dtype=np.int64)
+        spans = []  # (a, b, text) char offsets, for the syntax tree
         for i, ch in enumerate(changes):
             try:
                 start, end, text = ch
+                before = st
                 st, sp = mirror.apply(st, tuple(start), tuple(end), text)
+                spans.append((mirror.offset(before, *start), mirror.offset(before, *end), text))
             except ValueError as e:
                 raise ValueError(f"change {i + 1} of {len(changes)}: {e}; the document was left unchanged") from None
             except (TypeError, IndexError) as e:
@@ -98,6 +114,10 @@ class Document:
         p = strategies.plan(self.strategy, old_ids, st.ids, origin, cfg.reuse_min_chunk, cfg.refresh_window)
         self.state = st
         self.version += 1
+        if self._syntax is not None:
+            for a, b, text in spans:
+                self._syntax.edit(a, b, text)
+            self._syntax_stale = True
         rotated = self._rearrange(p)
         s = self._stats
         s["edits"] += 1
@@ -195,7 +215,11 @@ class Document:
             pos = torch.from_numpy(idx)
             mask = torch.arange(n_keys)[None, :] <= pos[:, None]                    # (n, n_keys)
             contiguous = int(idx[-1]) - int(idx[0]) + 1 == len(idx)
+            t_chunk = time.perf_counter()
             model.forward(kv, ids, pos, int(idx[0]) if contiguous else pos, n_keys, mask)
+            per_token = (time.perf_counter() - t_chunk) * 1e3 / len(idx)
+            if len(idx) >= 32:  # small runs are dominated by reading the weights once
+                self.encode_ms_per_token = 0.5 * self.encode_ms_per_token + 0.5 * per_token
             kv.pos[idx] = idx
             kv.stale[idx] = any_before[idx]
             kv.dirty[idx] = False
@@ -221,20 +245,103 @@ class Document:
         self.settle(should_stop, upto=b)
         return self._stats["tokens_encoded_total"] - before
 
+    # -- syntax ------------------------------------------------------------------------------
+    def syntax_tree(self) -> SyntaxTree | None:
+        """The tree-sitter tree of a Python document, reparsed incrementally after edits."""
+        if not self.python:
+            return None
+        if self._syntax is None:
+            try:
+                self._syntax = SyntaxTree(self.text)
+            except ImportError:
+                self.python = False
+                return None
+        elif self._syntax_stale:
+            self._syntax.reparse()
+        self._syntax_stale = False
+        return self._syntax
+
+    def statement_start(self, c: int) -> int:
+        """Where the statement holding the cursor starts (to know which brackets are open)."""
+        line, col = self.engine.mirror.position(self.state, c)
+        tree = self.syntax_tree()
+        node = tree.node_before(c) if tree is not None and col > 0 else None
+        while node is not None and node.parent is not None and node.parent.type not in ("block", "module"):
+            node = node.parent
+        if node is None or node.type in ("block", "module"):
+            return c - col
+        start = len(self.state.text.encode("utf-8")[: node.start_byte].decode("utf-8", errors="ignore"))
+        return min(start, c - col)
+
     # -- completing --------------------------------------------------------------------------
-    def stream(self, line: int, col: int, max_new_tokens: int | None = None,
-               should_stop: Callable[[], bool] | None = None) -> Iterator[str]:
-        """Yield the next-line completion at (line, col) piece by piece (one per decoded token)."""
+    def suggest(self, line: int, col: int, n: int = 1, max_new_tokens: int | None = None,
+                should_stop: Callable[[], bool] | None = None, extra: str = "", reuse: bool = False,
+                on_piece: Callable[[str], None] | None = None, **caps) -> Completion:
+        """Up to n distinct suggestions at (line, col), from one batched decode.
+
+        reuse: answer from the suggestion last shown when the person has been typing it (no
+        model call), and remember this one. extra: text taken as typed at the cursor first
+        (prefetch). caps: max_prompt_ms, max_predict_ms, multiline (default from the config).
+        on_piece(text) streams candidate 0 as it becomes final."""
         c = self.offset(line, col)
-        n = max_new_tokens or self.engine.config.max_new_tokens
-        if n < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {n}")
-        comp = Completion()
-        self._stats["completions"] += 1
-        yield from decode_line(self, c, n, comp, should_stop)
-        self._stats["last_completion"] = comp.summary()
+        if reuse and not extra and n == 1:
+            rest = self.typeahead.lookup(self.text, c)
+            if rest is not None:
+                comp = Completion(texts=[rest], stop="typed_ahead", reused=True)
+                self._stats["last_completion"] = comp.summary()
+                if on_piece is not None:
+                    on_piece(rest)
+                return comp
+        gen = self._decode(line, col, n, max_new_tokens, should_stop, extra, **caps)
+        while True:
+            try:
+                piece = next(gen)
+            except StopIteration as done:
+                comp = done.value
+                break
+            if on_piece is not None:
+                on_piece(piece)
+        if reuse and not extra and comp.stop not in ("cancelled", "prompt_cap"):
+            self.typeahead.remember(self.text, c, comp.text)
+        return comp
+
+    def prefetch(self, should_stop: Callable[[], bool] | None = None, **caps) -> str | None:
+        """Decode the line after the suggestion last shown, as if it had been accepted, and
+        append it to that suggestion for typed-ahead reuse. Returns the prefetched text."""
+        shown = self.typeahead.shown
+        if shown is None or not self.text.startswith(shown.before) or not shown.text.strip():
+            return None
+        line, col = self.engine.mirror.position(self.state, shown.anchor)
+        comp = self.suggest(line, col, extra=shown.text, should_stop=should_stop, **caps)
+        if comp.stop in ("cancelled", "prompt_cap") or not comp.text:
+            return None
+        return comp.text if self.typeahead.extend(shown.text, comp.text) else None
+
+    def stream(self, line: int, col: int, max_new_tokens: int | None = None,
+               should_stop: Callable[[], bool] | None = None, **caps) -> Iterator[str]:
+        """Yield the completion at (line, col) piece by piece (one per decoded token at most)."""
+        yield from self._decode(line, col, 1, max_new_tokens, should_stop, "", **caps)
 
     def complete(self, line: int, col: int, max_new_tokens: int | None = None,
-                 should_stop: Callable[[], bool] | None = None) -> str:
-        """The text to insert at (line, col): greedy, up to the end of the line."""
-        return "".join(self.stream(line, col, max_new_tokens, should_stop))
+                 should_stop: Callable[[], bool] | None = None, **caps) -> str:
+        """The text to insert at (line, col): greedy, to the end of the line (or of the block a
+        colon just opened)."""
+        return self.suggest(line, col, 1, max_new_tokens, should_stop, **caps).text
+
+    def _decode(self, line, col, n, max_new_tokens, should_stop, extra, max_prompt_ms=None,
+                max_predict_ms=None, multiline=None):
+        cfg = self.engine.config
+        c = self.offset(line, col)
+        max_new = max_new_tokens or cfg.max_new_tokens
+        if max_new < 1 or n < 1:
+            raise ValueError(f"max_new_tokens and the number of candidates must be at least 1, got {max_new}, {n}")
+        comp = yield from decode(
+            self, c, n, max_new, should_stop, extra,
+            max_prompt_ms=cfg.max_prompt_ms if max_prompt_ms is None else max_prompt_ms,
+            max_predict_ms=cfg.max_predict_ms if max_predict_ms is None else max_predict_ms,
+            multiline=cfg.multiline if multiline is None else multiline)
+        self._stats["completions"] += 1
+        self._stats["prompt_caps"] += comp.incomplete
+        self._stats["predict_caps"] += comp.capped
+        self._stats["last_completion"] = comp.summary()
+        return comp

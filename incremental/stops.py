@@ -1,0 +1,140 @@
+"""Where a suggestion ends: at the end of its line, or at the end of the block it opens, and never
+with unbalanced brackets or quotes.
+
+A Stop turns the raw decoded text into (text, done): the suggestion as it would be if decoding
+ended now, and whether decoding can end. `text` only ever grows as tokens arrive, so it can be
+streamed: what was sent is never taken back.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+OPEN = {"(": ")", "[": "]", "{": "}"}
+CLOSE = {")": "(", "]": "[", "}": "{"}
+_NL = re.compile(r"\r\n|\r|\n")
+
+
+@dataclass
+class Brackets:
+    """A bracket stack that skips strings and comments."""
+    stack: list = field(default_factory=list)
+    quote: str | None = None    # the open string's delimiter: ' " ''' or \"\"\"
+    comment: bool = False
+
+    def copy(self) -> "Brackets":
+        return Brackets(list(self.stack), self.quote, self.comment)
+
+    def feed(self, s: str, start: int = 0, points: list | None = None, base: int = 0) -> int | None:
+        """Scan s[start:]. Returns the index of the first closing bracket that closes nothing
+        (the scan stops before it), else None. When `points` is given, appends every index i
+        (after char i-1) where no bracket or string opened during this scan is still open;
+        `base` is the stack depth the scan started with."""
+        i, n = start, len(s)
+        quote0 = self.quote
+        while i < n:
+            c = s[i]
+            if self.comment:
+                if c in "\r\n":
+                    self.comment = False
+            elif self.quote is not None:
+                q = self.quote
+                if c == "\\":
+                    i += 1
+                elif s.startswith(q, i):
+                    self.quote = None
+                    i += len(q) - 1
+                elif len(q) == 1 and c in "\r\n":
+                    self.quote = None  # an unterminated one-line string ends with its line
+            elif c == "#":
+                self.comment = True
+            elif c in "'\"":
+                if i + 2 == n and s[i + 1] == c:
+                    # two quotes at the very end may yet become three: leave it open for now
+                    self.quote = c
+                    return None
+                self.quote = c * 3 if s.startswith(c * 3, i) else c
+                i += len(self.quote) - 1
+            elif c in OPEN:
+                self.stack.append(c)
+            elif c in CLOSE:
+                if not self.stack or self.stack[-1] != CLOSE[c]:
+                    return i
+                self.stack.pop()
+                base = min(base, len(self.stack))  # closing a bracket of the context is fine
+            i += 1
+            # inside a string the context already had open (a docstring, say) every char is a point
+            if points is not None and len(self.stack) <= base and self.quote in (None, quote0):
+                points.append(i)
+        return None
+
+
+def balanced_prefix(text: str, context: Brackets) -> str:
+    """The longest prefix of text that ends with every bracket and string it opened closed, and
+    that closes no bracket the context does not have open."""
+    scan = context.copy()
+    points = [0]
+    scan.feed(text, points=points, base=len(scan.stack))
+    return text[: points[-1]]
+
+
+def indent_width(line: str) -> int:
+    return len(line.expandtabs(8)) - len(line.expandtabs(8).lstrip(" "))
+
+
+@dataclass
+class Stop:
+    """The stop policy of one completion."""
+    mode: str = "line"                 # "line", or "block": the suggestion may run to the block's end
+    header_indent: int = 0             # indentation of the line that opens the block
+    max_lines: int = 8
+    leading_newline: bool = False      # cursor at the end of a finished line: the suggestion is the next line
+    context: Brackets = field(default_factory=Brackets)
+
+    def cut(self, raw: str) -> tuple[str, bool]:
+        """(text, done) for the raw decoded text so far."""
+        if self.mode == "block":
+            text, done = self._block(raw)
+        else:
+            text, done = self._line(raw)
+        return balanced_prefix(text, self.context), done
+
+    def _line(self, raw: str) -> tuple[str, bool]:
+        start = 0
+        if self.leading_newline:
+            m = re.match(r"[ \t]*(\r\n|\r|\n)", raw)
+            if m is None and raw.strip(" \t") == "":
+                return "", False     # only blanks so far: the line has not started
+            if m is not None:
+                start = m.end()
+        m = _NL.search(raw, start)
+        if m is None:
+            return raw, False
+        return raw[: m.start()], True
+
+    def _block(self, raw: str) -> tuple[str, bool]:
+        lines = _NL.split(raw)
+        seps = [m.group() for m in _NL.finditer(raw)]
+        # lines[0] is the rest of the header line (normally empty); the body follows
+        kept, body, done = lines[0], 0, False
+        pending = ""                              # blank lines, kept only if the body goes on
+        for i, line in enumerate(lines[1:], start=1):
+            complete = i < len(lines) - 1
+            if line.strip() == "":
+                if complete:
+                    pending += seps[i - 1] + line
+                continue
+            if indent_width(line) <= self.header_indent:  # dedent: the block is over
+                done = True
+                break
+            kept += pending + seps[i - 1] + line
+            pending = ""
+            if complete:
+                body += 1
+                if body >= self.max_lines:
+                    done = True
+                    break
+        if not lines[0].strip() == "" and len(lines) > 1:
+            # text after the colon on the header line: not a block suggestion after all
+            return lines[0], True
+        return kept, done
