@@ -27,6 +27,7 @@ class Config:
     refresh_window: int = 32        # tokens re-encoded after an edit by pie-window / pie-refresh
     encode_chunk: int = 512         # queries per forward pass when (re-)encoding long runs
     fresh_tail: int = 1             # tokens before the cursor re-run fresh for each completion
+    phi: str = "cursor"             # the target group's first position: right after the "cursor", or the "end"
     multiline: bool = True          # after a block-opening colon, suggest the block, not one line
     max_lines: int = 8              # lines of a block suggestion
     max_prompt_ms: int = 0          # bring the cache up to date within this, else answer incomplete (0: no cap)
@@ -37,6 +38,8 @@ class Config:
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {self.strategy!r}: choose one of {', '.join(STRATEGIES)}")
+        if self.phi not in ("cursor", "end"):
+            raise ValueError(f"phi must be 'cursor' or 'end', got {self.phi!r}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
         if self.device is not None and not (self.device == "cpu" or self.device.startswith("cuda")):

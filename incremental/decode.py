@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .stops import Brackets, Stop, indent_width
+from .update import keys_end, visible_slots
 
 _BLOCK_HEADER = re.compile(r"^\s*(async\s+)?(def|class|if|elif|else|for|while|with|try|except|finally|match|case)\b.*:\s*$")
 
@@ -116,7 +117,8 @@ def decode(doc, c: int, n: int, max_new: int, should_stop: Callable[[], bool] | 
         tail = np.array([_start_token(tok)], dtype=np.int64)
     comp.prefix_tokens, comp.tail_tokens = j, len(tail)
     # bring the cache up to date before the cursor (after it, nothing is attended now)
-    dirty = int(doc.kv.dirty[:j].sum())
+    s0, p0 = doc.slot0, doc.pos0
+    dirty = int(kv.dirty[s0: s0 + j].sum())
     if dirty:
         cancelled = lambda: should_stop is not None and should_stop()  # noqa: E731
         late = lambda: bool(max_prompt_ms) and (time.perf_counter() - t0) * 1e3 > max_prompt_ms  # noqa: E731
@@ -128,14 +130,19 @@ def decode(doc, c: int, n: int, max_new: int, should_stop: Callable[[], bool] | 
         comp.texts = [""]
         comp.total_ms = (time.perf_counter() - t0) * 1e3
         return comp
-    T, n_tail = kv.length, len(tail)
-    kv.reserve(T + n_tail + max_new * n + 1)
-    visible = torch.zeros(T + n_tail + max_new * n + 1, dtype=torch.bool)
-    visible[:j] = True                                                       # the cached prefix only
-    visible[T: T + n_tail] = True
-    mask = visible[: T + n_tail].repeat(n_tail, 1)                            # (n_tail, T + n_tail)
-    mask[:, T:] = torch.ones(n_tail, n_tail, dtype=torch.bool).tril()
-    logits = model.forward(kv, torch.from_numpy(tail), torch.arange(j, j + n_tail), T, T + n_tail, mask,
+    n_tail = len(tail)
+    need = n_tail + max_new * n + 1
+    S = doc.scratch(need)                       # the target group's slots
+    width = max(S + need, keys_end(doc))
+    # φ, the target group's first position: right after the cursor, or after the whole document
+    phi = p0 + (j if eng.config.phi == "cursor" else doc.n)
+    visible = visible_slots(doc, width)         # the groups before this document ...
+    visible[s0: s0 + j] = True                  # ... and its own tokens before the cursor
+    visible[S: S + n_tail] = True
+    n_keys = max(S + n_tail, keys_end(doc))
+    mask = visible[:n_keys].repeat(n_tail, 1)                                 # (n_tail, n_keys)
+    mask[:, S: S + n_tail] = torch.ones(n_tail, n_tail, dtype=torch.bool).tril()
+    logits = model.forward(kv, torch.from_numpy(tail), torch.arange(phi, phi + n_tail), S, n_keys, mask,
                            logits_at=torch.tensor([n_tail - 1]))             # (1, V)
     comp.ttft_ms = (time.perf_counter() - t0) * 1e3
     t_decode = time.perf_counter()
@@ -179,15 +186,15 @@ def decode(doc, c: int, n: int, max_new: int, should_stop: Callable[[], bool] | 
         if max_predict_ms and (time.perf_counter() - t_decode) * 1e3 > max_predict_ms:
             comp.stop, comp.capped = "predict_cap", True
             break
-        # one forward for every active candidate: each sees the prefix, the tail and its own tokens
-        first = T + n_tail + step * n
-        n_keys = first + n
+        # one forward for every active candidate: each sees the context, the tail and its own tokens
+        first = S + n_tail + step * n
+        n_keys = max(first + n, keys_end(doc))
         m = visible[:n_keys].repeat(len(active), 1)                           # (a, n_keys)
-        own = T + n_tail + torch.arange(step + 1)[None, :] * n + torch.tensor(active)[:, None]
+        own = S + n_tail + torch.arange(step + 1)[None, :] * n + torch.tensor(active)[:, None]
         m.scatter_(1, own, True)
         slots = torch.tensor([first + cand for cand in active])
         q_ids = torch.tensor([ids[cand][-1] for cand in active])
-        pos = torch.full((len(active),), j + n_tail + step)
+        pos = torch.full((len(active),), phi + n_tail + step)
         logits = model.forward(kv, q_ids, pos, int(slots[0]) if len(active) == 1 else slots, n_keys, m,
                                logits_at=torch.arange(len(active)))
         nexts = logits.argmax(-1).tolist()

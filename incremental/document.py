@@ -5,11 +5,8 @@ import time
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
-import torch
 
-import kernels
-
-from . import strategies
+from . import strategies, update
 from .decode import Completion, decode
 from .kv_cache import KVCache
 from .syntax import SyntaxTree
@@ -25,11 +22,17 @@ Change = tuple[Position, Position, str]
 class Document:
     """One open file. Create it with Engine.open; every method runs on the caller's thread."""
 
-    def __init__(self, engine, uri: str, text: str, strategy: str):
+    def __init__(self, engine, uri: str, text: str, strategy: str, kv: KVCache | None = None,
+                 pos0: int = 0, sees: Sequence["Document"] = ()):
+        """A document encoded from position pos0, attending to the groups `sees` before it (the
+        shared prefix, context files); kv is shared with them, or a private cache when None."""
         self.engine, self.uri, self.strategy = engine, uri, strategy
-        m = engine.model
-        self.kv = KVCache(m.n_layers, m.n_kv_heads, m.head_dim, m.dtype, m.device)
+        self.kv = kv if kv is not None else engine._new_cache(256)
+        self.pos0, self.sees = pos0, list(sees)
         self.state: MirrorState = engine.mirror.state(text)
+        self.n = len(self.state.ids)
+        self.slot0 = self.cap = 0
+        self.kv.alloc(self, self.n + 64)
         self.version = 0
         self.last_keep: np.ndarray | None = None
         self.encode_ms_per_token = 1.0  # an estimate, refined by every encode (for maxPromptMs)
@@ -40,11 +43,10 @@ class Document:
         self._stats = dict(edits=0, tokens_encoded_last_edit=0, keys_rotated_last_edit=0, edit_ms_last=0.0,
                            tokens_encoded_total=0, keys_rotated_total=0, completions=0, last_completion={},
                            prompt_caps=0, predict_caps=0)
-        T = len(self.state.ids)
-        self.kv.reserve(T + 64)
-        self.kv.length = T
-        self.kv.pos[:T] = np.arange(T)
-        self.kv.dirty[:T] = True
+        s0, T = self.slot0, self.n
+        self.kv.pos[s0: s0 + T] = pos0 + np.arange(T)
+        self.kv.stale[s0: s0 + T] = False
+        self.kv.dirty[s0: s0 + T] = True
 
     # -- reading -----------------------------------------------------------------------------
     @property
@@ -57,28 +59,55 @@ class Document:
 
     @property
     def stats(self) -> dict:
-        kv, T = self.kv, self.kv.length
-        return dict(self._stats, uri=self.uri, strategy=self.strategy, tokens=T, version=self.version,
-                    reuse_hits=self.typeahead.hits,
-                    stale_tokens=int(kv.stale[:T].sum()), dirty_tokens=int(kv.dirty[:T].sum()),
-                    cache_bytes=T * kv.bytes_per_token(), full_reencode_tokens=T)
+        kv, s = self.kv, slice(self.slot0, self.slot0 + self.n)
+        return dict(self._stats, uri=self.uri, strategy=self.strategy, tokens=self.n, version=self.version,
+                    reuse_hits=self.typeahead.hits, position_base=self.pos0, slot_base=self.slot0,
+                    stale_tokens=int(kv.stale[s].sum()), dirty_tokens=int(kv.dirty[s].sum()),
+                    cache_bytes=self.n * kv.bytes_per_token(), full_reencode_tokens=self.n)
+
+    def cached(self) -> tuple:
+        """Views (L, Hkv, n, D) of this document's cached keys and values, in token order."""
+        s = slice(self.slot0, self.slot0 + self.n)
+        return self.kv.k[:, :, s], self.kv.v[:, :, s]
+
+    @property
+    def positions(self) -> np.ndarray:
+        return self.kv.pos[self.slot0: self.slot0 + self.n]
+
+    @property
+    def stale(self) -> np.ndarray:
+        return self.kv.stale[self.slot0: self.slot0 + self.n]
 
     def offset(self, line: int, col: int) -> int:
         return self.engine.mirror.offset(self.state, line, col)
 
     def fork(self, uri: str, strategy: str | None = None) -> "Document":
-        """An independent copy (text, tokens and cache) registered under uri, e.g. to compare
-        strategies from one encoded state without encoding it again."""
+        """An independent copy (text, tokens and cache, in a private cache) registered under uri,
+        e.g. to compare strategies from one encoded state without encoding it again."""
         new = Document.__new__(Document)
-        new.engine, new.uri, new.strategy = self.engine, uri, strategy or self.strategy
-        new.state, new.version, new.last_keep = self.state, self.version, self.last_keep
-        new.encode_ms_per_token, new.python = self.encode_ms_per_token, self.python
+        new.__dict__.update(self.__dict__)
+        new.uri, new.strategy = uri, strategy or self.strategy
         new._syntax, new._syntax_stale, new.typeahead = None, False, TypeAhead()
         new._stats = dict(self._stats)
-        new.kv = self.engine._new_cache(self.kv.capacity)
-        new.kv.restore(self.kv.snapshot())
+        new.kv = self.engine._new_cache(self.n + 64)
+        new.kv.alloc(new, self.n + 64)
+        new.kv.restore(self.kv.snapshot(self.slot0, self.n), new.slot0)
         self.engine.documents[uri] = new
         return new
+
+    def scratch(self, need: int) -> int:
+        """The first of `need` free slots for a completion's own tokens (the target group)."""
+        kv = self.kv
+        if self.n + need > self.cap and self.slot0 + self.cap == kv.top:
+            kv.grow(self, self.n + need)       # the last region: grow it in place
+        if self.n + need <= self.cap:
+            return self.slot0 + self.n
+        kv.reserve(kv.top + need)              # else past every region
+        return kv.top
+
+    def close(self) -> None:
+        """Give the cache region back (the engine forgets the document too)."""
+        self.kv.free(self)
 
     # -- editing -----------------------------------------------------------------------------
     def edit(self, start: Position, end: Position, text: str, **kw) -> dict:
@@ -118,7 +147,7 @@ class Document:
             for a, b, text in spans:
                 self._syntax.edit(a, b, text)
             self._syntax_stale = True
-        rotated = self._rearrange(p)
+        rotated = update.rearrange(self, p)
         s = self._stats
         s["edits"] += 1
         s["keys_rotated_last_edit"] = rotated
@@ -128,49 +157,6 @@ class Document:
             self.settle(should_stop)
         s["edit_ms_last"] = (time.perf_counter() - t0) * 1e3
         return self.stats
-
-    def _rearrange(self, p: strategies.Plan) -> int:
-        """Move kept K/V to their new slots, rotate them, mark the rest dirty. Returns keys rotated."""
-        kv, keep = self.kv, p.keep
-        self.last_keep = keep  # for tests and tools: which old slot each token came from
-        T = len(keep)
-        new_idx = np.flatnonzero(keep >= 0)
-        old_idx = keep[new_idx]
-        kv.reserve(T + 64)
-        # Runs of tokens that move together. Left-movers go first in ascending order, right-movers
-        # last in descending order: then no move overwrites a source that is still to be read.
-        if len(new_idx):
-            shift = new_idx - old_idx
-            brk = np.flatnonzero((np.diff(new_idx) != 1) | (np.diff(shift) != 0)) + 1
-            runs = [(int(old_idx[a]), int(new_idx[a]), int(b - a))
-                    for a, b in zip(np.concatenate([[0], brk]), np.concatenate([brk, [len(new_idx)]]))]
-            for src, dst, n in [r for r in runs if r[1] < r[0]]:
-                kv.move(src, dst, n)
-            for src, dst, n in sorted([r for r in runs if r[1] > r[0]], reverse=True):
-                kv.move(src, dst, n)
-        kv.length = T
-        enc = keep < 0
-        changes = strategies.change_points(keep)
-        if len(changes):
-            kv.stale[new_idx[new_idx >= changes[0]]] = True
-        enc_idx = np.flatnonzero(enc)
-        kv.stale[enc_idx] = False
-        kv.dirty[enc_idx] = True
-        rotated = 0
-        if p.rotate and len(new_idx):
-            delta = new_idx - kv.pos[new_idx]
-            moved = new_idx[delta != 0]
-            if len(moved):
-                a, b = int(moved[0]), int(moved[-1]) + 1
-                d = np.zeros(b - a, dtype=np.int64)
-                d[moved - a] = delta[delta != 0]
-                dev = kv.k.device
-                kernels.rerotate_keys_(kv.k[:, :, a:b], torch.from_numpy(d).to(dev), self.engine.model.inv_freq.to(dev),
-                                       positions=torch.from_numpy(kv.pos[a:b].copy()).to(dev))
-                kv.pos[moved] = moved
-                rotated = len(moved)
-        kv.pos[enc_idx] = enc_idx
-        return rotated
 
     def set_text(self, text: str, **kw) -> dict:
         """Replace the whole text (an LSP full-document change) as one minimal splice."""
@@ -193,57 +179,15 @@ class Document:
 
     def settle(self, should_stop: Callable[[], bool] | None = None, upto: int | None = None,
                progress: Callable[[int, int], None] | None = None) -> bool:
-        """Encode dirty tokens (those before slot `upto`, default all), left to right, in chunks.
+        """Encode dirty tokens (before index `upto`, default all), left to right, in chunks.
+        progress(done, total) after each chunk; False when should_stop() interrupted it (the
+        rest stays dirty for the next edit or completion)."""
+        return update.settle(self, should_stop, upto, progress)
 
-        progress(done, total) is called after each chunk. Returns False when should_stop()
-        interrupted it; the rest stays dirty for later."""
-        kv, model, chunk = self.kv, self.engine.model, self.engine.config.encode_chunk
-        T = kv.length if upto is None else min(upto, kv.length)
-        done, total, encoded = True, int(kv.dirty[:T].sum()), 0
-        while True:
-            dirty = np.flatnonzero(kv.dirty[:T])
-            if not len(dirty):
-                break
-            if should_stop is not None and should_stop():
-                done = False
-                break
-            idx = dirty[:chunk]
-            n_keys = int(idx[-1]) + 1
-            clean_stale = kv.stale[:n_keys] & ~kv.dirty[:n_keys]
-            any_before = np.concatenate([[False], np.logical_or.accumulate(clean_stale)[:-1]])
-            ids = torch.from_numpy(self.state.ids[idx])
-            pos = torch.from_numpy(idx)
-            mask = torch.arange(n_keys)[None, :] <= pos[:, None]                    # (n, n_keys)
-            contiguous = int(idx[-1]) - int(idx[0]) + 1 == len(idx)
-            t_chunk = time.perf_counter()
-            model.forward(kv, ids, pos, int(idx[0]) if contiguous else pos, n_keys, mask)
-            per_token = (time.perf_counter() - t_chunk) * 1e3 / len(idx)
-            if len(idx) >= 32:  # small runs are dominated by reading the weights once
-                self.encode_ms_per_token = 0.5 * self.encode_ms_per_token + 0.5 * per_token
-            kv.pos[idx] = idx
-            kv.stale[idx] = any_before[idx]
-            kv.dirty[idx] = False
-            self._stats["tokens_encoded_last_edit"] += len(idx)
-            self._stats["tokens_encoded_total"] += len(idx)
-            encoded += len(idx)
-            if progress is not None:
-                progress(encoded, total)
-        return done
-
-    # -- staleness ---------------------------------------------------------------------------
     def refresh(self, max_tokens: int | None = None, should_stop: Callable[[], bool] | None = None) -> int:
         """Re-encode the stalest region (from the first stale token on), up to max_tokens.
         Returns how many tokens were re-encoded."""
-        kv, T = self.kv, self.kv.length
-        stale = np.flatnonzero(kv.stale[:T])
-        if not len(stale):
-            return 0
-        a = int(stale[0])
-        b = T if max_tokens is None else min(T, a + max_tokens)
-        kv.dirty[a:b] = True
-        before = self._stats["tokens_encoded_total"]
-        self.settle(should_stop, upto=b)
-        return self._stats["tokens_encoded_total"] - before
+        return update.refresh(self, max_tokens, should_stop)
 
     # -- syntax ------------------------------------------------------------------------------
     def syntax_tree(self) -> SyntaxTree | None:

@@ -81,4 +81,6 @@ class Engine:
             raise KeyError(f"document {uri!r} is not open; open it first") from None
 
     def close(self, uri: str) -> None:
-        self.documents.pop(uri, None)
+        doc = self.documents.pop(uri, None)
+        if doc is not None:
+            doc.close()

@@ -50,7 +50,7 @@ def test_layer0_keys_after_pie_edits_equal_full_reencode(engine, data):
     doc = engine.open("file:///l0.py", TEXT, strategy="pie")
     for _ in range(data.draw(st.integers(1, 3))):
         doc.edit(*data.draw(edit_on(doc.text)))
-        T = doc.kv.length
+        T = doc.n
         want = layer0_keys(engine, doc.token_ids)
         got = doc.kv.k[0, :, :T]
         assert ((got - want).norm() / want.norm()).item() < 1e-5

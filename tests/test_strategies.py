@@ -19,7 +19,7 @@ FAST = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fi
 
 def fresh_keys(engine, text):
     ref = engine.open("file:///ref.py", text, strategy="full")
-    T = ref.kv.length
+    T = ref.n
     return ref.kv.k[:, :, :T].clone(), ref.kv.v[:, :, :T].clone()
 
 
@@ -58,7 +58,7 @@ def test_layer0_matches_full_reencode(tiny_engine, edits, strategy):
         moved |= doc.stats["keys_rotated_last_edit"] > 0 or doc.stats["stale_tokens"] > 0
     k, v = fresh_keys(tiny_engine, doc.text)
     T = k.shape[2]
-    assert doc.kv.length == T == len(doc.token_ids)
+    assert doc.n == T == len(doc.token_ids)
     assert rel(doc.kv.v[0, :, :T], v[0]) < 1e-6
     if strategy == "conflict":
         kept = doc.kv.pos[:T] != np.arange(T)
@@ -77,7 +77,7 @@ def test_full_is_exact_and_pie_encodes_only_new_tokens(tiny_engine):
     for d in (full, pie):
         d.edit((10, 0), (10, 0), ins)
     n_new = len(tiny_engine.tokenizer(ins, add_special_tokens=False).input_ids)
-    T = pie.kv.length
+    T = pie.n
     assert full.stats["tokens_encoded_last_edit"] == T
     assert 1 <= pie.stats["tokens_encoded_last_edit"] <= n_new + 1
     first_new = np.flatnonzero(pie.last_keep < 0)[0]
@@ -104,12 +104,12 @@ def test_reuse_follows_llama_cpp():
 
 def test_reuse_on_real_edits(tiny_engine):
     doc = tiny_engine.open("file:///r.py", TEXT, strategy="reuse")
-    T0 = doc.kv.length
+    T0 = doc.n
     doc.edit((7, 0), (8, 0), "")          # deletion: the rest is shifted, not encoded
     assert doc.stats["tokens_encoded_last_edit"] <= 2
     assert doc.stats["keys_rotated_last_edit"] > T0 // 2
     doc.edit((5, 0), (5, 0), "    z = 0\n")  # insertion: everything after it is encoded
-    assert doc.stats["tokens_encoded_last_edit"] >= doc.kv.length - np.flatnonzero(doc.last_keep < 0)[0] - 1
+    assert doc.stats["tokens_encoded_last_edit"] >= doc.n - np.flatnonzero(doc.last_keep < 0)[0] - 1
 
 
 def test_change_points():
@@ -127,7 +127,7 @@ def test_pie_window_refreshes_after_the_edit(tiny_engine):
         d.edit((3, 0), (3, 0), "    q = 1\n")
     assert doc.stats["tokens_encoded_last_edit"] == pie.stats["tokens_encoded_last_edit"] + w
     assert doc.stats["stale_tokens"] == pie.stats["stale_tokens"] - w
-    first_stale = int(np.flatnonzero(doc.kv.stale[:doc.kv.length])[0])
+    first_stale = int(np.flatnonzero(doc.kv.stale[:doc.n])[0])
     assert doc.refresh() == doc.stats["tokens"] - first_stale
     assert doc.stats["stale_tokens"] == 0
 
@@ -144,13 +144,13 @@ def test_batch_rotates_each_key_once(tiny_engine):
     assert one.text == seq.text and one.token_ids == seq.token_ids
     assert one.stats["keys_rotated_last_edit"] <= one.stats["tokens"]
     k, _ = fresh_keys(tiny_engine, one.text)
-    assert rel(one.kv.k[0, :, :one.kv.length], k[0]) < 1e-6
+    assert rel(one.kv.k[0, :, :one.n], k[0]) < 1e-6
 
 
 def test_thousand_edits_do_not_drift(tiny_engine):
     """After 1000 random edits every surviving key equals its original key rotated once."""
     doc = tiny_engine.open("file:///drift.py", TEXT, strategy="pie")
-    T0 = doc.kv.length
+    T0 = doc.n
     k0 = doc.kv.k[:, :, :T0].clone()
     where = np.arange(T0)  # current slot of each original token, -1 once it is gone
     rng = random.Random(0)
@@ -180,13 +180,13 @@ def test_thousand_edits_do_not_drift(tiny_engine):
 
 def test_bad_input_leaves_document_untouched(tiny_engine):
     doc = tiny_engine.open("file:///bad.py", TEXT)
-    before = (doc.text, doc.token_ids, doc.kv.snapshot(), doc.version)
+    before = (doc.text, doc.token_ids, doc.kv.snapshot(doc.slot0, doc.n), doc.version)
     bad = [[((0, 0), (9999, 0), "x")], [((3, 5), (3, 1), "x")], [((0, 0), (0, 0), "ok"), ((0, 0), (0, 999), "x")],
            [((0, 0), (0, 0), 5)], [("nonsense",)], [((1, 0), (1, 2))]]
     for changes in bad:
         with pytest.raises(ValueError):
             doc.edit_batch(changes)
-        snap = doc.kv.snapshot()
+        snap = doc.kv.snapshot(doc.slot0, doc.n)
         assert (doc.text, doc.token_ids, doc.version) == (before[0], before[1], before[3])
         assert torch.equal(snap["k"], before[2]["k"]) and torch.equal(snap["v"], before[2]["v"])
     with pytest.raises(ValueError, match="line"):
@@ -209,7 +209,7 @@ def test_documents_are_independent(tiny_engine):
     a = tiny_engine.open("file:///x1.py", TEXT)
     b = tiny_engine.open("file:///x2.py", "print('hello')\n")
     a.edit((0, 0), (0, 0), "import sys\n")
-    assert b.text == "print('hello')\n" and b.kv.length == len(b.token_ids)
+    assert b.text == "print('hello')\n" and b.n == len(b.token_ids)
     assert set(tiny_engine.documents) >= {"file:///x1.py", "file:///x2.py"}
     tiny_engine.close("file:///x2.py")
     with pytest.raises(KeyError, match="not open"):

@@ -1,0 +1,135 @@
+"""Carrying out a Plan on a document's region of the cache: move, rotate, mark, encode.
+
+One executor for every strategy (strategies.py only decides what is kept), so their costs are
+measured on the same code path. Encoding is lazy: `rearrange` marks tokens dirty, `settle`
+encodes dirty tokens left to right in chunks and can stop between chunks, leaving the rest dirty.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+
+import kernels
+
+from .strategies import Plan, change_points
+
+
+def rearrange(doc, p: Plan) -> int:
+    """Move kept K/V to their new slots, rotate them, mark the rest dirty. Returns keys rotated."""
+    kv, keep, s0, p0 = doc.kv, p.keep, doc.slot0, doc.pos0
+    doc.last_keep = keep  # for tests and tools: which old index each token came from
+    T = len(keep)
+    new_idx = np.flatnonzero(keep >= 0)
+    old_idx = keep[new_idx]
+    kv.grow(doc, max(T, doc.n) + 64)
+    s0 = doc.slot0
+    # Runs of tokens that move together. Left-movers go first in ascending order, right-movers
+    # last in descending order: then no move overwrites a source that is still to be read.
+    if len(new_idx):
+        shift = new_idx - old_idx
+        brk = np.flatnonzero((np.diff(new_idx) != 1) | (np.diff(shift) != 0)) + 1
+        runs = [(int(old_idx[a]), int(new_idx[a]), int(b - a))
+                for a, b in zip(np.concatenate([[0], brk]), np.concatenate([brk, [len(new_idx)]]))]
+        for src, dst, n in [r for r in runs if r[1] < r[0]]:
+            kv.move(s0 + src, s0 + dst, n)
+        for src, dst, n in sorted([r for r in runs if r[1] > r[0]], reverse=True):
+            kv.move(s0 + src, s0 + dst, n)
+    doc.n = T
+    enc_idx = np.flatnonzero(keep < 0)
+    changes = change_points(keep)
+    if len(changes):  # kept tokens after a change never saw it
+        kv.stale[s0 + new_idx[new_idx >= changes[0]]] = True
+    kv.stale[s0 + enc_idx] = False
+    kv.dirty[s0 + enc_idx] = True
+    rotated = 0
+    if p.rotate and len(new_idx):
+        delta = (p0 + new_idx) - kv.pos[s0 + new_idx]
+        moved = new_idx[delta != 0]
+        if len(moved):
+            a, b = int(moved[0]), int(moved[-1]) + 1
+            d = np.zeros(b - a, dtype=np.int64)
+            d[moved - a] = delta[delta != 0]
+            dev = kv.k.device
+            # one call for every layer: the layer axis is the kernel's batch axis
+            kernels.rerotate_keys_(kv.k[:, :, s0 + a: s0 + b], torch.from_numpy(d).to(dev),
+                                   doc.engine.model.inv_freq.to(dev),
+                                   positions=torch.from_numpy(kv.pos[s0 + a: s0 + b].copy()).to(dev))
+            kv.pos[s0 + moved] = p0 + moved
+            rotated = len(moved)
+    kv.pos[s0 + enc_idx] = p0 + enc_idx
+    return rotated
+
+
+def visible_slots(doc, n_keys: int) -> torch.Tensor:
+    """(n_keys,) bool: the slots of the groups doc attends to besides itself."""
+    vis = torch.zeros(n_keys, dtype=torch.bool)
+    for g in doc.sees:
+        vis[g.slot0: g.slot0 + g.n] = True
+    return vis
+
+
+def keys_end(doc) -> int:
+    """One past the last slot any of doc's queries may attend to, besides its own."""
+    return max([g.slot0 + g.n for g in doc.sees], default=0)
+
+
+def settle(doc, should_stop: Callable[[], bool] | None = None, upto: int | None = None,
+           progress: Callable[[int, int], None] | None = None) -> bool:
+    """Encode doc's dirty tokens (those before index `upto`, default all) left to right, in chunks.
+
+    progress(done, total) is called after each chunk. Returns False when should_stop()
+    interrupted it; the rest stays dirty for later."""
+    kv, model, chunk = doc.kv, doc.engine.model, doc.engine.config.encode_chunk
+    s0, p0 = doc.slot0, doc.pos0
+    T = doc.n if upto is None else min(upto, doc.n)
+    total, encoded = int(kv.dirty[s0: s0 + T].sum()), 0
+    stats = doc._stats
+    while True:
+        dirty = np.flatnonzero(kv.dirty[s0: s0 + T])
+        if not len(dirty):
+            return True
+        if should_stop is not None and should_stop():
+            return False
+        idx = dirty[:chunk]
+        last = s0 + int(idx[-1])
+        n_keys = max(last + 1, keys_end(doc))
+        own = kv.stale[s0: last + 1] & ~kv.dirty[s0: last + 1]
+        others = any(kv.stale[g.slot0: g.slot0 + g.n].any() for g in doc.sees)
+        # a token encoded after a stale one is stale too: it attended to stale K/V
+        any_before = np.concatenate([[others], others | np.logical_or.accumulate(own)[:-1]])
+        slots = torch.from_numpy(s0 + idx)
+        cols = torch.arange(n_keys)
+        mask = visible_slots(doc, n_keys)[None, :] | ((cols[None, :] >= s0) & (cols[None, :] <= slots[:, None]))
+        contiguous = int(idx[-1]) - int(idx[0]) + 1 == len(idx)
+        t0 = time.perf_counter()
+        model.forward(kv, torch.from_numpy(doc.state.ids[idx]), torch.from_numpy(p0 + idx),
+                      int(slots[0]) if contiguous else slots, n_keys, mask)
+        if len(idx) >= 32:  # small runs are dominated by reading the weights once
+            per_token = (time.perf_counter() - t0) * 1e3 / len(idx)
+            doc.encode_ms_per_token = 0.5 * doc.encode_ms_per_token + 0.5 * per_token
+        kv.pos[s0 + idx] = p0 + idx
+        kv.stale[s0 + idx] = any_before[idx]
+        kv.dirty[s0 + idx] = False
+        stats["tokens_encoded_last_edit"] += len(idx)
+        stats["tokens_encoded_total"] += len(idx)
+        encoded += len(idx)
+        if progress is not None:
+            progress(encoded, total)
+
+
+def refresh(doc, max_tokens: int | None = None, should_stop: Callable[[], bool] | None = None) -> int:
+    """Re-encode the stalest region (from the first stale token on), up to max_tokens.
+    Returns how many tokens were re-encoded."""
+    kv, s0 = doc.kv, doc.slot0
+    stale = np.flatnonzero(kv.stale[s0: s0 + doc.n])
+    if not len(stale):
+        return 0
+    a = int(stale[0])
+    b = doc.n if max_tokens is None else min(doc.n, a + max_tokens)
+    kv.dirty[s0 + a: s0 + b] = True
+    before = doc._stats["tokens_encoded_total"]
+    settle(doc, should_stop, upto=b)
+    return doc._stats["tokens_encoded_total"] - before
