@@ -22,11 +22,13 @@ class Config:
     strategy: str = "pie"
     device: str | None = None       # None: cuda when available, else cpu
     dtype: str | None = None        # None: bfloat16 on cuda, float32 on cpu
+    threads: int = 0                # CPU threads for torch (0: torch's default)
     max_new_tokens: int = 48
     reuse_min_chunk: int = 64       # llama.cpp's --cache-reuse N
     refresh_window: int = 32        # tokens re-encoded after an edit by pie-window / pie-refresh
     encode_chunk: int = 512         # queries per forward pass when (re-)encoding long runs
     fresh_tail: int = 1             # tokens before the cursor re-run fresh for each completion
+    token_healing: bool = True      # re-generate the token before the cursor, constrained to its text
     phi: str = "cursor"             # the target group's first position: right after the "cursor", or the "end"
     multiline: bool = True          # after a block-opening colon, suggest the block, not one line
     max_lines: int = 8              # lines of a block suggestion
@@ -47,7 +49,7 @@ class Config:
         for name in ("max_new_tokens", "reuse_min_chunk", "encode_chunk", "fresh_tail", "max_lines"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("refresh_window", "max_prompt_ms", "max_predict_ms"):
+        for name in ("refresh_window", "max_prompt_ms", "max_predict_ms", "threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 

@@ -50,7 +50,7 @@ class Completion:
                     reused=self.reused)
 
 
-def cursor_context(doc, c: int, extra: str = "") -> tuple[int, np.ndarray]:
+def cursor_context(doc, c: int, extra: str = "", fresh: int | None = None) -> tuple[int, np.ndarray]:
     """(j, tail): cached tokens [0, j) are the context; `tail` are fresh ids for the text from
     the end of token j-1 to the cursor, followed by `extra` (text assumed typed at the cursor).
 
@@ -61,7 +61,7 @@ def cursor_context(doc, c: int, extra: str = "") -> tuple[int, np.ndarray]:
     st, mirror = doc.state, doc.engine.mirror
     T = len(st.ids)
     j = int(np.searchsorted(st.ends, c, side="right"))
-    j = max(0, j - doc.engine.config.fresh_tail)
+    j = max(0, j - (doc.engine.config.fresh_tail if fresh is None else fresh))
     while 0 < j < T and st.ends[j - 1] > st.starts[j]:  # never split one character's byte tokens
         j -= 1
     e = int(st.ends[j - 1]) if j > 0 else 0
@@ -113,6 +113,15 @@ def decode(doc, c: int, n: int, max_new: int, should_stop: Callable[[], bool] | 
     stop_at = make_stop(doc, c, extra, multiline)
     comp = Completion(mode=stop_at.mode)
     j, tail = cursor_context(doc, c, extra)
+    heal = ""
+    if eng.config.token_healing:
+        if len(tail) < 2:  # healing takes the last tail token back: keep one to run
+            j, tail = cursor_context(doc, c, extra, fresh=eng.config.fresh_tail + 1)
+        heal = eng.token_text(int(tail[-1])) if len(tail) >= 2 else ""
+        if heal and "\ufffd" not in heal:
+            tail = tail[:-1]
+        else:
+            heal = ""
     if len(tail) == 0:  # cursor at the very start: there is no context at all
         tail = np.array([_start_token(tok)], dtype=np.int64)
     comp.prefix_tokens, comp.tail_tokens = j, len(tail)
@@ -148,6 +157,11 @@ def decode(doc, c: int, n: int, max_new: int, should_stop: Callable[[], bool] | 
     t_decode = time.perf_counter()
     context = tail.tolist()
     base = tok.decode(context, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    if heal:
+        # Token healing: the last token before the cursor was taken back, and the first new token
+        # must re-type its text. A cursor that cuts a token ("ret|urn", "\n|    x") then gets the
+        # tokens the model knows ("return", "\n    ") instead of a fragment it never saw.
+        logits = logits.masked_fill(~eng.healing_mask(heal)[None], float("-inf"))
     nexts = torch.topk(logits[0], n).indices.tolist()                        # k distinct first tokens
     ids = [[] for _ in range(n)]
     texts = [""] * n
@@ -163,6 +177,9 @@ def decode(doc, c: int, n: int, max_new: int, should_stop: Callable[[], bool] | 
                 continue
             ids[cand].append(t)
             raw = tok.decode(context + ids[cand], skip_special_tokens=False, clean_up_tokenization_spaces=False)[len(base):]
+            if heal:
+                assert raw.startswith(heal), "a healed token must re-type the text it replaced"
+                raw = raw[len(heal):]
             if raw.endswith("\ufffd"):
                 raw = raw.rstrip("\ufffd")  # a character split across tokens: wait for its other bytes
             texts[cand], done = stop_at.cut(raw)

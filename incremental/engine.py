@@ -31,6 +31,8 @@ class Engine:
         eos = [eos] if isinstance(eos, int) else list(eos or [])
         self.stop_ids = frozenset(int(t) for t in list(tokenizer.all_special_ids) + eos)
         self.documents: dict[str, Document] = {}
+        self._vocab_text: list[str] | None = None
+        self._healing: dict[str, torch.Tensor] = {}
         probe = self.mirror.tokenize("def add(a, b):\n    return a + b\n")[0].tolist()[:12]
         self.model.check_against_hf(self._new_cache, probe)
 
@@ -47,11 +49,31 @@ class Engine:
     def from_config(cls, config: Config) -> "Engine":
         t0 = time.perf_counter()
         dev, dt = resolve_device_dtype(config.device, config.dtype)
+        if config.threads:
+            torch.set_num_threads(config.threads)
         torch.manual_seed(0)
         hf, tok, name = load_model(config.model, dev, dt, config.cache_path)
         eng = cls(config, hf, tok, name)
         log.info("loaded %s on %s/%s in %.1fs", name, dev, str(dt).removeprefix("torch."), time.perf_counter() - t0)
         return eng
+
+    def token_text(self, token: int) -> str:
+        return self.tokenizer.decode([token], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def healing_mask(self, prefix: str) -> torch.Tensor:
+        """(V,) bool: the tokens whose text starts with prefix (cached per prefix)."""
+        mask = self._healing.get(prefix)
+        if mask is None:
+            if self._vocab_text is None:
+                V = self.model.vocab_size
+                self._vocab_text = self.tokenizer.batch_decode([[i] for i in range(V)], skip_special_tokens=False,
+                                                               clean_up_tokenization_spaces=False)
+                self._vocab_text = [t if i not in self.stop_ids else "\0" for i, t in enumerate(self._vocab_text)]
+            mask = torch.tensor([t.startswith(prefix) for t in self._vocab_text], dtype=torch.bool)
+            if len(self._healing) > 256:
+                self._healing.clear()
+            self._healing[prefix] = mask
+        return mask.to(self.model.device)
 
     def _new_cache(self, capacity: int) -> KVCache:
         m = self.model
