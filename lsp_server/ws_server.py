@@ -1,0 +1,325 @@
+"""`livekv serve`: the websocket server that streams completions token by token.
+
+One asyncio loop speaks the protocol (docs/protocol.md) for every connection; the model's one
+thread (Worker) does all engine work, in the order messages arrived. Each connection has its own
+send queue drained by its own task, so the loop never waits on a client's socket: a client that
+reads slowly only delays its own replies. Each connection has its own documents too: engine uris
+are "<connection id>:<uri>", closed when the connection ends.
+
+With --demo the same port serves the browser demo (editor-clients/web/index.html) over plain
+HTTP, so the page's origin is the server's own and is allowed without --allow-origin.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import importlib
+import itertools
+import json
+import logging
+import signal
+import threading
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+
+from . import ws_protocol as P
+from . import ws_session as S
+from .worker import Worker
+
+log = logging.getLogger("livekv.ws")
+
+DEMO_PAGE = Path(__file__).resolve().parent.parent / "editor-clients" / "web" / "index.html"
+DEMO_MODULE = "bisect"  # a real, short stdlib file: ~900 tokens, encoded in about a second on a CPU
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+AUTH_TIMEOUT_S = 30     # with --token: how long a new connection may wait before its hello
+# The content the demo page may touch: itself and this server. Nothing from the internet.
+DEMO_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+            "connect-src 'self'; img-src data:")
+
+
+@dataclass
+class ServeOptions:
+    host: str = "127.0.0.1"
+    port: int = 8765                 # 0: any free port (tests)
+    token: str | None = None         # clients must send it in a first "hello"
+    allow_origins: list[str] = field(default_factory=list)  # browser Origins besides our own; "*": any
+    max_message_bytes: int = 4 << 20
+    demo: bool = False
+    demo_file: str | None = None     # the demo's initial file; None: the stdlib's bisect.py
+
+    def __post_init__(self):
+        if self.max_message_bytes < 1024:
+            raise ValueError(f"--max-message-bytes must be at least 1024, got {self.max_message_bytes}")
+        if self.token is not None and not self.token:
+            raise ValueError("--token must not be empty: leave it out to accept clients without a token")
+
+    @classmethod
+    def from_namespace(cls, ns) -> "ServeOptions":
+        return cls(host=ns.host, port=ns.port, token=ns.token, allow_origins=list(ns.allow_origin or []),
+                   max_message_bytes=ns.max_message_bytes, demo=ns.demo, demo_file=getattr(ns, "demo_file", None))
+
+
+class WsServer:
+    """The protocol on one asyncio loop; model work goes to `worker` (whose engine it shares)."""
+
+    def __init__(self, worker: Worker, opts: ServeOptions):
+        self.worker, self.opts = worker, opts
+        self.port = opts.port
+        self._ids = itertools.count(1)
+        self._server = None
+        self._demo: tuple[str, str] | None = None
+        if opts.demo:
+            if not DEMO_PAGE.is_file():
+                raise ValueError(f"--demo needs the page {DEMO_PAGE}, which is missing: run from a livekv checkout")
+            path = Path(opts.demo_file or importlib.import_module(DEMO_MODULE).__file__)
+            try:
+                self._demo = (DEMO_PAGE.read_text(encoding="utf-8"),
+                              json.dumps({"uri": path.resolve().as_uri(), "text": path.read_text(encoding="utf-8")}))
+            except (OSError, UnicodeDecodeError) as e:
+                raise ValueError(f"cannot read the demo file {path}: {e}") from None
+
+    async def start(self) -> None:
+        # The transport's hard limit closes the connection (1009); below it, messages over
+        # max_message_bytes are answered with a too_large error and the connection lives on.
+        hard = 4 * self.opts.max_message_bytes
+        self._server = await serve(self._handle, self.opts.host, self.opts.port, max_size=hard,
+                                   process_request=self._process_request)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        self._server.close()
+        await self._server.wait_closed()
+
+    # -- HTTP: the demo page and the origin check ----------------------------------------------
+    def allowed_origins(self) -> set[str]:
+        hosts = LOOPBACK if self.opts.host in LOOPBACK else (self.opts.host,)
+        own = {f"http://{'[' + h + ']' if ':' in h else h}:{self.port}" for h in hosts}
+        return own | set(self.opts.allow_origins)
+
+    def _process_request(self, connection: ServerConnection, request):
+        """Before the handshake: plain HTTP gets the demo (or 404); a websocket needs a good Origin."""
+        allowed = self.allowed_origins()
+        if "websocket" not in request.headers.get("Upgrade", "").lower():
+            return self._http(connection, request, allowed)
+        origin = request.headers.get("Origin")
+        if origin is not None and "*" not in allowed and origin not in allowed:
+            log.warning("refused a connection from origin %s", origin)
+            return connection.respond(HTTPStatus.FORBIDDEN, f"livekv: origin {origin} is not allowed; start the "
+                                                            f"server with --allow-origin {origin} to accept it\n")
+        return None
+
+    def _http(self, connection: ServerConnection, request, allowed: set[str]):
+        path, host = request.path.split("?", 1)[0], request.headers.get("Host")
+        if self._demo is None or path not in ("/", "/index.html", "/demo-file.json"):
+            hint = "" if self._demo else " (start it with --demo for the browser page)"
+            return connection.respond(HTTPStatus.NOT_FOUND, f"livekv: this is a websocket server{hint}\n")
+        if "*" not in allowed and host not in {urlsplit(o).netloc for o in allowed}:
+            # DNS rebinding: a page of another site, resolved to this address, must not read the file
+            return connection.respond(HTTPStatus.FORBIDDEN, f"livekv: unexpected Host {host}; open the address "
+                                                            "the server printed, or add it with --allow-origin\n")
+        html = path != "/demo-file.json"
+        resp = connection.respond(HTTPStatus.OK, self._demo[0] if html else self._demo[1])
+        del resp.headers["Content-Type"]
+        resp.headers["Content-Type"] = "text/html; charset=utf-8" if html else "application/json"
+        resp.headers["Content-Security-Policy"] = DEMO_CSP
+        resp.headers["Cache-Control"] = "no-store"
+        return resp
+
+    # -- websocket: one task per connection reads, one task sends ------------------------------
+    async def _handle(self, ws: ServerConnection) -> None:
+        conn = S.Connection(f"c{next(self._ids)}", ws, asyncio.get_running_loop())
+        log.info("%s connected from %s", conn.cid, ws.remote_address)
+        sender = asyncio.create_task(conn.send_loop())
+        try:
+            if self.opts.token is not None and not await self._authenticate(conn):
+                return
+            while True:
+                self._dispatch(conn, await ws.recv(decode=False))
+        except ConnectionClosed:
+            pass
+        finally:
+            conn.closed = True
+            for t in conn.live:
+                t.cancel()
+            self.worker.submit(S.close_all, conn)
+            sender.cancel()
+            log.info("%s disconnected", conn.cid)
+
+    async def _authenticate(self, conn: S.Connection) -> bool:
+        """The first message must be {"type": "hello", "id", "token"}; else error and close (1008)."""
+        try:
+            raw = await asyncio.wait_for(conn.ws.recv(decode=False), AUTH_TIMEOUT_S)
+            msg = P.parse(raw, self.opts.max_message_bytes)
+        except P.ProtocolError as e:
+            msg = {"id": getattr(e, "id", None)}
+        except TimeoutError:  # a silent client must not hold a connection open without the token
+            msg = {}
+        token = msg.get("token")
+        if msg.get("type") == "hello" and isinstance(token, str) and hmac.compare_digest(
+                token.encode(), self.opts.token.encode()):
+            self._dispatch(conn, raw)
+            return True
+        why = ("wrong token" if msg.get("type") == "hello"
+               else 'the first message must be {"type": "hello", "token": ...}')
+        log.warning("%s refused: %s", conn.cid, why)
+        await conn.ws.send(json.dumps(P.error(msg.get("id"), P.UNAUTHORIZED, f"{why}: this server needs the "
+                                              "token it was started with (--token); closing the connection")))
+        await conn.ws.close(1008, f"unauthorized: {why}"[:120])
+        return False
+
+    def _dispatch(self, conn: S.Connection, raw: bytes) -> None:
+        """Handle one message without waiting: reply now, or submit a job whose reply follows."""
+        try:
+            msg = P.parse(raw, self.opts.max_message_bytes)
+        except P.ProtocolError as e:
+            conn.post(P.error(getattr(e, "id", None), e.code, e.message))
+            return
+        try:
+            getattr(self, "_on_" + msg["type"])(conn, msg, msg["id"])
+        except P.ProtocolError as e:
+            conn.post(P.error(msg["id"], e.code, e.message))
+        except Exception as e:  # a bug here must not end the connection
+            log.exception("%s: %s request %r failed", conn.cid, msg["type"], msg["id"])
+            conn.post(P.error(msg["id"], P.INTERNAL, f"{type(e).__name__}: {e}"))
+
+    def _submit(self, conn: S.Connection, id_, fn, *args, ticket=None, stream=False) -> None:
+        if ticket is not None:
+            conn.live.add(ticket)
+            if stream:
+                conn.streams[id_] = ticket
+
+        def answered(msg):  # on the loop thread, after any token messages the job posted
+            if ticket is not None:
+                conn.live.discard(ticket)
+                if stream:
+                    conn.streams.pop(id_, None)
+            conn.post(msg)
+
+        def done(fut):  # on the worker thread
+            try:
+                conn.loop.call_soon_threadsafe(answered, S.reply(id_, fut))
+            except RuntimeError:  # the loop has closed: the server stopped, nobody to answer
+                pass
+
+        self.worker.submit(fn, conn, id_, *args, ticket=ticket).add_done_callback(done)
+
+    def _on_hello(self, conn, msg, id_):
+        conn.post({"type": "ok", "id": id_, "server": "livekv", "protocol": P.PROTOCOL_VERSION,
+                   "columns": "utf-16", "maxMessageBytes": self.opts.max_message_bytes})
+
+    def _on_open(self, conn, msg, id_):
+        uri, text = P.field(msg, "uri", str), P.field(msg, "text", str)
+        version = P.field(msg, "version", int, default=0)
+        self.worker.bump(conn.euri(uri))  # a completion on the old text is stale now
+        ticket = self.worker.ticket()
+        self._submit(conn, id_, S.open_job, uri, text, version, ticket, ticket=ticket)
+
+    def _on_edit(self, conn, msg, id_):
+        uri, version, changes = P.field(msg, "uri", str), P.field(msg, "version", int), P.changes(msg)
+        # Cancel this document's running completion now, before the edit reaches the worker:
+        # its text is stale, and the edit must not wait behind it.
+        self.worker.bump(conn.euri(uri))
+        self._submit(conn, id_, S.edit_job, uri, version, changes)
+
+    def _on_close(self, conn, msg, id_):
+        uri = P.field(msg, "uri", str)
+        self.worker.bump(conn.euri(uri))
+        self._submit(conn, id_, S.close_job, uri)
+
+    def _on_stats(self, conn, msg, id_):
+        self._submit(conn, id_, S.stats_job, P.field(msg, "uri", str))
+
+    def _on_complete(self, conn, msg, id_):
+        uri = P.field(msg, "uri", str)
+        line, char = P.field(msg, "line", int, at_least=0), P.field(msg, "character", int, at_least=0)
+        n = P.field(msg, "maxNewTokens", int, default=None, at_least=1)  # None: the engine's default
+        if n is not None and n > P.MAX_NEW_TOKENS_LIMIT:
+            raise P.ProtocolError(P.BAD_REQUEST, f"maxNewTokens {n} is over the limit of {P.MAX_NEW_TOKENS_LIMIT}")
+        if id_ in conn.streams:
+            raise P.ProtocolError(P.BAD_REQUEST, f"completion {id_!r} is still streaming; give each request a new id")
+        ticket = self.worker.ticket(conn.euri(uri))
+        self._submit(conn, id_, S.complete_job, uri, line, char, n, ticket, ticket=ticket, stream=True)
+
+    def _on_cancel(self, conn, msg, id_):
+        ticket = conn.streams.get(id_)
+        if ticket is not None:
+            ticket.cancel()
+        conn.post({"type": "ok", "id": id_, "found": ticket is not None})
+
+
+class BackgroundServer:
+    """A WsServer on its own thread and event loop, for tests and for embedding in a program.
+
+        with BackgroundServer(Worker(lambda: engine), ServeOptions(port=0)) as srv:
+            ...connect to srv.url...
+    """
+
+    def __init__(self, worker: Worker, opts: ServeOptions):
+        self.server = WsServer(worker, opts)
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="livekv-ws", daemon=True)
+        self._thread.start()
+        try:
+            asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(timeout=30)
+        except BaseException:
+            self._stop_loop()
+            raise
+
+    @property
+    def url(self) -> str:
+        return f"ws://{self.server.opts.host}:{self.server.port}/"
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.stop(), self.loop).result(timeout=30)
+        self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=30)
+        self.loop.close()
+
+    def __enter__(self) -> "BackgroundServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def run_ws_server(config, ns) -> int:
+    """`livekv serve`: serve until SIGINT/SIGTERM. Returns the exit code."""
+    from incremental import Engine
+    opts = ServeOptions.from_namespace(ns)
+    if opts.host not in LOOPBACK and opts.token is None:
+        log.warning("listening on %s without --token: anyone who can reach this port can use the model", opts.host)
+    if log.getEffectiveLevel() > logging.DEBUG:  # websockets logs every connection at INFO
+        logging.getLogger("websockets").setLevel(logging.WARNING)
+    worker = Worker(lambda: Engine.from_config(config))  # loads the model on its own thread
+
+    async def main() -> None:
+        server = WsServer(worker, opts)
+        await server.start()
+        host = f"[{opts.host}]" if ":" in opts.host else opts.host
+        log.info("livekv serve: ws://%s:%d/ (loading the model; requests wait for it)", host, server.port)
+        if opts.demo:
+            log.info("demo page: http://%s:%d/%s", host, server.port, "#token=<your token>" if opts.token else "")
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("shutting down")
+        await server.stop()
+
+    try:
+        asyncio.run(main())
+    except OSError as e:  # the port is taken, the host is not ours...
+        log.error("cannot listen on %s:%s: %s; choose another --port or --host", opts.host, opts.port, e.strerror or e)
+        return 2
+    finally:
+        worker.close()
+    return 0
