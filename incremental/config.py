@@ -29,6 +29,7 @@ class Config:
     encode_chunk: int = 512         # queries per forward pass when (re-)encoding long runs
     fresh_tail: int = 1             # tokens before the cursor re-run fresh for each completion
     token_healing: bool = True      # re-generate the token before the cursor, constrained to its text
+    fim: str = "auto"               # "auto": keep a FIM token stream when the model has FIM tokens; "off"
     phi: str = "cursor"             # the target group's first position: right after the "cursor", or the "end"
     multiline: bool = True          # after a block-opening colon, suggest the block, not one line
     max_lines: int = 8              # lines of a block suggestion
@@ -40,6 +41,8 @@ class Config:
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {self.strategy!r}: choose one of {', '.join(STRATEGIES)}")
+        if self.fim not in ("auto", "off"):
+            raise ValueError(f"fim must be 'auto' or 'off', got {self.fim!r}")
         if self.phi not in ("cursor", "end"):
             raise ValueError(f"phi must be 'cursor' or 'end', got {self.phi!r}")
         if self.dtype is not None and self.dtype not in DTYPES:

@@ -38,6 +38,7 @@ class Completion:
     incomplete: bool = False      # maxPromptMs fired: the cache was not up to date in time
     capped: bool = False          # maxPredictMs fired: the text is cut at a token boundary
     reused: bool = False          # answered from the suggestion being typed, no model call
+    first_tokens: list = field(default_factory=list)  # each candidate's first token id
 
     @property
     def text(self) -> str:
@@ -76,6 +77,25 @@ def cursor_context(doc, c: int, extra: str = "", fresh: int | None = None) -> tu
     return j, mirror.tokenize(st.text[e:c] + extra)[0]
 
 
+def _prefix_context(doc, c: int, extra: str) -> tuple[int, np.ndarray, str]:
+    """(j, tail, heal) for masked prefix decoding; with token healing the tail's last token is
+    taken back and `heal` is its text, which the first generated token must re-type."""
+    cfg = doc.engine.config
+    j, tail = cursor_context(doc, c, extra)
+    heal = ""
+    if cfg.token_healing:
+        if len(tail) < 2:  # healing takes the last tail token back: keep one to run
+            j, tail = cursor_context(doc, c, extra, fresh=cfg.fresh_tail + 1)
+        heal = doc.engine.token_text(int(tail[-1])) if len(tail) >= 2 else ""
+        if heal and "\ufffd" not in heal:
+            tail = tail[:-1]
+        else:
+            heal = ""
+    if len(tail) == 0:  # cursor at the very start: there is no context at all
+        tail = np.array([_start_token(doc.engine.tokenizer)], dtype=np.int64)
+    return j, tail, heal
+
+
 def make_stop(doc, c: int, extra: str, multiline: bool) -> Stop:
     """The stop policy at the cursor: a block suggestion after a block-opening colon with nothing
     after the cursor, else the rest of the line (the next line when this one is finished)."""
@@ -112,18 +132,12 @@ def decode(doc, c: int, n: int, max_new: int, should_stop: Callable[[], bool] | 
     model, kv, tok = eng.model, doc.kv, eng.tokenizer
     stop_at = make_stop(doc, c, extra, multiline)
     comp = Completion(mode=stop_at.mode)
-    j, tail = cursor_context(doc, c, extra)
-    heal = ""
-    if eng.config.token_healing:
-        if len(tail) < 2:  # healing takes the last tail token back: keep one to run
-            j, tail = cursor_context(doc, c, extra, fresh=eng.config.fresh_tail + 1)
-        heal = eng.token_text(int(tail[-1])) if len(tail) >= 2 else ""
-        if heal and "\ufffd" not in heal:
-            tail = tail[:-1]
-        else:
-            heal = ""
-    if len(tail) == 0:  # cursor at the very start: there is no context at all
-        tail = np.array([_start_token(tok)], dtype=np.int64)
+    fim = doc.fim
+    if fim is None:
+        j, tail, heal = _prefix_context(doc, c, extra)
+    else:  # the whole PSM stream is attended; the tail is <|fim_middle|> and the text to the cursor
+        tail, heal = fim.prepare(c, extra, eng.config.token_healing)
+        j = doc.gap
     comp.prefix_tokens, comp.tail_tokens = j, len(tail)
     # bring the cache up to date before the cursor (after it, nothing is attended now)
     s0, p0 = doc.slot0, doc.pos0
@@ -142,13 +156,18 @@ def decode(doc, c: int, n: int, max_new: int, should_stop: Callable[[], bool] | 
     n_tail = len(tail)
     need = n_tail + max_new * n + 1
     S = doc.scratch(need)                       # the target group's slots
-    width = max(S + need, keys_end(doc))
-    # φ, the target group's first position: right after the cursor, or after the whole document
-    phi = p0 + (j if eng.config.phi == "cursor" else doc.n)
+    others = keys_end(doc, after_gap=fim is not None)
+    width = max(S + need, others)
     visible = visible_slots(doc, width)         # the groups before this document ...
-    visible[s0: s0 + j] = True                  # ... and its own tokens before the cursor
+    if fim is None:
+        visible[s0: s0 + j] = True              # ... and its own tokens before the cursor
+        # φ, the target group's first position: right after the cursor, or after the document
+        phi = p0 + (j if eng.config.phi == "cursor" else doc.n)
+    else:
+        fim.visible(visible)
+        phi = fim.end_position()
     visible[S: S + n_tail] = True
-    n_keys = max(S + n_tail, keys_end(doc))
+    n_keys = max(S + n_tail, others)
     mask = visible[:n_keys].repeat(n_tail, 1)                                 # (n_tail, n_keys)
     mask[:, S: S + n_tail] = torch.ones(n_tail, n_tail, dtype=torch.bool).tril()
     logits = model.forward(kv, torch.from_numpy(tail), torch.arange(phi, phi + n_tail), S, n_keys, mask,
@@ -163,6 +182,7 @@ def decode(doc, c: int, n: int, max_new: int, should_stop: Callable[[], bool] | 
         # tokens the model knows ("return", "\n    ") instead of a fragment it never saw.
         logits = logits.masked_fill(~eng.healing_mask(heal)[None], float("-inf"))
     nexts = torch.topk(logits[0], n).indices.tolist()                        # k distinct first tokens
+    comp.first_tokens = list(nexts)
     ids = [[] for _ in range(n)]
     texts = [""] * n
     active = list(range(n))
@@ -205,7 +225,7 @@ def decode(doc, c: int, n: int, max_new: int, should_stop: Callable[[], bool] | 
             break
         # one forward for every active candidate: each sees the context, the tail and its own tokens
         first = S + n_tail + step * n
-        n_keys = max(first + n, keys_end(doc))
+        n_keys = max(first + n, others)
         m = visible[:n_keys].repeat(len(active), 1)                           # (a, n_keys)
         own = S + n_tail + torch.arange(step + 1)[None, :] * n + torch.tensor(active)[:, None]
         m.scatter_(1, own, True)

@@ -29,6 +29,11 @@ class Document:
         self.engine, self.uri, self.strategy = engine, uri, strategy
         self.kv = kv if kv is not None else engine._new_cache(256)
         self.pos0, self.sees = pos0, list(sees)
+        # FIM: tokens from index `gap` on are the suffix; they sit one position later, after the
+        # suffix marker, and also attend to the groups in `after_gap` (the marker).
+        self.gap: int | None = None
+        self.after_gap: list = []
+        self.fim = None
         self.state: MirrorState = engine.mirror.state(text)
         self.n = len(self.state.ids)
         self.slot0 = self.cap = 0
@@ -44,7 +49,7 @@ class Document:
                            tokens_encoded_total=0, keys_rotated_total=0, completions=0, last_completion={},
                            prompt_caps=0, predict_caps=0)
         s0, T = self.slot0, self.n
-        self.kv.pos[s0: s0 + T] = pos0 + np.arange(T)
+        self.kv.pos[s0: s0 + T] = self.position_of(np.arange(T))
         self.kv.stale[s0: s0 + T] = False
         self.kv.dirty[s0: s0 + T] = True
 
@@ -77,6 +82,18 @@ class Document:
     @property
     def stale(self) -> np.ndarray:
         return self.kv.stale[self.slot0: self.slot0 + self.n]
+
+    def position_of(self, idx: np.ndarray) -> np.ndarray:
+        """The position token index idx is encoded at: pos0 + idx, one later after a FIM gap."""
+        if self.gap is None:
+            return self.pos0 + idx
+        return self.pos0 + idx + (idx >= self.gap)
+
+    def on_prefix_changed(self) -> None:
+        """Text before the FIM gap changed: the suffix marker must be encoded again."""
+        if self.fim is not None:
+            self.fim.marker_dirty = True
+            self.fim.suffix_marker.pos0 = self.pos0 + self.gap
 
     def offset(self, line: int, col: int) -> int:
         return self.engine.mirror.offset(self.state, line, col)

@@ -8,6 +8,7 @@ import torch
 
 from .config import STRATEGIES, Config
 from .document import Document
+from .fim import FimStream, fim_ids
 from .kv_cache import KVCache
 from .models import load_model, resolve_device_dtype
 from .token_mirror import TokenMirror
@@ -31,6 +32,7 @@ class Engine:
         eos = [eos] if isinstance(eos, int) else list(eos or [])
         self.stop_ids = frozenset(int(t) for t in list(tokenizer.all_special_ids) + eos)
         self.documents: dict[str, Document] = {}
+        self.fim_ids = fim_ids(tokenizer)
         self._vocab_text: list[str] | None = None
         self._healing: dict[str, torch.Tensor] = {}
         probe = self.mirror.tokenize("def add(a, b):\n    return a + b\n")[0].tolist()[:12]
@@ -90,9 +92,12 @@ class Engine:
             raise ValueError(f"unknown strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
         if not isinstance(text, str):
             raise ValueError(f"document text must be a str, got {type(text).__name__}")
-        doc = Document(self, uri, text, strategy)
-        if settle:
-            doc.settle(should_stop, progress=progress)
+        if self.fim_ids is not None and self.config.fim != "off":
+            doc = FimStream.open(self, uri, text, strategy)
+        else:
+            doc = Document(self, uri, text, strategy)
+            if settle:
+                doc.settle(should_stop, progress=progress)
         self.documents[uri] = doc
         return doc
 

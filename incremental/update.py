@@ -19,11 +19,18 @@ from .strategies import Plan, change_points
 
 def rearrange(doc, p: Plan) -> int:
     """Move kept K/V to their new slots, rotate them, mark the rest dirty. Returns keys rotated."""
-    kv, keep, s0, p0 = doc.kv, p.keep, doc.slot0, doc.pos0
+    kv, keep, s0 = doc.kv, p.keep, doc.slot0
     doc.last_keep = keep  # for tests and tools: which old index each token came from
     T = len(keep)
     new_idx = np.flatnonzero(keep >= 0)
     old_idx = keep[new_idx]
+    if doc.gap is not None:  # the FIM suffix marker stays before the same old token
+        old_gap = doc.gap
+        k = int(np.searchsorted(old_idx, old_gap, side="left"))
+        doc.gap = int(new_idx[k]) if k < len(new_idx) else T
+        changes = change_points(keep)
+        if doc.gap != old_gap or (len(changes) and changes[0] < doc.gap):
+            doc.on_prefix_changed()
     kv.grow(doc, max(T, doc.n) + 64)
     s0 = doc.slot0
     # Runs of tokens that move together. Left-movers go first in ascending order, right-movers
@@ -46,7 +53,7 @@ def rearrange(doc, p: Plan) -> int:
     kv.dirty[s0 + enc_idx] = True
     rotated = 0
     if p.rotate and len(new_idx):
-        delta = (p0 + new_idx) - kv.pos[s0 + new_idx]
+        delta = doc.position_of(new_idx) - kv.pos[s0 + new_idx]
         moved = new_idx[delta != 0]
         if len(moved):
             a, b = int(moved[0]), int(moved[-1]) + 1
@@ -57,9 +64,9 @@ def rearrange(doc, p: Plan) -> int:
             kernels.rerotate_keys_(kv.k[:, :, s0 + a: s0 + b], torch.from_numpy(d).to(dev),
                                    doc.engine.model.inv_freq.to(dev),
                                    positions=torch.from_numpy(kv.pos[s0 + a: s0 + b].copy()).to(dev))
-            kv.pos[s0 + moved] = p0 + moved
+            kv.pos[s0 + moved] = doc.position_of(moved)
             rotated = len(moved)
-    kv.pos[s0 + enc_idx] = p0 + enc_idx
+    kv.pos[s0 + enc_idx] = doc.position_of(enc_idx)
     return rotated
 
 
@@ -71,9 +78,10 @@ def visible_slots(doc, n_keys: int) -> torch.Tensor:
     return vis
 
 
-def keys_end(doc) -> int:
+def keys_end(doc, after_gap: bool = False) -> int:
     """One past the last slot any of doc's queries may attend to, besides its own."""
-    return max([g.slot0 + g.n for g in doc.sees], default=0)
+    groups = list(doc.sees) + (list(doc.after_gap) if after_gap else [])
+    return max([g.slot0 + g.n for g in groups], default=0)
 
 
 def settle(doc, should_stop: Callable[[], bool] | None = None, upto: int | None = None,
@@ -83,7 +91,7 @@ def settle(doc, should_stop: Callable[[], bool] | None = None, upto: int | None 
     progress(done, total) is called after each chunk. Returns False when should_stop()
     interrupted it; the rest stays dirty for later."""
     kv, model, chunk = doc.kv, doc.engine.model, doc.engine.config.encode_chunk
-    s0, p0 = doc.slot0, doc.pos0
+    s0 = doc.slot0
     T = doc.n if upto is None else min(upto, doc.n)
     total, encoded = int(kv.dirty[s0: s0 + T].sum()), 0
     stats = doc._stats
@@ -95,7 +103,8 @@ def settle(doc, should_stop: Callable[[], bool] | None = None, upto: int | None 
             return False
         idx = dirty[:chunk]
         last = s0 + int(idx[-1])
-        n_keys = max(last + 1, keys_end(doc))
+        late_any = doc.gap is not None and bool(doc.after_gap) and int(idx[-1]) >= doc.gap
+        n_keys = max(last + 1, keys_end(doc, after_gap=late_any))
         own = kv.stale[s0: last + 1] & ~kv.dirty[s0: last + 1]
         others = any(kv.stale[g.slot0: g.slot0 + g.n].any() for g in doc.sees)
         # a token encoded after a stale one is stale too: it attended to stale K/V
@@ -103,14 +112,19 @@ def settle(doc, should_stop: Callable[[], bool] | None = None, upto: int | None 
         slots = torch.from_numpy(s0 + idx)
         cols = torch.arange(n_keys)
         mask = visible_slots(doc, n_keys)[None, :] | ((cols[None, :] >= s0) & (cols[None, :] <= slots[:, None]))
+        if doc.gap is not None and doc.after_gap:  # FIM: the suffix comes after its marker
+            late = torch.from_numpy(idx >= doc.gap)
+            for g in doc.after_gap:
+                mask[late, g.slot0: g.slot0 + g.n] = True
         contiguous = int(idx[-1]) - int(idx[0]) + 1 == len(idx)
         t0 = time.perf_counter()
-        model.forward(kv, torch.from_numpy(doc.state.ids[idx]), torch.from_numpy(p0 + idx),
+        pos = doc.position_of(idx)
+        model.forward(kv, torch.from_numpy(doc.state.ids[idx]), torch.from_numpy(pos),
                       int(slots[0]) if contiguous else slots, n_keys, mask)
         if len(idx) >= 32:  # small runs are dominated by reading the weights once
             per_token = (time.perf_counter() - t0) * 1e3 / len(idx)
             doc.encode_ms_per_token = 0.5 * doc.encode_ms_per_token + 0.5 * per_token
-        kv.pos[s0 + idx] = p0 + idx
+        kv.pos[s0 + idx] = pos
         kv.stale[s0 + idx] = any_before[idx]
         kv.dirty[s0 + idx] = False
         stats["tokens_encoded_last_edit"] += len(idx)

@@ -1,0 +1,160 @@
+"""Position groups: a shared prefix, context files, active documents, in one KV cache.
+
+    prefix    positions [0, P)                  attends to itself
+    context   positions [P, P + len) each       attends to the prefix and itself (parallel encoding)
+    active    positions [P + span, ...)         attends to the prefix, every context, and itself
+    target    from φ (config.phi)               the completion's own tokens (decode.py)
+
+Context groups share one base, so each is encoded independently of the others and its cache
+survives edits anywhere else; an edit inside one shifts positions only inside it (PIE within the
+group). Active documents start after `span` positions reserved for contexts, so a context that
+grows never moves them, until it outgrows the span: then the active documents are moved by one
+rotation of their keys, never re-encoded. A memory budget evicts whole context groups, least
+recently used first; an evicted context is re-encoded when it is needed again.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+import torch
+
+import kernels
+
+from .document import Document
+
+
+class Workspace:
+    """Groups over one engine. `open` an active document, `set_context` the files it should see."""
+
+    def __init__(self, engine, prefix: str = "", span: int = 8192, max_cache_tokens: int = 400_000,
+                 strategy: str | None = None):
+        self.engine, self.span, self.max_cache_tokens = engine, span, max_cache_tokens
+        self.strategy = strategy or engine.config.strategy
+        self.kv = engine._new_cache(1024)
+        self.prefix = Document(engine, "livekv:prefix", prefix, "pie", kv=self.kv, pos0=0)
+        self.prefix.settle()
+        self.contexts: OrderedDict[str, Document] = OrderedDict()   # least recently used first
+        self.evicted: dict[str, str] = {}                           # uri -> text, to re-encode on demand
+        self.active: dict[str, Document] = {}
+        self.evictions = 0
+
+    # -- layout --------------------------------------------------------------------------------
+    @property
+    def context_base(self) -> int:
+        return self.prefix.n
+
+    @property
+    def active_base(self) -> int:
+        return self.prefix.n + self.span
+
+    def _sees(self) -> list[Document]:
+        return [self.prefix, *self.contexts.values()]
+
+    def _relink(self, changed: bool) -> None:
+        """Point every active document at the current groups; those that attended to a context
+        that changed or went away are stale from then on."""
+        sees = self._sees()
+        for doc in self.active.values():
+            doc.sees[:] = sees
+            if changed:
+                doc.stale[:] = True
+
+    def _fit_span(self) -> None:
+        longest = max((d.n for d in self.contexts.values()), default=0)
+        if longest <= self.span:
+            return
+        new_span = 2 * longest
+        delta = new_span - self.span
+        self.span = new_span
+        for doc in self.active.values():  # one rotation moves a whole group; nothing is re-encoded
+            s0, n = doc.slot0, doc.n
+            dev = doc.kv.k.device
+            kernels.rerotate_keys_(doc.kv.k[:, :, s0: s0 + n], torch.full((n,), delta, device=dev),
+                                   self.engine.model.inv_freq.to(dev),
+                                   positions=torch.from_numpy(doc.kv.pos[s0: s0 + n].copy()).to(dev))
+            doc.kv.pos[s0: s0 + n] += delta
+            doc.pos0 += delta
+
+    # -- groups --------------------------------------------------------------------------------
+    def open(self, uri: str, text: str) -> Document:
+        """An active document: it attends to the prefix and to every context group."""
+        if uri in self.active:
+            self.close(uri)
+        doc = Document(self.engine, uri, text, self.strategy, kv=self.kv, pos0=self.active_base, sees=self._sees())
+        self.active[uri] = doc
+        self._budget()
+        doc.settle()
+        return doc
+
+    def set_context(self, uri: str, text: str) -> Document:
+        """Add (or replace) a context group, encoded from the shared base."""
+        if uri in self.contexts:
+            self._drop_context(uri)
+        self.evicted.pop(uri, None)
+        doc = Document(self.engine, uri, text, self.strategy, kv=self.kv, pos0=self.context_base, sees=[self.prefix])
+        doc.settle()
+        self.contexts[uri] = doc
+        self._fit_span()
+        self._relink(changed=True)
+        self._budget(keep=uri)
+        return doc
+
+    def edit_context(self, uri: str, changes) -> dict:
+        """Edit a context group: PIE inside the group; no other group moves."""
+        doc = self.touch(uri)
+        stats = doc.edit_batch(changes)
+        self._fit_span()
+        self._relink(changed=True)
+        return stats
+
+    def touch(self, uri: str) -> Document:
+        """Mark a group used (LRU); an evicted context is re-encoded here, on demand."""
+        if uri in self.evicted:
+            return self.set_context(uri, self.evicted[uri])
+        if uri in self.contexts:
+            self.contexts.move_to_end(uri)
+            return self.contexts[uri]
+        return self.active[uri]
+
+    def close(self, uri: str) -> None:
+        doc = self.active.pop(uri, None)
+        if doc is not None:
+            doc.close()
+        if uri in self.contexts:
+            self._drop_context(uri)
+            self._relink(changed=True)
+        self.evicted.pop(uri, None)
+
+    def _drop_context(self, uri: str) -> Document:
+        doc = self.contexts.pop(uri)
+        doc.close()
+        return doc
+
+    def tokens(self) -> int:
+        return self.prefix.n + sum(d.n for d in self.contexts.values()) + sum(d.n for d in self.active.values())
+
+    def _budget(self, keep: str | None = None) -> None:
+        """Evict whole context groups, least recently used first, until the cache fits."""
+        changed = False
+        while self.tokens() > self.max_cache_tokens:
+            victim = next((u for u in self.contexts if u != keep), None)
+            if victim is None:
+                break
+            self.evicted[victim] = self._drop_context(victim).text
+            self.evictions += 1
+            changed = True
+        if changed:
+            self._relink(changed=True)
+        if self.kv.top > 2 * max(self.tokens(), 1024):
+            self.kv.compact()
+
+    def stats(self) -> dict:
+        """Memory and staleness per group."""
+        per = self.kv.bytes_per_token()
+        groups = [dict(uri=d.uri, kind=kind, tokens=d.n, bytes=d.n * per, position_base=d.pos0,
+                       stale_tokens=int(np.count_nonzero(d.stale)))
+                  for kind, docs in (("prefix", [self.prefix]), ("context", self.contexts.values()),
+                                     ("active", self.active.values())) for d in docs]
+        return dict(groups=groups, tokens=self.tokens(), bytes=self.tokens() * per, span=self.span,
+                    max_cache_tokens=self.max_cache_tokens, evicted=sorted(self.evicted), evictions=self.evictions)

@@ -1,0 +1,100 @@
+"""FIM as a token stream, on a tiny random Llama whose tokenizer has the FIM tokens: the cache
+must be exactly the PSM prompt's, and moving the cursor must be a splice, not a rebuild."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from incremental import Config, Engine
+from incremental.fim import FIM_TOKENS, FimStream
+
+from conftest import excerpt, stdlib_source
+
+TEXT = excerpt(stdlib_source(), 100, 24)
+
+
+@pytest.fixture(scope="module")
+def fim_engine(engine):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    tok = AutoTokenizer.from_pretrained(engine.tokenizer.name_or_path)  # a copy we may extend
+    tok.add_special_tokens({"additional_special_tokens": list(FIM_TOKENS)})
+    torch.manual_seed(1)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=32768,
+                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=True)
+    hf = LlamaForCausalLM(cfg).eval()
+    eng = Engine(Config(verify_tokens=True, max_new_tokens=6), hf, tok, "tiny-fim")
+    assert eng.fim_ids is not None
+    return eng
+
+
+def psm_ids(eng, doc, g):
+    pre, suf, mid = eng.fim_ids
+    ids = doc.token_ids
+    return [pre] + ids[:g] + [suf] + ids[g:], mid
+
+
+def stream_kv(doc):
+    """The stream's K/V in PSM order: prefix marker, prefix, suffix marker, suffix."""
+    f, kv, g = doc.fim, doc.kv, doc.gap
+    slots = [f.prefix_marker.slot0] + list(range(doc.slot0, doc.slot0 + g)) + [f.suffix_marker.slot0] + \
+        list(range(doc.slot0 + g, doc.slot0 + doc.n))
+    idx = torch.tensor(slots)
+    return kv.k[:, :, idx], kv.v[:, :, idx]
+
+
+def test_a_rebuilt_stream_is_exactly_the_psm_prompt(fim_engine):
+    c = TEXT.index("\n", len(TEXT) // 2) + 1
+    doc = FimStream.open(fim_engine, "file:///r.py", TEXT, "pie", gap_at=c)
+    assert 0 < doc.gap < doc.n
+    seq, _ = psm_ids(fim_engine, doc, doc.gap)
+    with torch.inference_mode():
+        out = fim_engine.model.hf(torch.tensor([seq]), use_cache=True)
+    k, v = stream_kv(doc)
+    for layer in range(fim_engine.model.n_layers):
+        ref = out.past_key_values.layers[layer]
+        assert torch.allclose(k[layer], ref.keys[0], atol=1e-5), layer
+        assert torch.allclose(v[layer], ref.values[0], atol=1e-5), layer
+    assert doc.positions.tolist() == [1 + i + (i >= doc.gap) for i in range(doc.n)]
+
+
+def test_moving_the_cursor_is_a_splice_not_a_rebuild(fim_engine):
+    doc = fim_engine.open("file:///s.py", TEXT)
+    assert doc.fim is not None and doc.gap == doc.n
+    line = TEXT.count("\n") // 2
+    c = doc.offset(line, 0)
+    encoded = doc.stats["tokens_encoded_total"]
+    doc.complete(line, 0)
+    g = doc.gap
+    assert doc.stats["tokens_encoded_total"] == encoded   # only the marker and the tail ran
+    rebuilt = FimStream.open(fim_engine, "file:///rb.py", doc.text, "pie", gap_at=c)
+    assert rebuilt.gap == g
+    k, _ = stream_kv(doc)
+    k_ref, _ = stream_kv(rebuilt)
+    assert torch.allclose(k[0], k_ref[0], atol=1e-5)          # layer 0: positions are right
+    assert doc.stats["stale_tokens"] == doc.n - g              # the suffix never saw the marker
+    # an edit before the gap moves the gap with the text and asks for the marker again
+    doc.edit((1, 0), (1, 0), "    extra = 1\n")
+    assert doc.gap > g and doc.fim.marker_dirty
+    doc.complete(line + 1, 0)
+    assert not doc.fim.marker_dirty
+    fresh = FimStream.open(fim_engine, "file:///f2.py", doc.text, "pie", gap_at=doc.offset(line + 1, 0))
+    assert torch.allclose(stream_kv(doc)[0][0], stream_kv(fresh)[0][0], atol=1e-5)
+
+
+def test_completion_reads_the_suffix_exactly_as_the_psm_prompt(fim_engine):
+    """Unlike masked prefix decoding, a FIM completion depends on the text after the cursor; on a
+    freshly built stream its first step is exactly the model's on the PSM prompt."""
+    line = TEXT.count("\n") // 2
+    head = "".join(TEXT.splitlines(keepends=True)[:line]) + "    value = compute"
+    tops = []
+    for i, tail in enumerate(["(a, b)\n    return value\n", "_all()\n    raise ValueError('no')\n"]):
+        doc = FimStream.open(fim_engine, f"file:///x{i}.py", head + tail, "pie", gap_at=len(head))
+        assert doc.state.ends[doc.gap - 1] == len(head)        # a clean token boundary: nothing forced
+        comp = doc.suggest(line, len("    value = compute"), n=3, multiline=False)
+        seq, mid = psm_ids(fim_engine, doc, doc.gap)
+        with torch.inference_mode():
+            ref = fim_engine.model.hf(torch.tensor([seq + [mid]])).logits[0, -1]
+        assert comp.first_tokens == ref.topk(3).indices.tolist()
+        tops.append(ref)
+    assert (tops[0] - tops[1]).abs().max() > 1e-3               # the suffix changes the answer
