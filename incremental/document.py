@@ -101,6 +101,10 @@ class Document:
     def fork(self, uri: str, strategy: str | None = None) -> "Document":
         """An independent copy (text, tokens and cache, in a private cache) registered under uri,
         e.g. to compare strategies from one encoded state without encoding it again."""
+        if self.fim is not None:
+            new = self.fim.fork(uri, strategy or self.strategy)
+            self.engine.documents[uri] = new
+            return new
         new = Document.__new__(Document)
         new.__dict__.update(self.__dict__)
         new.uri, new.strategy = uri, strategy or self.strategy

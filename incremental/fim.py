@@ -69,6 +69,27 @@ class FimStream:
         doc.settle()
         return doc
 
+    def fork(self, uri: str, strategy: str):
+        """A copy of the whole stream (markers, text, cache) under uri."""
+        from .typeahead import TypeAhead
+        doc, kv = self.doc, self.doc.kv
+        new_kv = doc.engine._new_cache(kv.capacity)
+        new_kv.top = kv.top
+        new_kv.k[:, :, :kv.top], new_kv.v[:, :, :kv.top] = kv.k[:, :, :kv.top], kv.v[:, :, :kv.top]
+        for name in ("pos", "stale", "dirty"):
+            getattr(new_kv, name)[:kv.top] = getattr(kv, name)[:kv.top]
+        p, d, s = (type(x).__new__(type(x)) for x in (self.prefix_marker, doc, self.suffix_marker))
+        for new, old in ((p, self.prefix_marker), (d, doc), (s, self.suffix_marker)):
+            new.__dict__.update(old.__dict__)
+            new.kv = new_kv
+            new_kv.regions[id(new)] = [new, old.slot0, old.cap]
+        d.uri, d.strategy, d.sees, d.after_gap = uri, strategy, [p], [s]
+        d._stats, d._syntax, d._syntax_stale, d.typeahead = dict(doc._stats), None, False, TypeAhead()
+        s.sees = [p, _Before(d)]
+        d.fim = FimStream(d, p, s, self.middle_id)
+        d.fim.marker_dirty = self.marker_dirty
+        return d
+
     def gap_for(self, c: int) -> int:
         """The token boundary at or before char c (never inside one character's byte tokens)."""
         st = self.doc.state

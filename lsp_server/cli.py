@@ -4,7 +4,7 @@
     livekv complete FILE LINE COL           print the completion at (line, column), 0-based
     livekv lsp [--tcp HOST:PORT]            the language server (stdio by default)
     livekv serve [--host H] [--port P]      the websocket streaming server (--demo: browser page)
-    livekv bench traces|replay|edit-cost|kernel ...   benchmarks (see bench/)
+    livekv bench traces|replay|edit-cost|kernel|groups|fim ...   benchmarks (see bench/)
 
 Config flags (--model, --strategy, --device, --dtype, --max-new-tokens, ...) map one to one onto
 incremental.Config. Logs go to stderr: stdout belongs to LSP stdio and to printed results.
@@ -18,7 +18,7 @@ import sys
 from incremental.config import add_config_arguments, config_from_arguments
 
 BENCHES = {"traces": "bench.traces", "replay": "bench.replay", "edit-cost": "bench.edit_cost",
-           "kernel": "bench.kernel", "groups": "bench.groups"}
+           "kernel": "bench.kernel", "groups": "bench.groups", "fim": "bench.fim"}
 
 
 def _complete(ns) -> int:

@@ -98,3 +98,14 @@ def test_completion_reads_the_suffix_exactly_as_the_psm_prompt(fim_engine):
         assert comp.first_tokens == ref.topk(3).indices.tolist()
         tops.append(ref)
     assert (tops[0] - tops[1]).abs().max() > 1e-3               # the suffix changes the answer
+
+
+def test_a_fork_is_an_independent_stream(fim_engine):
+    doc = fim_engine.open("file:///fk.py", TEXT)
+    line = TEXT.count("\n") // 2
+    want = doc.complete(line, 0)
+    twin = doc.fork("file:///fk2.py")
+    assert twin.complete(line, 0) == want
+    twin.edit((0, 0), (0, 0), "import os\n")
+    assert doc.text == TEXT and doc.complete(line, 0) == want
+    assert torch.equal(stream_kv(doc)[0], stream_kv(doc.fork("file:///fk3.py"))[0])
