@@ -11,6 +11,8 @@ of every completion's tail. Models without these tokens keep masked prefix decod
 """
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import torch
 
@@ -29,7 +31,11 @@ class _Before:
     """The part of a document before its gap, as a group others can attend to."""
 
     def __init__(self, doc):
-        self.doc = doc
+        self._doc = weakref.ref(doc)  # weak: no cycle keeps a closed document's cache alive
+
+    @property
+    def doc(self):
+        return self._doc()
 
     @property
     def slot0(self) -> int:
@@ -44,9 +50,14 @@ class FimStream:
     """The markers and the gap of one document's FIM stream."""
 
     def __init__(self, doc, prefix_marker, suffix_marker, middle_id: int):
-        self.doc, self.prefix_marker, self.suffix_marker, self.middle_id = doc, prefix_marker, suffix_marker, middle_id
+        self._doc = weakref.ref(doc)  # the document owns its stream, not the other way round
+        self.prefix_marker, self.suffix_marker, self.middle_id = prefix_marker, suffix_marker, middle_id
         self.marker_dirty = True
         self.gap_moves = 0
+
+    @property
+    def doc(self):
+        return self._doc()
 
     @classmethod
     def open(cls, engine, uri: str, text: str, strategy: str, gap_at: int | None = None):
@@ -82,7 +93,7 @@ class FimStream:
         for new, old in ((p, self.prefix_marker), (d, doc), (s, self.suffix_marker)):
             new.__dict__.update(old.__dict__)
             new.kv = new_kv
-            new_kv.regions[id(new)] = [new, old.slot0, old.cap]
+            new_kv.regions[id(new)] = [weakref.ref(new, new_kv._forget(id(new))), old.slot0, old.cap]
         d.uri, d.strategy, d.sees, d.after_gap = uri, strategy, [p], [s]
         d._stats, d._syntax, d._syntax_stale, d.typeahead = dict(doc._stats), None, False, TypeAhead()
         s.sees = [p, _Before(d)]

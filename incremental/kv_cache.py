@@ -9,6 +9,8 @@ past the last region are scratch for a completion's own tokens.
 """
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import torch
 
@@ -27,7 +29,9 @@ class KVCache:
         self.stale = np.zeros(capacity, dtype=bool)
         # A dirty token's K/V are not computed yet (an encode still to run, or one interrupted).
         self.dirty = np.zeros(capacity, dtype=bool)
-        self.regions: dict[int, list] = {}  # id(owner) -> [owner, slot0, cap]
+        # id(owner) -> [weakref(owner), slot0, cap]; weak, so a dropped document frees its memory
+        # at once instead of waiting in a reference cycle for the garbage collector
+        self.regions: dict[int, list] = {}
         self.top = 0                        # end of the last region: scratch starts here
 
     @property
@@ -64,9 +68,18 @@ class KVCache:
         slot0 = self.top
         self.reserve(slot0 + cap)
         self.top = slot0 + cap
-        self.regions[id(owner)] = [owner, slot0, cap]
+        self.regions[id(owner)] = [weakref.ref(owner, self._forget(id(owner))), slot0, cap]
         owner.slot0, owner.cap = slot0, cap
         return slot0
+
+    def _forget(self, key: int):
+        me = weakref.ref(self)  # no strong reference back: the cache itself must not be in a cycle
+
+        def gone(_ref):
+            kv = me()
+            if kv is not None:
+                kv.regions.pop(key, None)
+        return gone
 
     def grow(self, owner, need: int) -> None:
         """Give owner's region at least `need` slots: in place when it is the last region, else
@@ -97,7 +110,10 @@ class KVCache:
         """Pack the regions down to close the holes freed ones left; returns slots reclaimed."""
         before, at = self.top, 0
         for entry in sorted(self.regions.values(), key=lambda e: e[1]):
-            owner, slot0, cap = entry
+            ref, slot0, cap = entry
+            owner = ref()
+            if owner is None:
+                continue
             keep = max(owner.n + 64, min(cap, 2 * owner.n + 64))
             if slot0 != at:
                 self.move(slot0, at, owner.n)
