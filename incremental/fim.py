@@ -54,6 +54,7 @@ class FimStream:
         self.prefix_marker, self.suffix_marker, self.middle_id = prefix_marker, suffix_marker, middle_id
         self.marker_dirty = True
         self.gap_moves = 0
+        self.cut = False
 
     @property
     def doc(self):
@@ -147,6 +148,9 @@ class FimStream:
         doc.settle()
         st = doc.state
         e = int(st.ends[doc.gap - 1]) if doc.gap > 0 else 0
+        # A token the cursor cuts ("    \n" at an indented empty line) starts the suffix but
+        # holds text from before the cursor too; the completion does not look at it (see visible).
+        self.cut = doc.gap < doc.n and int(st.starts[doc.gap]) < c
         forced = doc.engine.mirror.tokenize(st.text[e:c] + extra)[0] if (c > e or extra) else np.zeros(0, np.int64)
         heal = ""
         if heal_ok and len(forced):
@@ -163,6 +167,8 @@ class FimStream:
         for g in (self.prefix_marker, self.suffix_marker):
             vis[g.slot0: g.slot0 + g.n] = True
         vis[doc.slot0: doc.slot0 + doc.n] = True
+        if self.cut:
+            vis[doc.slot0 + doc.gap] = False
 
     def end_position(self) -> int:
         """After the last suffix token: where <|fim_middle|> goes."""

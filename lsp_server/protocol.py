@@ -9,6 +9,7 @@ and work done progress.
   is not JSON-RPC) but does not answer a request whose params do not deserialize (the client
   would wait forever), and logs a traceback for each. Here such requests get InvalidParams and
   stderr gets one line per problem.
+- Settings: LSP setting names (camelCase, under "livekv") -> Config fields and the server's own.
 """
 from __future__ import annotations
 
@@ -25,6 +26,13 @@ from pygls.protocol.language_server import lsp_method
 
 
 log = logging.getLogger("livekv.lsp")
+
+# LSP setting -> field: of incremental.Config, or of session.Options (prefetch, candidates)
+SETTINGS = {"model": "model", "strategy": "strategy", "maxNewTokens": "max_new_tokens", "device": "device",
+            "dtype": "dtype", "maxPromptMs": "max_prompt_ms", "maxPredictMs": "max_predict_ms",
+            "multiline": "multiline", "maxLines": "max_lines", "prefetch": "prefetch", "candidates": "candidates"}
+_INTS = ("maxNewTokens", "maxPromptMs", "maxPredictMs", "maxLines", "candidates")
+_BOOLS = ("multiline", "prefetch")
 ARRIVAL: dict[str, Callable] = {}  # method -> start(server, params), run as the request is read
 _tokens = itertools.count(1)
 
@@ -90,6 +98,49 @@ class Protocol(LanguageServerProtocol):
     @lsp_method(T.TEXT_DOCUMENT_DID_CLOSE)
     def lsp_text_document__did_close(self, params):
         yield self.fm.features[T.TEXT_DOCUMENT_DID_CLOSE], (params,), None
+
+
+def parse_settings(settings: Any) -> dict:
+    """Field changes named by LSP settings: `{"livekv": {...}}` or the same keys at top level.
+
+    Under "livekv" an unknown key is an error; at top level other keys belong to other tools and
+    are ignored. ValueError says what was wrong; ranges are checked by Config and Options."""
+    if settings is None:
+        return {}
+    if not isinstance(settings, dict):
+        raise ValueError(f"settings must be an object, got {type(settings).__name__}")
+    scoped = "livekv" in settings
+    section = settings["livekv"] if scoped else settings
+    if section is None:
+        return {}
+    if not isinstance(section, dict):
+        raise ValueError(f"settings.livekv must be an object, got {type(section).__name__}")
+    unknown = sorted(set(section) - set(SETTINGS))
+    if scoped and unknown:
+        raise ValueError(f"unknown livekv setting(s) {unknown}: known are {sorted(SETTINGS)}")
+    changes = {}
+    for key, field in SETTINGS.items():
+        if key not in section:
+            continue
+        value = section[key]
+        if key in _INTS:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{key} must be an integer, got {value!r}")
+        elif key in _BOOLS:
+            if not isinstance(value, bool):
+                raise ValueError(f"{key} must be true or false, got {value!r}")
+        elif key == "strategy":
+            if not isinstance(value, str):
+                raise ValueError(f"strategy must be a string, got {value!r}")
+        elif value is not None and not isinstance(value, str):
+            raise ValueError(f"{key} must be a string or null, got {value!r}")
+        changes[field] = value
+    return changes
+
+
+def error_message(e: BaseException) -> str:
+    """An exception's message for a client: KeyError's str() would add quotes."""
+    return e.args[0] if isinstance(e, KeyError) and e.args else str(e)
 
 
 def error_lines(exc: BaseException) -> list[str]:

@@ -4,7 +4,7 @@ The event loop (pygls) never touches the model. Every engine call is a job on th
 thread (worker.py), queued the moment its message is read: notifications in their (synchronous)
 handler, requests in an `on_arrival` hook, because pygls starts async handlers a loop turn
 later. So jobs run in arrival order: no edit is lost or reordered, and a completion sees every
-edit sent before it and none sent after. Request handlers then await their job's future.
+edit sent before it and none sent after. Request handlers (handlers.py) then await their job's future.
 
 Cancellation: a completion's Ticket stops its decode at the next token step when the client
 sends $/cancelRequest (the reply is RequestCancelled, -32800), when the server shuts down, or
@@ -13,9 +13,14 @@ they arrive). A completion abandoned because its document changed returns an emp
 (no items, isIncomplete): every client shows nothing and asks again, whereas error replies make
 some clients (Neovim) print a message on every keystroke.
 
+Idle work: after each edit and each completion the server queues one low-priority job
+(Session.job_idle: prefetch the next line, encode what edits left dirty). Any edit, open, close,
+settings change or completion request cancels it the moment it arrives, so it only ever runs
+while the person is not waiting for anything; livekv/stats requests wait behind it.
+
 Custom request `livekv/stats` ({"textDocument": {"uri", "version"?}} or {"uri"}): the engine's
-stats for a document plus the server's own (how long cancelled completions kept the worker busy);
-with no uri, the server's stats only, answered without waiting for the worker.
+stats for a document plus the server's own (how long cancelled completions kept the worker busy,
+the idle work); with no uri, the server's stats only, answered without waiting for the worker.
 """
 from __future__ import annotations
 
@@ -26,34 +31,20 @@ import os
 import sys
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 from lsprotocol import types as T
 from pygls.exceptions import FeatureRequestError, JsonRpcInternalError, JsonRpcInvalidParams
 from pygls.lsp.server import LanguageServer
 
-from incremental import Config, Engine
+from incremental import Config
 
-from .protocol import Protocol, describe, on_arrival, plain, quiet_pygls, work_done_progress
-from .session import Session, parse_settings
+from .handlers import FEATURES
+from .protocol import Protocol, describe, error_message, quiet_pygls
+from .session import Answer, Session
 from .worker import Ticket, Worker
 
 log = logging.getLogger("livekv.lsp")
-STATS = "livekv/stats"
-FEATURES: list[tuple[str, Any, Any]] = []  # (method, options, handler)
-
-
-def feature(name: str, options: Any = None):
-    """Collect a handler; build_server registers it (pygls cannot register bound methods)."""
-    def deco(f):
-        FEATURES.append((name, options, f))
-        return f
-    return deco
-
-
-def _message(e: BaseException) -> str:
-    return e.args[0] if isinstance(e, KeyError) and e.args else str(e)
 
 
 @dataclass
@@ -62,7 +53,7 @@ class CompletionJob:
     server: "LivekvServer"
     ticket: Ticket
     future: cf.Future
-    position: T.Position
+    epoch: int  # LivekvServer.epoch when it arrived
 
     def cancel(self) -> None:  # $/cancelRequest or shutdown: stop at the next token step
         self.server.cancel_completion(self.ticket)
@@ -83,6 +74,8 @@ class LivekvServer(LanguageServer):
         self.shutdown_requested = False
         self.inflight: dict[Ticket, float | None] = {}  # completion ticket -> when it was cancelled
         self.cancel_busy_ms: deque[float] = deque(maxlen=64)
+        self.epoch = 0  # bumped by every message that interrupts idle work
+        self.idle_jobs: dict[Ticket, cf.Future | None] = {}  # None: a didOpen's first encode
 
     # -- reporting (event loop only; from the worker use `later`) ----------------------------
     def report(self, message: str, level=T.MessageType.Error, show: bool = False) -> None:
@@ -118,12 +111,13 @@ class LivekvServer(LanguageServer):
 
         def check(f):
             if not f.cancelled() and f.exception() is not None:
-                self.report(f"{what}: {_message(f.exception())}")
+                self.report(f"{what}: {error_message(f.exception())}")
         fut.add_done_callback(lambda f: self.later(check, f))
         return fut
 
     def document_changed(self, uri: str) -> None:
         """A didChange/didClose/didOpen for uri arrived: abandon its running completion now."""
+        self.interrupt_idle()
         self.require_worker().bump(uri)
         now = time.perf_counter()
         for t, cancelled in self.inflight.items():
@@ -137,29 +131,53 @@ class LivekvServer(LanguageServer):
             self.inflight[ticket] = time.perf_counter()
         ticket.cancel()
 
-    def submit_completion(self, uri: str, pos: T.Position) -> CompletionJob:
+    def submit_completion(self, uri: str, pos: T.Position, manual: bool) -> CompletionJob:
+        self.interrupt_idle()
         worker = self.require_worker()
         ticket = worker.ticket(uri)
         self.inflight[ticket] = None
-        fut = worker.submit(self.session.job_complete, uri, pos.line, pos.character, ticket.should_stop,
+        fut = worker.submit(self.session.job_complete, uri, pos.line, pos.character, manual, ticket.should_stop,
                             ticket=ticket)
         fut.add_done_callback(lambda f: self.later(self._job_ended, ticket, time.perf_counter()))
-        return CompletionJob(self, ticket, fut, pos)
+        return CompletionJob(self, ticket, fut, self.epoch)
 
-    async def complete(self, job: CompletionJob) -> tuple[str, T.Position] | None:
-        """(text, cursor) of a submitted completion; None when abandoned or empty."""
+    async def complete(self, job: CompletionJob) -> Answer | None:
+        """The answer of a submitted completion; None when abandoned. Queues the idle work
+        (prefetch) before the handler replies, unless a newer message arrived meanwhile."""
         try:
-            result = await asyncio.wrap_future(job.future)
+            answer = await asyncio.wrap_future(job.future)
         except asyncio.CancelledError:  # $/cancelRequest, or shutdown
             job.cancel()
             raise
         except (ValueError, KeyError) as e:
-            raise JsonRpcInvalidParams(message=_message(e)) from None
+            raise JsonRpcInvalidParams(message=error_message(e)) from None
         except RuntimeError as e:
             raise JsonRpcInternalError(message=str(e)) from None
-        if result is None or not result[0]:
-            return None
-        return result[0], T.Position(line=job.position.line, character=result[1])
+        if answer is not None and job.epoch == self.epoch:
+            self.schedule_idle(job.ticket.uri, prefetch=bool(answer.texts) and not answer.incomplete)
+        return answer
+
+    # -- idle work ---------------------------------------------------------------------------
+    def interrupt_idle(self) -> None:
+        """Something the person waits for arrived: stop the idle work at its next step or slice."""
+        self.epoch += 1
+        for ticket, fut in self.idle_jobs.items():
+            ticket.cancel()
+            if fut is not None:
+                fut.cancel()  # dropped if still queued
+        self.idle_jobs.clear()
+
+    def schedule_idle(self, uri: str | None, prefetch: bool = False) -> None:
+        worker = self.require_worker()
+        ticket = worker.ticket()
+        fut = worker.submit(self.session.job_idle, uri, prefetch, ticket.should_stop, ticket=ticket)
+        self.idle_jobs[ticket] = fut
+
+        def ended(f):
+            self.idle_jobs.pop(ticket, None)
+            if not f.cancelled() and f.exception() is not None:
+                self.report(f"livekv: background work failed: {error_message(f.exception())}")
+        fut.add_done_callback(lambda f: self.later(ended, f))
 
     def _job_ended(self, ticket: Ticket, end: float) -> None:
         cancelled = self.inflight.pop(ticket, None)
@@ -171,159 +189,11 @@ class LivekvServer(LanguageServer):
         busy = self.cancel_busy_ms
         since = self.worker.busy_since if self.worker else None  # read once: the worker resets it
         return dict(position_encoding=self.session.encoding if self.session else None,
-                    settings=asdict(self.session.config) if self.session else None,
+                    settings=self.session.settings() if self.session else None,
+                    idle=dict(self.session.idle) if self.session else None,
                     cancelled_completions=len(busy), cancel_busy_ms=list(busy),
                     cancel_busy_ms_max=max(busy, default=None),
                     worker_busy_ms=(time.perf_counter() - since) * 1e3 if since else 0.0)
-
-
-# -- lifecycle ---------------------------------------------------------------------------------
-@feature(T.INITIALIZE)
-def initialize(ls: LivekvServer, params: T.InitializeParams):
-    ls.loop = asyncio.get_running_loop()
-    config = ls.base_config
-    try:
-        config = config.updated(**parse_settings(params.initialization_options))
-    except ValueError as e:
-        ls.report(f"livekv: initializationOptions refused ({e}); using {asdict(config)}", show=True)
-    encoding = str(getattr(ls.workspace.position_encoding, "value", ls.workspace.position_encoding) or "utf-16")
-    base = ls.base_config
-
-    def load():  # on the worker thread, before its first job
-        tries = [ls.session.config] + ([base] if ls.session.config != base else [])
-        for cfg in tries:
-            try:
-                engine = Engine.from_config(cfg)
-                ls.session.config = cfg
-                return engine
-            except Exception as e:
-                error = e
-                then = "; falling back to the command line's settings" if cfg is not tries[-1] else ""
-                ls.later(ls.report, f"livekv: could not load model {cfg.model or 'smollm2-135m'} on "
-                                    f"{cfg.device or 'the default device'}: {e}{then}", T.MessageType.Error, True)
-        raise error
-
-    ls.session = Session(config, encoding)
-    ls.worker = ls.session.worker = Worker(load)  # loads the model on its thread, now
-    log.info("initialized: position encoding %s, settings %s", encoding, asdict(config))
-
-
-@feature(T.SHUTDOWN)
-def shutdown(ls: LivekvServer, params):
-    # Answer now: a running decode sees should_stop() at its next token step, queued jobs drop.
-    ls.shutdown_requested = True
-    if ls.worker is not None:
-        ls.worker.close(timeout=0)
-
-
-@feature(T.WORKSPACE_DID_CHANGE_CONFIGURATION)
-def did_change_configuration(ls: LivekvServer, params: T.DidChangeConfigurationParams):
-    try:
-        changes = parse_settings(params.settings)
-    except ValueError as e:
-        ls.report(f"livekv: settings refused ({e}); the old settings stay", show=True)
-        return
-    if not changes:
-        return
-    fut = ls.require_worker().submit(ls.session.job_configure, changes)
-
-    def done(f):
-        if f.cancelled():
-            return
-        if f.exception() is not None:
-            ls.report(f"livekv: settings refused ({_message(f.exception())}); the old settings stay", show=True)
-        else:
-            ls.report(f"livekv: {f.result()}", T.MessageType.Info)
-    fut.add_done_callback(lambda f: ls.later(done, f))
-
-
-# -- documents ---------------------------------------------------------------------------------
-@feature(T.TEXT_DOCUMENT_DID_OPEN)
-def did_open(ls: LivekvServer, params: T.DidOpenTextDocumentParams):
-    doc = params.text_document
-    ls.document_changed(doc.uri)
-    on_progress, finish = work_done_progress(ls, doc.uri.rsplit("/", 1)[-1])
-    ticket = ls.require_worker().ticket(doc.uri)  # a later edit may cut the warm-up short
-
-    fut = ls.submit_notification(f"didOpen {doc.uri}", ls.session.job_open, doc.uri, doc.text, doc.version,
-                                 on_progress, ticket.should_stop, ticket=ticket)
-    fut.add_done_callback(lambda f: finish())
-
-
-@feature(T.TEXT_DOCUMENT_DID_CHANGE)
-def did_change(ls: LivekvServer, params: T.DidChangeTextDocumentParams):
-    uri = params.text_document.uri
-    ls.document_changed(uri)
-    changes = []
-    for ch in params.content_changes:
-        r = getattr(ch, "range", None)
-        rng = None if r is None else ((r.start.line, r.start.character), (r.end.line, r.end.character))
-        changes.append((rng, ch.text))
-    # the ticket goes stale at the next edit: this one's encoding is then left to that one
-    ticket = ls.require_worker().ticket(uri)
-    ls.submit_notification(f"didChange {uri}", ls.session.job_change, uri, params.text_document.version,
-                           changes, ticket.should_stop, ticket=ticket)
-
-
-@feature(T.TEXT_DOCUMENT_DID_CLOSE)
-def did_close(ls: LivekvServer, params: T.DidCloseTextDocumentParams):
-    uri = params.text_document.uri
-    ls.document_changed(uri)
-    ls.submit_notification(f"didClose {uri}", ls.session.job_close, uri)
-
-
-# -- requests ----------------------------------------------------------------------------------
-@on_arrival(T.TEXT_DOCUMENT_INLINE_COMPLETION)
-@on_arrival(T.TEXT_DOCUMENT_COMPLETION)
-def start_completion(ls: LivekvServer, params):
-    return ls.submit_completion(params.text_document.uri, params.position)
-
-
-@feature(T.TEXT_DOCUMENT_INLINE_COMPLETION, T.InlineCompletionOptions())
-async def inline_completion(ls: LivekvServer, params: T.InlineCompletionParams):
-    got = await ls.complete(ls.protocol.arrived_job())
-    if got is None:
-        return T.InlineCompletionList(items=[])
-    text, at = got
-    return T.InlineCompletionList(items=[T.InlineCompletionItem(insert_text=text, range=T.Range(at, at))])
-
-
-@feature(T.TEXT_DOCUMENT_COMPLETION, T.CompletionOptions())
-async def completion(ls: LivekvServer, params: T.CompletionParams):
-    # for clients without inline completion: one item, inserted as is at the cursor
-    got = await ls.complete(ls.protocol.arrived_job())
-    if got is None:
-        return T.CompletionList(is_incomplete=True, items=[])
-    text, at = got
-    item = T.CompletionItem(label=text, kind=T.CompletionItemKind.Text, detail="livekv", insert_text=text,
-                            text_edit=T.TextEdit(range=T.Range(at, at), new_text=text), sort_text="0")
-    return T.CompletionList(is_incomplete=True, items=[item])
-
-
-@on_arrival(STATS)
-def start_stats(ls: LivekvServer, params):
-    params = plain(params)
-    params = params if isinstance(params, dict) else {}
-    td = params.get("textDocument") if isinstance(params.get("textDocument"), dict) else params
-    uri, version = td.get("uri"), td.get("version")
-    if uri is None:
-        return None  # the server's stats only: no job
-    if not isinstance(uri, str) or not (version is None or isinstance(version, int)):
-        raise JsonRpcInvalidParams(message=f"{STATS}: expected {{'textDocument': {{'uri': str, 'version'?: int}}}}, "
-                                           f"got {params!r}")
-    return ls.require_worker().submit(ls.session.job_stats, uri, version)
-
-
-@feature(STATS)
-async def stats(ls: LivekvServer, params):
-    fut = ls.protocol.arrived_job()
-    if fut is None:
-        return dict(server=ls.server_stats())
-    try:
-        doc = await asyncio.wrap_future(fut)
-    except (ValueError, KeyError) as e:
-        raise JsonRpcInvalidParams(message=_message(e)) from None
-    return dict(doc, server=ls.server_stats())
 
 
 def build_server(config: Config) -> LivekvServer:

@@ -4,64 +4,55 @@ Every `job_*` method runs on the worker thread as `fn(engine, *args)` (Worker.su
 touch the engine and its documents; nothing here speaks JSON-RPC. LSP positions arrive in the
 negotiated encoding and are converted here, against the text the document has when the job runs
 (after every edit received before it), never on the event loop.
+
+Edits only mark new tokens dirty; they are encoded by the completion that needs them (within
+maxPromptMs) or by `job_idle`, the low-priority job the server queues after each edit and each
+completion, which any newer edit or request cancels: it prefetches the line after the
+suggestion just shown, then encodes what is still dirty, in slices short enough that a
+cancellation is noticed within about maxPromptMs.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
 import re
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Callable, Sequence
 
+import numpy as np
+
 from incremental import Config, Engine
+from incremental.stops import Brackets
 
 from .positions import line_span, to_character, to_column
 
 log = logging.getLogger("livekv.lsp")
 
 _BREAK = re.compile(r"\r|\n")
-# LSP setting name -> Config field. Only these may change at run time.
-SETTINGS = {"model": "model", "strategy": "strategy", "maxNewTokens": "max_new_tokens",
-            "device": "device", "dtype": "dtype"}
 RELOAD = ("model", "device", "dtype")
+MAX_CANDIDATES = 5
+IDLE_SLICE_MS = 100  # background encoding per slice when maxPromptMs is 0 (no cap)
+MIN_SLICE = 64       # fewer tokens per forward pass cost much more per token on a CPU
 
 # (start (line, character), end (line, character)) in the client's encoding; None: the whole text
 Range = tuple[tuple[int, int], tuple[int, int]] | None
 
 
-def parse_settings(settings: Any) -> dict:
-    """Config changes named by LSP settings: `{"livekv": {...}}` or the same keys at top level.
+@dataclass(frozen=True)
+class Options:
+    """The server's own settings; the rest are incremental.Config's."""
+    prefetch: bool = True   # after a suggestion, decode the next line while idle, as if it were accepted
+    candidates: int = 1     # inline items for a manual trigger, from one batched decode
 
-    Under "livekv" an unknown key is an error; at top level other keys belong to other tools and
-    are ignored. ValueError says what was wrong; values are checked again by Config."""
-    if settings is None:
-        return {}
-    if not isinstance(settings, dict):
-        raise ValueError(f"settings must be an object, got {type(settings).__name__}")
-    scoped = "livekv" in settings
-    section = settings["livekv"] if scoped else settings
-    if section is None:
-        return {}
-    if not isinstance(section, dict):
-        raise ValueError(f"settings.livekv must be an object, got {type(section).__name__}")
-    unknown = sorted(set(section) - set(SETTINGS))
-    if scoped and unknown:
-        raise ValueError(f"unknown livekv setting(s) {unknown}: known are {sorted(SETTINGS)}")
-    changes = {}
-    for key, field in SETTINGS.items():
-        if key not in section:
-            continue
-        value = section[key]
-        if key == "maxNewTokens":
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"maxNewTokens must be an integer, got {value!r}")
-        elif key == "strategy":
-            if not isinstance(value, str):
-                raise ValueError(f"strategy must be a string, got {value!r}")
-        elif value is not None and not isinstance(value, str):
-            raise ValueError(f"{key} must be a string or null, got {value!r}")
-        changes[field] = value
-    return changes
+    def __post_init__(self):
+        if not 1 <= self.candidates <= MAX_CANDIDATES:
+            raise ValueError(f"candidates must be 1..{MAX_CANDIDATES}, got {self.candidates}")
+
+
+def split_settings(changes: dict) -> tuple[dict, dict]:
+    """(Config changes, Options changes) of parse_settings' result."""
+    own = {f.name for f in fields(Options)}
+    return {k: v for k, v in changes.items() if k not in own}, {k: v for k, v in changes.items() if k in own}
 
 
 def json_safe(x: Any) -> Any:
@@ -75,27 +66,68 @@ def json_safe(x: Any) -> Any:
     return x
 
 
+@dataclass
+class Answer:
+    texts: list[str]     # distinct, non-empty, best first
+    character: int       # the cursor, in the client's encoding
+    incomplete: bool     # maxPromptMs fired: nothing yet, ask again
+
+
+@dataclass
+class Shown:
+    """What the server sent of the engine's typed-ahead entry (doc.typeahead.shown)."""
+    entry: Any           # that entry (compared by identity: the engine makes a new one per suggestion)
+    ends: list[int]      # where the suggestion and each prefetched line end in entry.text
+    served: int          # where the last reply ended in entry.text
+
+
+def fit_to_line(context: Brackets, text: str, rest: str) -> str:
+    """The longest prefix of text that, followed by the rest of the line, closes no bracket or
+    string that the rest closes anyway. Editors auto-close brackets: in `print(len(|))` the
+    engine, which sees only the text before the cursor, suggests `items))`; here `items`."""
+    alone = context.copy()
+    if not rest.strip() or alone.feed(rest) is not None:
+        return text  # nothing after the cursor, or a line already broken: leave it to the engine
+    for i in range(len(text), -1, -1):
+        b = context.copy()
+        if b.feed(text[:i] + rest) is None and b.quote == alone.quote and len(b.stack) <= len(alone.stack):
+            return text[:i]
+    return ""
+
+
 class Session:
     """Owned by the worker thread once the worker runs. `worker` is set right after the Worker
     is made (its thread reads `config` to load the model)."""
 
-    def __init__(self, config: Config, encoding: str = "utf-16"):
+    def __init__(self, config: Config, encoding: str = "utf-16", options: Options | None = None):
         self.config, self.encoding = config, encoding
+        self.options = options or Options()
         self.worker = None
         self.versions: dict[str, int] = {}
+        self.shown: dict[str, Shown] = {}
+        self.last: dict[str, dict] = {}       # uri -> the last completion answered (not a prefetch)
+        self.prefetched: dict[str, dict] = {}  # uri -> the last prefetch
+        # read by the event loop for livekv/stats (plain ints and bools: no lock needed)
+        self.idle = dict(jobs=0, interrupted=0, prefetches=0, prefetched=0, prefetch_cancelled=0,
+                         tokens_encoded=0, running=False, prefetching=False)
+
+    def forget(self, uri: str) -> None:
+        for d in (self.versions, self.shown, self.last, self.prefetched):
+            d.pop(uri, None)
 
     # -- documents ---------------------------------------------------------------------------
     def job_open(self, engine: Engine, uri: str, text: str, version: int,
                  progress: Callable[[int, int], None] | None, should_stop: Callable[[], bool]) -> int:
         if uri in engine.documents:
             log.warning("didOpen for %s, which is already open: re-opened with the new text", uri)
+        self.forget(uri)
         doc = engine.open(uri, text, strategy=self.config.strategy, progress=progress, should_stop=should_stop)
         self.versions[uri] = version
         return len(doc.token_ids)
 
-    def job_change(self, engine: Engine, uri: str, version: int, changes: Sequence[tuple[Range, str]],
-                   should_stop: Callable[[], bool]) -> dict:
-        """Apply one didChange notification's changes, in order, as one engine edit.
+    def job_change(self, engine: Engine, uri: str, version: int, changes: Sequence[tuple[Range, str]]) -> dict:
+        """Apply one didChange notification's changes, in order, as one engine edit. The new
+        tokens are encoded later (job_idle, or the next completion within maxPromptMs).
 
         Raises ValueError (document unchanged) for a stale version or an invalid change."""
         doc = engine.get(uri)
@@ -119,16 +151,16 @@ class Session:
             edits.append(((l1, c1), (l2, c2), new))
             text = text[:a] + new + text[b:]
         if full:  # one minimal splice of the final text (its later partial changes included)
-            doc.set_text(text, should_stop=should_stop)
+            doc.set_text(text, settle=False)
         else:
-            doc.edit_batch(edits, should_stop=should_stop)
+            doc.edit_batch(edits, settle=False)
         self.versions[uri] = version
         return doc.stats
 
     def job_close(self, engine: Engine, uri: str) -> None:
         engine.get(uri)  # KeyError: closing a document that is not open
         engine.close(uri)
-        self.versions.pop(uri, None)
+        self.forget(uri)
 
     def _locate(self, text: str, line: int, character: int) -> tuple[tuple[int, int], int]:
         a, b = line_span(text, line)
@@ -139,10 +171,11 @@ class Session:
         return (line, col), a + col
 
     # -- completions -------------------------------------------------------------------------
-    def job_complete(self, engine: Engine, uri: str, line: int, character: int,
-                     should_stop: Callable[[], bool]) -> tuple[str, int] | None:
-        """(text, character of the cursor) or None when abandoned (cancelled, or the document
-        changed since the request: its answer would be for text the client no longer has)."""
+    def job_complete(self, engine: Engine, uri: str, line: int, character: int, manual: bool,
+                     should_stop: Callable[[], bool]) -> Answer | None:
+        """The suggestions at the cursor (several for a manual trigger, when `candidates` > 1),
+        or None when abandoned (cancelled, or the document changed since the request: its
+        answer would be for text the client no longer has)."""
         if should_stop():
             return None
         doc = engine.get(uri)
@@ -153,10 +186,101 @@ class Session:
             col = to_column(line_text, character, self.encoding)
         except ValueError as e:
             raise ValueError(f"line {line}: {e}") from None
-        pieces = list(doc.stream(line, col, max_new_tokens=self.config.max_new_tokens, should_stop=should_stop))
+        cfg = self.config
+        decodes = doc.stats["completions"]
+        comp = doc.suggest(line, col, n=self.options.candidates if manual else 1, reuse=True,
+                           max_new_tokens=cfg.max_new_tokens, should_stop=should_stop, max_prompt_ms=cfg.max_prompt_ms,
+                           max_predict_ms=cfg.max_predict_ms, multiline=cfg.multiline)
+        texts = self._served(doc, comp)
+        rest = line_text[col:]
+        if rest.strip():
+            context = Brackets()
+            context.feed(doc.text[doc.statement_start(a + col): a + col])
+            texts = [fit_to_line(context, t, rest) for t in texts]
+            if uri in self.shown:  # accepting it ends no line: there is no next line to prefetch
+                self.shown[uri].served = -1
+        texts = [t for t in dict.fromkeys(texts) if t]
+        self.last[uri] = dict(comp.summary(), text=texts[0] if texts else "", items=len(texts),
+                              decodes=doc.stats["completions"] - decodes)
         if should_stop():
             return None
-        return "".join(pieces), to_character(line_text, col, self.encoding)
+        return Answer(texts, to_character(line_text, col, self.encoding), comp.incomplete)
+
+    def _served(self, doc, comp) -> list[str]:
+        """The texts to send. A typed-ahead answer stops where its part ends: the rest of the
+        suggestion being typed, else the prefetched line after it (one line at a time, as shown)."""
+        entry = doc.typeahead.shown
+        rec = self.shown.get(doc.uri)
+        if rec is not None and rec.entry is not entry:  # dropped (typed past, diverged) or replaced
+            del self.shown[doc.uri]
+            rec = None
+        if not comp.reused:
+            if entry is not None and rec is None:  # the engine remembered this suggestion
+                self.shown[doc.uri] = Shown(entry, [len(entry.text)], len(entry.text))
+            return comp.texts
+        if rec is None:
+            return comp.texts
+        typed = len(entry.text) - len(comp.text)
+        rec.served = next((e for e in rec.ends if e > typed), len(entry.text))
+        return [comp.text[: rec.served - typed]]
+
+    # -- idle work ---------------------------------------------------------------------------
+    def job_idle(self, engine: Engine, uri: str | None, prefetch: bool, should_stop: Callable[[], bool]) -> None:
+        """Low priority: prefetch for uri (after a completion), then encode dirty tokens, uri's
+        first. Stops at the next token step or slice once should_stop() (any newer edit or request)."""
+        idle = self.idle
+        idle["jobs"] += 1
+        idle["running"] = True
+        try:
+            if prefetch and self.options.prefetch and uri in engine.documents:
+                self._prefetch(engine.documents[uri], should_stop)
+            docs = sorted(engine.documents.values(), key=lambda d: d.uri != uri)
+            for doc in docs:
+                if not self._settle(doc, should_stop):
+                    break
+        finally:
+            idle["running"] = False
+            idle["interrupted"] += should_stop()
+
+    def _prefetch(self, doc, should_stop: Callable[[], bool]) -> None:
+        rec = self.shown.get(doc.uri)
+        # only when the person has been shown all that is known: one line ahead is enough
+        if rec is None or rec.entry is not doc.typeahead.shown or rec.served < len(rec.entry.text):
+            return
+        idle, cfg = self.idle, self.config
+        idle["prefetches"] += 1
+        idle["prefetching"] = True
+        decodes = doc.stats["completions"]
+        try:
+            # no time caps: nobody waits for it, and a capped line would be appended as if whole
+            text = doc.prefetch(should_stop=should_stop, max_new_tokens=cfg.max_new_tokens, multiline=cfg.multiline,
+                                max_prompt_ms=0, max_predict_ms=0)
+        finally:
+            idle["prefetching"] = False
+        ran = doc.stats["completions"] > decodes
+        self.prefetched[doc.uri] = dict(doc.stats["last_completion"], text=text or "") if ran else None
+        if text:
+            rec.ends.append(len(rec.entry.text))
+            idle["prefetched"] += 1
+        elif should_stop():
+            idle["prefetch_cancelled"] += 1
+
+    def _settle(self, doc, should_stop: Callable[[], bool]) -> bool:
+        """Encode doc's dirty tokens in slices of about maxPromptMs (Document.settle alone
+        checks should_stop only between encode_chunk-sized passes). False when stopped."""
+        cfg = doc.engine.config
+        while True:
+            # the engine has no public view of dirty tokens: read the cache's flags
+            dirty = np.flatnonzero(doc.kv.dirty[doc.slot0: doc.slot0 + doc.n])
+            if not len(dirty):
+                return True
+            if should_stop():
+                return False
+            per_slice = (cfg.max_prompt_ms or IDLE_SLICE_MS) / max(doc.encode_ms_per_token, 1e-3)
+            k = int(min(len(dirty), cfg.encode_chunk, max(MIN_SLICE, per_slice)))
+            before = doc.stats["tokens_encoded_total"]
+            doc.settle(should_stop, upto=int(dirty[k - 1]) + 1)
+            self.idle["tokens_encoded"] += doc.stats["tokens_encoded_total"] - before
 
     def job_stats(self, engine: Engine, uri: str, version: int | None) -> dict:
         doc = engine.get(uri)
@@ -166,26 +290,42 @@ class Session:
                              "the client's text does not match the server's")
         # the digest lets a client check that the server holds exactly its text
         digest = hashlib.sha256(doc.text.encode("utf-8", "surrogatepass")).hexdigest()
-        return json_safe(dict(doc.stats, lsp_version=current, model=engine.model_name, text_sha256=digest))
+        tree = getattr(doc, "_syntax", None)  # not in the engine's stats; None until first needed
+        stats = dict(doc.stats, lsp_version=current, model=engine.model_name, text_sha256=digest,
+                     last_prefetch=self.prefetched.get(uri), syntax_reparses=tree.reparses if tree else 0)
+        if uri in self.last:  # the engine's last_completion may be a prefetch's
+            stats["last_completion"] = self.last[uri]
+        return json_safe(stats)
 
     # -- settings ----------------------------------------------------------------------------
+    def settings(self) -> dict:
+        return dict(asdict(self.config), **asdict(self.options))
+
     def job_configure(self, engine: Engine, changes: dict) -> str:
-        """Apply validated Config changes: reload the model (model/device/dtype) or re-open
+        """Apply validated setting changes: reload the model (model/device/dtype) or re-open
         documents (strategy) as needed. On any error the old settings and engine stay."""
-        new = self.config.updated(**changes)  # ValueError: refused
-        old = self.config
-        if new == old:
+        config_changes, option_changes = split_settings(changes)
+        new = self.config.updated(**config_changes)  # ValueError: refused
+        options = replace(self.options, **option_changes)
+        old, before = self.config, self.settings()
+        if new == old and options == self.options:
             return "settings unchanged"
         texts = {uri: doc.text for uri, doc in engine.documents.items()}
         if any(getattr(new, f) != getattr(old, f) for f in RELOAD):
             fresh = Engine.from_config(new)
             for uri, text in texts.items():
-                fresh.open(uri, text, strategy=new.strategy)
+                fresh.open(uri, text, strategy=new.strategy, settle=False)  # job_idle encodes them
             # later jobs get the new engine: Worker passes `worker.engine` to each job
             self.worker.engine = fresh
-        elif new.strategy != old.strategy:
-            for uri, text in texts.items():
-                engine.open(uri, text, strategy=new.strategy)
-        self.config = new
-        changed = {k: v for k, v in asdict(new).items() if asdict(old)[k] != v}
+        else:
+            if new.strategy != old.strategy:
+                for uri, text in texts.items():
+                    engine.open(uri, text, strategy=new.strategy, settle=False)
+            engine.config = new  # the engine reads max_lines (and the defaults) from its config
+        # suggestions made under the old settings are not what the new ones would show
+        for doc in engine.documents.values():
+            doc.typeahead.drop()
+        self.shown.clear()
+        self.config, self.options = new, options
+        changed = {k: v for k, v in self.settings().items() if before[k] != v}
         return f"settings applied: {changed}"

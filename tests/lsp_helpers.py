@@ -124,3 +124,69 @@ class RawClient:
         self.send(self.request("bye", "shutdown"))
         assert self.reply("bye")["result"] is None
         self.send(self.notification("exit"))
+
+
+# -- pytest-lsp client helpers (for tests that drive the server through a LanguageClient) ------
+def plain(x):
+    """pygls hands custom replies over as namedtuples: back to dicts."""
+    if hasattr(x, "_asdict"):
+        return {k: plain(v) for k, v in x._asdict().items()}
+    if isinstance(x, (list, tuple)):
+        return [plain(v) for v in x]
+    return x
+
+
+def open_doc(c, uri: str, text: str, version: int = 1) -> None:
+    from lsprotocol import types as T
+    c.text_document_did_open(T.DidOpenTextDocumentParams(T.TextDocumentItem(
+        uri=uri, language_id="python", version=version, text=text)))
+
+
+def change(c, uri: str, version: int, *changes) -> None:
+    """Each change is ((line, character), (line, character), text), or a str: the whole text."""
+    from lsprotocol import types as T
+    cc = [T.TextDocumentContentChangeWholeDocument(text=ch) if isinstance(ch, str) else
+          T.TextDocumentContentChangePartial(range=T.Range(T.Position(*ch[0]), T.Position(*ch[1])), text=ch[2])
+          for ch in changes]
+    c.text_document_did_change(T.DidChangeTextDocumentParams(
+        text_document=T.VersionedTextDocumentIdentifier(uri=uri, version=version), content_changes=cc))
+
+
+def configure(c, settings) -> None:
+    from lsprotocol import types as T
+    c.workspace_did_change_configuration(T.DidChangeConfigurationParams(settings=settings))
+
+
+async def stats(c, uri: str | None = None, **extra) -> dict:
+    """livekv/stats; with a uri it queues behind every job sent before (idle work included),
+    so it also syncs; without, the server's stats, answered at once."""
+    params = {"textDocument": {"uri": uri, **extra}} if uri else {}
+    return plain(await c.protocol.send_request_async("livekv/stats", params))
+
+
+async def inline(c, uri: str, line: int, character: int, manual: bool = True):
+    """textDocument/inlineCompletion: manual (Invoked, as on a shortcut) or automatic (typing)."""
+    from lsprotocol import types as T
+    kind = T.InlineCompletionTriggerKind.Invoked if manual else T.InlineCompletionTriggerKind.Automatic
+    res = await c.text_document_inline_completion_async(T.InlineCompletionParams(
+        context=T.InlineCompletionContext(trigger_kind=kind), text_document=T.TextDocumentIdentifier(uri=uri),
+        position=T.Position(line=line, character=character)))
+    return res.items
+
+
+async def completion_list(c, uri: str, line: int, character: int):
+    """textDocument/completion: the whole CompletionList (items and isIncomplete)."""
+    from lsprotocol import types as T
+    return await c.text_document_completion_async(T.CompletionParams(
+        text_document=T.TextDocumentIdentifier(uri=uri), position=T.Position(line=line, character=character)))
+
+
+async def eventually(pred, what: str, timeout: float = 60.0):
+    """Poll an async predicate: waiting on the protocol, never a timing assertion."""
+    import asyncio
+    import time
+    end = time.monotonic() + timeout
+    while not (got := await pred()):
+        assert time.monotonic() < end, f"gave up waiting for {what}"
+        await asyncio.sleep(0.02)
+    return got

@@ -1,0 +1,324 @@
+"""The completion experience through `livekv lsp` (issue 9), end to end: pytest-lsp drives the
+real server process, which runs the real embedded model. Typed-ahead reuse, prefetch, the time
+caps, batched candidates, and syntax-aware stops, each checked on the server's counters
+(livekv/stats: decode steps, reuse hits, cap flags), never on timings.
+
+One server for the module; each test uses its own documents and restores the settings it changes.
+"""
+from __future__ import annotations
+
+import ast
+
+import pytest
+import pytest_lsp
+from lsprotocol import types as T
+from pytest_lsp import ClientServerConfig, LanguageClient
+
+import incremental.stops
+from conftest import stdlib_source
+from lsp_helpers import (change, completion_list, configure, eventually, expected_completion, inline, one_thread,
+                         open_doc, server_command, server_env, stats)
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+MAX_NEW = 8
+DEFAULTS = {"maxNewTokens": MAX_NEW, "maxPromptMs": 0, "maxPredictMs": 0, "prefetch": True, "candidates": 1,
+            "multiline": True, "maxLines": 8}
+ADD = "def add(a, b):\n    result = "            # the model answers "a + b", then "\n    return result"
+AT = (1, len("    result = "))
+COUNTING = "numbers = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, "  # the model keeps counting: a long line
+SUM = "x = a1 + a2 + a3 + a4 + a5 + a6 + a7 + a8 + "                  # and summing
+PERSON = "class Person:\n    def __init__(self, name, age, email):"  # a block of assignments, then a dedent
+HEADER = (1, len(PERSON.split("\n")[1]))
+
+
+@pytest_lsp.fixture(scope="module", config=ClientServerConfig(server_command=server_command(), server_env=server_env()))
+async def client(lsp_client: LanguageClient):
+    await lsp_client.initialize_session(T.InitializeParams(capabilities=T.ClientCapabilities(),
+                                                           initialization_options={"livekv": DEFAULTS}))
+    yield
+    await lsp_client.shutdown_session()
+
+
+def restore(c: LanguageClient) -> None:
+    configure(c, {"livekv": DEFAULTS})
+
+
+def texts(items) -> list[str]:
+    return [i.insert_text for i in items]
+
+
+# -- typed-ahead reuse and prefetch --------------------------------------------------------------
+async def test_typing_the_suggestion_returns_its_rest_without_a_model_call(client: LanguageClient):
+    uri = "file:///typeahead.py"
+    open_doc(client, uri, ADD)
+    [shown] = texts(await inline(client, uri, *AT))
+    s = await stats(client, uri)  # waits for the prefetch queued after the reply
+    assert len(shown) >= 3 and s["last_completion"]["steps"] > 0 and not s["last_completion"]["reused"], s
+    assert s["last_prefetch"]["text"], "the next line was prefetched (and must not leak into the rest)"
+    hits, reparses = s["reuse_hits"], s["syntax_reparses"]
+
+    change(client, uri, 2, (AT, AT, shown[:2]))  # the person types the first two characters
+    assert texts(await inline(client, uri, AT[0], AT[1] + 2)) == [shown[2:]]
+    s = await stats(client, uri)
+    last = s["last_completion"]
+    assert last["reused"] and last["steps"] == 0 and last["decodes"] == 0 and last["stop"] == "typed_ahead", last
+    assert s["reuse_hits"] == hits + 1
+
+    # typing something else drops the suggestion: the next request decodes
+    other = "Z" if shown[2] != "Z" else "Q"
+    change(client, uri, 3, ((AT[0], AT[1] + 2), (AT[0], AT[1] + 2), other))
+    await inline(client, uri, AT[0], AT[1] + 3)
+    s = await stats(client, uri)
+    assert not s["last_completion"]["reused"] and s["last_completion"]["steps"] > 0 and s["reuse_hits"] == hits + 1
+    # two edits, then one decode: the syntax tree was edited and reparsed once, incrementally
+    assert s["syntax_reparses"] == reparses + 1, s["syntax_reparses"]
+
+
+async def test_prefetch_answers_the_next_line_after_tab(client: LanguageClient, engine):
+    uri = "file:///prefetch.py"
+    open_doc(client, uri, ADD)
+    [shown] = texts(await inline(client, uri, *AT))
+    s = await stats(client, uri)
+    nxt = s["last_prefetch"]["text"]
+    assert nxt.startswith("\n") and nxt.strip(), s["last_prefetch"]  # the line after the accepted one
+    assert s["server"]["idle"]["prefetched"] >= 1
+    hits = s["reuse_hits"]
+
+    change(client, uri, 2, (AT, AT, shown))  # Tab: the editor inserts the suggestion
+    after = (AT[0], AT[1] + len(shown))
+    assert texts(await inline(client, uri, *after)) == [nxt]
+    s = await stats(client, uri)
+    assert s["last_completion"]["reused"] and s["last_completion"]["steps"] == 0 and s["reuse_hits"] == hits + 1
+    # and it is what the model says there
+    accepted = ADD + shown
+    assert nxt == expected_completion(engine, accepted, *after, n=MAX_NEW)
+
+    # prefetch off: the same steps decode
+    configure(client, {"livekv": {"prefetch": False}})
+    try:
+        uri = "file:///no-prefetch.py"
+        open_doc(client, uri, ADD)
+        assert texts(await inline(client, uri, *AT)) == [shown]
+        assert (await stats(client, uri))["last_prefetch"] is None
+        change(client, uri, 2, (AT, AT, shown))
+        assert texts(await inline(client, uri, *after)) == [nxt]
+        last = (await stats(client, uri))["last_completion"]
+        assert not last["reused"] and last["steps"] > 0, last
+    finally:
+        restore(client)
+
+
+async def test_an_edit_or_a_request_cancels_a_running_prefetch(client: LanguageClient):
+    # maxPredictMs cuts the answer after a step or two ("a"); the prefetch (never capped) then
+    # goes on summing for up to 48 tokens, unless something arrives
+    configure(client, {"livekv": {"maxNewTokens": 48, "maxPredictMs": 1}})
+    uri, end = "file:///prefetch-cancel.py", (0, len(SUM))
+    open_doc(client, uri, SUM)
+    other = "file:///prefetch-other.py"
+    open_doc(client, other, ADD)
+    try:
+        for version, interrupt in [(2, "edit"), (3, "request")]:
+            before = (await stats(client, uri))["server"]["idle"]["prefetch_cancelled"]
+            assert texts(await inline(client, uri, *end))
+            await eventually(lambda: prefetching(client), "the prefetch to start")
+            if interrupt == "edit":
+                change(client, uri, version, ((0, 0), (0, 0), "# edited\n"))
+                end = (1, len(SUM))
+            else:
+                await inline(client, other, *AT)
+            s = await stats(client, uri)
+            assert s["last_prefetch"]["stop"] == "cancelled" and s["last_prefetch"]["steps"] < 48, s["last_prefetch"]
+            assert s["server"]["idle"]["prefetch_cancelled"] == before + 1
+    finally:
+        restore(client)
+
+
+async def prefetching(c: LanguageClient) -> bool:
+    return (await stats(c))["server"]["idle"]["prefetching"]
+
+
+# -- time caps ---------------------------------------------------------------------------------
+async def test_prompt_cap_answers_incomplete_and_the_update_finishes_in_the_background(client: LanguageClient,
+                                                                                      engine):
+    configure(client, {"livekv": {"maxPromptMs": 50}})
+    uri = "file:///paste.py"
+    open_doc(client, uri, "import difflib\n")
+    try:
+        base = await stats(client, uri)
+        paste = stdlib_source()[:20000]
+        assert len(engine.tokenizer(paste).input_ids) >= 5000
+        change(client, uri, 2, ((1, 0), (1, 0), paste))  # a large paste, then asking at once
+        lines = ("import difflib\n" + paste).split("\n")
+        end = (len(lines) - 1, len(lines[-1]))
+        assert list(await inline(client, uri, *end)) == []
+        res = await completion_list(client, uri, *end)
+        assert res.is_incomplete and list(res.items) == []
+        # livekv/stats without a uri is answered at once, beside the worker: the update goes on
+        idle = (await stats(client))["server"]["idle"]
+
+        async def encoding():
+            now = (await stats(client))["server"]["idle"]
+            return now["running"] and now["tokens_encoded"] > idle["tokens_encoded"]
+        await eventually(encoding, "the background update to make progress")
+        # a newer edit interrupts it: keep only the paste's last 30 lines (not encoded yet)
+        keep = len(lines) - 31
+        change(client, uri, 3, ((1, 0), (keep, 0), ""))
+        s = await stats(client, uri, version=3)  # queued behind the background update
+        assert s["dirty_tokens"] == 0, "the background update finished"
+        assert s["server"]["idle"]["interrupted"] > idle["interrupted"]
+        assert s["server"]["idle"]["tokens_encoded"] > idle["tokens_encoded"] + 100
+        assert s["prompt_caps"] == base["prompt_caps"] + 2
+        last = s["last_completion"]
+        assert last["incomplete"] and last["stop"] == "prompt_cap" and last["steps"] == 0, last
+        print(f"\npaste then a completion: answered incomplete twice; "
+              f"{s['server']['idle']['tokens_encoded'] - idle['tokens_encoded']} tokens encoded in the background since")
+
+        await inline(client, uri, end[0] - keep + 1, end[1])  # now up to date: a real answer
+        last = (await stats(client, uri))["last_completion"]
+        assert not last["incomplete"] and last["steps"] > 0, last
+    finally:
+        client.text_document_did_close(T.DidCloseTextDocumentParams(T.TextDocumentIdentifier(uri)))
+        restore(client)
+
+
+async def test_predict_cap_returns_a_partial_line(client: LanguageClient):
+    open_doc(client, "file:///free.py", ADD)
+    [free] = texts(await inline(client, "file:///free.py", *AT))
+    steps = (await stats(client, "file:///free.py"))["last_completion"]["steps"]
+    configure(client, {"livekv": {"maxPredictMs": 1}})  # less than one decode step
+    try:
+        uri = "file:///capped.py"
+        open_doc(client, uri, ADD)
+        [capped] = texts(await inline(client, uri, *AT))
+        s = await stats(client, uri)
+        last = s["last_completion"]
+        assert last["capped"] and last["stop"] == "predict_cap" and last["steps"] < steps, (last, steps)
+        assert s["predict_caps"] == 1
+        assert free.startswith(capped) and len(capped) < len(free), (capped, free)  # cut at a token boundary
+    finally:
+        restore(client)
+
+
+# -- candidates --------------------------------------------------------------------------------
+async def test_candidates_come_from_one_batched_decode(client: LanguageClient):
+    configure(client, {"livekv": {"candidates": 3, "maxNewTokens": 6, "prefetch": False}})
+    end = (0, len(COUNTING))
+    try:
+        one, three = "file:///k1.py", "file:///k3.py"
+        open_doc(client, one, COUNTING)
+        open_doc(client, three, COUNTING)
+        assert (await stats(client, one))["dirty_tokens"] == 0  # both encoded: the decodes alone are measured
+        # typing (an automatic trigger) gets one suggestion; a manual trigger gets `candidates`
+        [single] = texts(await inline(client, one, *end, manual=False))
+        k1 = (await stats(client, one))["last_completion"]
+        items = texts(await inline(client, three, *end))
+        k3 = (await stats(client, three))["last_completion"]
+        assert k1["prefix_tokens"] == k3["prefix_tokens"] and k1["tail_tokens"] == k3["tail_tokens"]
+        assert len(items) == 3 and len(set(items)) == 3 and items[0] == single, items
+        assert k3["candidates"] == 3 and k3["decodes"] == 1, k3  # one decode for the three
+        # one forward pass per step for all three: k = 1 runs to maxNewTokens, k = 3 no longer
+        assert k1["steps"] == 6 and k3["steps"] <= k1["steps"], (k1, k3)
+        print(f"\nk=3 vs k=1: total_ms {k3['total_ms']:.0f} / {k1['total_ms']:.0f} = "
+              f"{k3['total_ms'] / k1['total_ms']:.2f}x, decode steps {k3['steps']} / {k1['steps']} = "
+              f"{k3['steps'] / k1['steps']:.2f}x")
+    finally:
+        restore(client)
+
+
+# -- syntax-aware stops ------------------------------------------------------------------------
+async def test_a_block_header_gets_the_block_up_to_the_dedent_within_max_lines(client: LanguageClient):
+    configure(client, {"livekv": {"maxNewTokens": 40, "prefetch": False}})
+    try:
+        full = await block(client, "file:///block8.py")
+        body = full.split("\n")[1:]
+        assert full.startswith("\n") and 2 <= len(body) < 8, full
+        assert all(line.startswith("        ") for line in body), full  # deeper than the def
+        last = (await stats(client, "file:///block8.py"))["last_completion"]
+        assert last["mode"] == "block" and last["stop"] == "block_end", last  # fewer than maxLines: the dedent
+
+        configure(client, {"livekv": {"maxLines": 2}})
+        two = await block(client, "file:///block2.py")
+        assert two == "\n".join(full.split("\n")[:3])  # the same block, cut after two lines
+
+        configure(client, {"livekv": {"multiline": False}})
+        one = await block(client, "file:///line.py")
+        assert one == "\n".join(full.split("\n")[:2])  # only the next line
+        assert (await stats(client, "file:///line.py"))["last_completion"]["mode"] == "line"
+    finally:
+        restore(client)
+
+
+async def block(c: LanguageClient, uri: str) -> str:
+    open_doc(c, uri, PERSON)
+    [text] = texts(await inline(c, uri, *HEADER))
+    return text
+
+
+async def test_a_suggestion_inside_a_call_closes_no_more_brackets_than_are_open(client: LanguageClient, engine,
+                                                                             monkeypatch):
+    head = "def show(items):\n    print(len(items))\n"
+    # the cursor at the end of an open call: the suggestion closes at most what is open
+    uri = "file:///open-call.py"
+    open_doc(client, uri, head + "    print(len(")
+    [closing] = texts(await inline(client, uri, 2, len("    print(len(")))
+    assert closing.count(")") <= 2
+    ast.parse("print(len(" + closing)  # the statement is complete and balanced
+
+    # the editor closed the brackets already (`print(len(|))`): the suggestion closes none of them
+    uri = "file:///auto-closed.py"
+    open_doc(client, uri, head + "    print(len())\n")
+    [inside] = texts(await inline(client, uri, 2, len("    print(len(")))
+    ast.parse("print(len(" + inside + "))")
+    assert ")" not in inside, inside
+    assert ")" in expected_completion(engine, head + "    print(len())\n", 2, len("    print(len("), MAX_NEW), \
+        "the engine alone closes them (it does not see the text after the cursor): the server trims"
+
+    # the decode stops inside a bracket it opened (maxNewTokens): trimmed to the last balanced point
+    configure(client, {"livekv": {"maxNewTokens": 3}})
+    try:
+        uri, text = "file:///cut-call.py", head + "    x = "
+        open_doc(client, uri, text)
+        [cut] = texts(await inline(client, uri, 2, 8))
+        with one_thread(), monkeypatch.context() as m:  # what the model decoded, untrimmed
+            m.setattr(incremental.stops, "balanced_prefix", lambda text, context: text)
+            raw = expected_completion(engine, text, 2, 8, 3)
+        assert raw.count("(") > raw.count(")") and raw.startswith(cut) and len(cut) < len(raw), (raw, cut)
+        assert cut.count("(") == cut.count(")"), cut
+    finally:
+        restore(client)
+
+
+async def test_fitting_a_suggestion_to_the_rest_of_the_line():
+    # async only to share the module's event loop mark; no server needed
+    from incremental.stops import Brackets
+    from lsp_server.session import fit_to_line
+
+    def fit(before: str, text: str, rest: str) -> str:
+        context = Brackets()
+        context.feed(before)
+        return fit_to_line(context, text, rest)
+    assert fit("print(len(", "items))", "))") == "items"
+    assert fit("print(len(", "items))", ")") == "items)"          # one closed by the editor, one left
+    assert fit("print(len(", "items))", "") == "items))"          # nothing after the cursor: untouched
+    assert fit('print("', 'hello")', '")') == "hello"               # an auto-closed string
+    assert fit("f(", "a, g(b)", ")") == "a, g(b)"                  # its own brackets are fine
+    assert fit("x = [", "1, 2], y", "]") == "1, 2"                 # never more than the editor left open
+
+
+async def test_settings_are_checked(client: LanguageClient):
+    n = len(client.messages)
+    for bad in ({"candidates": 9}, {"candidates": 0}, {"prefetch": "yes"}, {"maxPromptMs": -1},
+                {"maxLines": 0}, {"multiline": 1}, {"maxPredictMs": 1.5}):
+        configure(client, {"livekv": bad})
+    await eventually(lambda: settled(client, n, 7), "every refusal")
+    settings = (await stats(client))["server"]["settings"]
+    assert {k: settings[k] for k in ("candidates", "prefetch", "max_prompt_ms", "max_predict_ms", "max_lines",
+                                     "multiline")} == dict(candidates=1, prefetch=True, max_prompt_ms=0,
+                                                           max_predict_ms=0, max_lines=8, multiline=True)
+
+
+async def settled(c: LanguageClient, n: int, count: int) -> bool:
+    refused = [m.message for m in c.messages[n:] if m.type == T.MessageType.Error]
+    assert all("refused" in m and "old settings stay" in m for m in refused), refused
+    return len(refused) == count
