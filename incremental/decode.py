@@ -96,7 +96,7 @@ def _prefix_context(doc, c: int, extra: str) -> tuple[int, np.ndarray, str]:
     return j, tail, heal
 
 
-def make_stop(doc, c: int, extra: str, multiline: bool) -> Stop:
+def make_stop(doc, c: int, extra: str, multiline: bool, max_lines: int | None = None) -> Stop:
     """The stop policy at the cursor: a block suggestion after a block-opening colon with nothing
     after the cursor, else the rest of the line (the next line when this one is finished)."""
     cfg, text = doc.engine.config, doc.state.text
@@ -112,8 +112,13 @@ def make_stop(doc, c: int, extra: str, multiline: bool) -> Stop:
         opens = tree.opens_block(c) if tree is not None else bool(_BLOCK_HEADER.match(virtual))
     brackets = Brackets()
     brackets.feed(text[doc.statement_start(c): c] + extra)
+    # Brackets the rest of the line closes (an editor's auto-closed ")") are not the suggestion's
+    # to close: with any of them, it may close none of the context's.
+    after = Brackets(list(brackets.stack), brackets.quote)
+    if after.feed(rest) is not None or len(after.stack) < len(brackets.stack):
+        brackets = Brackets(quote=brackets.quote)
     return Stop(mode="block" if opens else "line", header_indent=indent_width(virtual),
-                max_lines=cfg.max_lines, leading_newline=at_eol and virtual.strip() != "" and not opens,
+                max_lines=max_lines or cfg.max_lines, leading_newline=at_eol and virtual.strip() != "" and not opens,
                 context=brackets)
 
 
@@ -125,12 +130,13 @@ def _start_token(tok) -> int:
 
 
 def decode(doc, c: int, n: int, max_new: int, should_stop: Callable[[], bool] | None = None, extra: str = "",
-           max_prompt_ms: float = 0, max_predict_ms: float = 0, multiline: bool = True) -> Generator[str, None, Completion]:
+           max_prompt_ms: float = 0, max_predict_ms: float = 0, multiline: bool = True,
+           max_lines: int | None = None) -> Generator[str, None, Completion]:
     """Yield candidate 0's text piece by piece as it becomes final; return the Completion."""
     t0 = time.perf_counter()
     eng = doc.engine
     model, kv, tok = eng.model, doc.kv, eng.tokenizer
-    stop_at = make_stop(doc, c, extra, multiline)
+    stop_at = make_stop(doc, c, extra, multiline, max_lines)
     comp = Completion(mode=stop_at.mode)
     fim = doc.fim
     if fim is None:
@@ -220,7 +226,9 @@ def decode(doc, c: int, n: int, max_new: int, should_stop: Callable[[], bool] | 
         if should_stop is not None and should_stop():
             comp.stop = "cancelled"
             break
-        if max_predict_ms and (time.perf_counter() - t_decode) * 1e3 > max_predict_ms:
+        # the cap applies once there is text to show: a first step that only re-typed the healed
+        # token would otherwise be cut to nothing
+        if max_predict_ms and texts[0] and (time.perf_counter() - t_decode) * 1e3 > max_predict_ms:
             comp.stop, comp.capped = "predict_cap", True
             break
         # one forward for every active candidate: each sees the context, the tail and its own tokens

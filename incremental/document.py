@@ -47,7 +47,7 @@ class Document:
         self.typeahead = TypeAhead()
         self._stats = dict(edits=0, tokens_encoded_last_edit=0, keys_rotated_last_edit=0, edit_ms_last=0.0,
                            tokens_encoded_total=0, keys_rotated_total=0, completions=0, last_completion={},
-                           prompt_caps=0, predict_caps=0)
+                           last_prefetch={}, prompt_caps=0, predict_caps=0)
         s0, T = self.slot0, self.n
         self.kv.pos[s0: s0 + T] = self.position_of(np.arange(T))
         self.kv.stale[s0: s0 + T] = False
@@ -68,7 +68,8 @@ class Document:
         return dict(self._stats, uri=self.uri, strategy=self.strategy, tokens=self.n, version=self.version,
                     reuse_hits=self.typeahead.hits, position_base=self.pos0, slot_base=self.slot0,
                     stale_tokens=int(kv.stale[s].sum()), dirty_tokens=int(kv.dirty[s].sum()),
-                    cache_bytes=self.n * kv.bytes_per_token(), full_reencode_tokens=self.n)
+                    cache_bytes=self.n * kv.bytes_per_token(), full_reencode_tokens=self.n,
+                    syntax_reparses=self._syntax.reparses if self._syntax is not None else 0)
 
     def cached(self) -> tuple:
         """Views (L, Hkv, n, D) of this document's cached keys and values, in token order."""
@@ -82,6 +83,11 @@ class Document:
     @property
     def stale(self) -> np.ndarray:
         return self.kv.stale[self.slot0: self.slot0 + self.n]
+
+    @property
+    def dirty(self) -> np.ndarray:
+        """Which tokens still wait to be encoded (after settle=False edits or an interruption)."""
+        return self.kv.dirty[self.slot0: self.slot0 + self.n]
 
     def position_of(self, idx: np.ndarray) -> np.ndarray:
         """The position token index idx is encoded at: pos0 + idx, one later after a FIM gap."""
@@ -266,7 +272,7 @@ class Document:
                 break
             if on_piece is not None:
                 on_piece(piece)
-        if reuse and not extra and comp.stop not in ("cancelled", "prompt_cap"):
+        if reuse and not extra and comp.stop not in ("cancelled", "prompt_cap", "predict_cap"):
             self.typeahead.remember(self.text, c, comp.text)
         return comp
 
@@ -277,7 +283,7 @@ class Document:
         if shown is None or not self.text.startswith(shown.before) or not shown.text.strip():
             return None
         line, col = self.engine.mirror.position(self.state, shown.anchor)
-        comp = self.suggest(line, col, extra=shown.text, should_stop=should_stop, **caps)
+        comp = self.suggest(line, col, extra=shown.text, should_stop=should_stop, record=False, **caps)
         if comp.stop in ("cancelled", "prompt_cap") or not comp.text:
             return None
         return comp.text if self.typeahead.extend(shown.text, comp.text) else None
@@ -294,7 +300,7 @@ class Document:
         return self.suggest(line, col, 1, max_new_tokens, should_stop, **caps).text
 
     def _decode(self, line, col, n, max_new_tokens, should_stop, extra, max_prompt_ms=None,
-                max_predict_ms=None, multiline=None):
+                max_predict_ms=None, multiline=None, max_lines=None, record=True):
         cfg = self.engine.config
         c = self.offset(line, col)
         max_new = max_new_tokens or cfg.max_new_tokens
@@ -304,9 +310,12 @@ class Document:
             self, c, n, max_new, should_stop, extra,
             max_prompt_ms=cfg.max_prompt_ms if max_prompt_ms is None else max_prompt_ms,
             max_predict_ms=cfg.max_predict_ms if max_predict_ms is None else max_predict_ms,
-            multiline=cfg.multiline if multiline is None else multiline)
-        self._stats["completions"] += 1
-        self._stats["prompt_caps"] += comp.incomplete
-        self._stats["predict_caps"] += comp.capped
-        self._stats["last_completion"] = comp.summary()
+            multiline=cfg.multiline if multiline is None else multiline, max_lines=max_lines)
+        if record:  # a prefetch is not a completion anybody asked for
+            self._stats["completions"] += 1
+            self._stats["prompt_caps"] += comp.incomplete
+            self._stats["predict_caps"] += comp.capped
+            self._stats["last_completion"] = comp.summary()
+        else:
+            self._stats["last_prefetch"] = comp.summary()
         return comp

@@ -165,3 +165,13 @@ def test_prefetch_answers_the_line_after_an_accepted_suggestion(engine):
     assert fwd.calls == [] and again.text == nxt
     # and it is what a model call at that point gives
     assert doc.suggest(line, col + len(shown), max_new_tokens=8).text == nxt
+
+
+def test_brackets_the_rest_of_the_line_closes_are_left_to_it(engine):
+    from incremental.decode import make_stop
+    doc = engine.open("file:///oc.py", "items = [1, 2]\nprint(len())\nprint(len(\n")
+    auto_closed = doc.offset(1, len("print(len("))
+    assert make_stop(doc, auto_closed, "", True).context.stack == []
+    assert make_stop(doc, doc.offset(2, len("print(len(")), "", True).context.stack == ["(", "("]
+    suggestion = doc.complete(1, len("print(len("), max_new_tokens=6)
+    assert ")" not in suggestion.replace("()", "")  # "items" and not "items))": the line has its ))
