@@ -46,7 +46,8 @@ class Workspace:
 
     @property
     def active_base(self) -> int:
-        return self.prefix.n + self.span
+        # with no context at all an active document starts right after the prefix, as it would alone
+        return self.prefix.n + (self.span if self.contexts else 0)
 
     def _sees(self) -> list[Document]:
         return [self.prefix, *self.contexts.values()]
@@ -57,8 +58,42 @@ class Workspace:
         sees = self._sees()
         for doc in self.active.values():
             doc.sees[:] = sees
+            if doc.pos0 != self.active_base:  # contexts came or went: one rotation
+                self._move(doc, self.active_base - doc.pos0)
             if changed:
                 doc.stale[:] = True
+
+    def _move(self, doc: Document, delta: int) -> None:
+        """Move a whole group by delta positions: one rotation of its keys, nothing re-encoded."""
+        s0, n = doc.slot0, doc.n
+        if n and delta:
+            dev = doc.kv.k.device
+            kernels.rerotate_keys_(doc.kv.k[:, :, s0: s0 + n], torch.full((n,), delta, device=dev),
+                                   self.engine.model.inv_freq.to(dev),
+                                   positions=torch.from_numpy(doc.kv.pos[s0: s0 + n].copy()).to(dev))
+            doc.kv.pos[s0: s0 + n] += delta
+        doc.pos0 += delta
+
+    def activate(self, uri: str) -> Document:
+        """Make a context group the active document (the file being edited): the active ones
+        become context groups. Each moves by one rotation; what it attended to changed, so it is
+        stale until refreshed, but nothing is re-encoded now."""
+        if uri in self.active:
+            return self.active[uri]
+        doc = self.touch(uri)
+        del self.contexts[uri]
+        for other in list(self.active.values()):
+            del self.active[other.uri]
+            self._move(other, self.context_base - other.pos0)
+            other.sees[:] = [self.prefix]
+            other.stale[:] = True
+            self.contexts[other.uri] = other
+        self._move(doc, self.active_base - doc.pos0)
+        self.active[uri] = doc
+        doc.stale[:] = True
+        self._fit_span()
+        self._relink(changed=False)
+        return doc
 
     def _fit_span(self) -> None:
         longest = max((d.n for d in self.contexts.values()), default=0)
@@ -67,33 +102,32 @@ class Workspace:
         new_span = 2 * longest
         delta = new_span - self.span
         self.span = new_span
-        for doc in self.active.values():  # one rotation moves a whole group; nothing is re-encoded
-            s0, n = doc.slot0, doc.n
-            dev = doc.kv.k.device
-            kernels.rerotate_keys_(doc.kv.k[:, :, s0: s0 + n], torch.full((n,), delta, device=dev),
-                                   self.engine.model.inv_freq.to(dev),
-                                   positions=torch.from_numpy(doc.kv.pos[s0: s0 + n].copy()).to(dev))
-            doc.kv.pos[s0: s0 + n] += delta
-            doc.pos0 += delta
+        for doc in self.active.values():
+            self._move(doc, delta)
 
     # -- groups --------------------------------------------------------------------------------
-    def open(self, uri: str, text: str) -> Document:
-        """An active document: it attends to the prefix and to every context group."""
+    def open(self, uri: str, text: str, strategy: str | None = None) -> Document:
+        """An active document: it attends to the prefix and to every context group. It is also
+        registered with the engine (engine.get(uri)), like Engine.open's documents."""
         if uri in self.active:
             self.close(uri)
-        doc = Document(self.engine, uri, text, self.strategy, kv=self.kv, pos0=self.active_base, sees=self._sees())
+        doc = Document(self.engine, uri, text, strategy or self.strategy, kv=self.kv, pos0=self.active_base,
+                       sees=self._sees())
         self.active[uri] = doc
+        self.engine.documents[uri] = doc
         self._budget()
         doc.settle()
         return doc
 
-    def set_context(self, uri: str, text: str) -> Document:
-        """Add (or replace) a context group, encoded from the shared base."""
+    def set_context(self, uri: str, text: str, settle: bool = True) -> Document:
+        """Add (or replace) a context group, encoded from the shared base (settle=False leaves
+        the encoding to `settle`, which can be interrupted)."""
         if uri in self.contexts:
             self._drop_context(uri)
         self.evicted.pop(uri, None)
         doc = Document(self.engine, uri, text, self.strategy, kv=self.kv, pos0=self.context_base, sees=[self.prefix])
-        doc.settle()
+        if settle:
+            doc.settle()
         self.contexts[uri] = doc
         self._fit_span()
         self._relink(changed=True)
@@ -108,6 +142,14 @@ class Workspace:
         self._relink(changed=True)
         return stats
 
+    def settle(self, should_stop=None) -> bool:
+        """Encode what is still dirty, contexts first (the active documents attend to them).
+        Returns False when should_stop() interrupted it."""
+        for doc in [*self.contexts.values(), *self.active.values()]:
+            if not doc.settle(should_stop):
+                return False
+        return True
+
     def touch(self, uri: str) -> Document:
         """Mark a group used (LRU); an evicted context is re-encoded here, on demand."""
         if uri in self.evicted:
@@ -121,6 +163,8 @@ class Workspace:
         doc = self.active.pop(uri, None)
         if doc is not None:
             doc.close()
+            if self.engine.documents.get(uri) is doc:
+                del self.engine.documents[uri]
         if uri in self.contexts:
             self._drop_context(uri)
             self._relink(changed=True)

@@ -78,13 +78,18 @@ class SyntaxTree:
         return parent is not None and parent.type in BLOCK_OPENERS
 
     def imports(self) -> list[str]:
-        """Dotted module names this file imports (`import a.b`, `from .c import d` -> '.c')."""
+        """Dotted module names this file imports, in order: `import a.b` -> 'a.b';
+        `from .c import d` -> '.c.d' (d may be a module; resolvers fall back to '.c')."""
         out = []
         for node in self.tree.root_node.children:
             if node.type == "import_statement":
                 out += [c.text.decode() for c in node.children if c.type in ("dotted_name", "aliased_import")]
             elif node.type == "import_from_statement":
                 mod = node.child_by_field_name("module_name")
-                if mod is not None:
-                    out.append(mod.text.decode())
+                if mod is None:
+                    continue
+                base = mod.text.decode()
+                names = [c.text.decode() for c in node.children_by_field_name("name")]
+                sep = "" if base.endswith(".") else "."
+                out += [base + sep + n.split(" as ")[0].strip() for n in names] or [base]
         return [m.split(" as ")[0].strip() for m in out]

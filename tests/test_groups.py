@@ -96,3 +96,35 @@ def test_completion_in_a_grouped_document_sees_the_contexts(tiny_engine):
     assert alone != with_ctx  # the context's keys are attended (deterministic: seeded tiny model)
     ws.close("file:///a.py")
     assert doc.suggest(line, 0, max_new_tokens=3, multiline=False, n=3).texts == alone
+
+
+def test_switching_files_swaps_roles_by_rotation(tiny_engine):
+    ws = Workspace(tiny_engine, prefix=PREFIX, span=1024)
+    a = ws.set_context("file:///a.py", CTX_A)
+    main = ws.open("file:///main.py", ACTIVE)
+    encoded = a.stats["tokens_encoded_total"] + main.stats["tokens_encoded_total"]
+    ws.activate("file:///a.py")                                   # the person switches to a.py
+    assert list(ws.active) == ["file:///a.py"] and "file:///main.py" in ws.contexts
+    assert a.pos0 == ws.active_base and main.pos0 == ws.context_base and a.sees[-1] is main
+    assert a.stats["tokens_encoded_total"] + main.stats["tokens_encoded_total"] == encoded  # moved, not re-encoded
+    fresh = ws.set_context("file:///fresh.py", ACTIVE)            # main.py encoded as a context directly
+    assert torch.allclose(main.cached()[0][0], fresh.cached()[0][0], atol=1e-5)  # positions are right
+    assert a.stats["stale_tokens"] == a.n                          # it never saw main.py
+
+
+def test_imports_resolve_to_workspace_files(tmp_path):
+    from incremental.repo import imported_files
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    for f in ("__init__.py", "util.py", "sub/__init__.py", "sub/deep.py"):
+        (pkg / f).write_text("x = 1\n")
+    (tmp_path / "src" / "other").mkdir(parents=True)
+    (tmp_path / "src" / "other" / "__init__.py").write_text("")
+    main = pkg / "main.py"
+    text = ("import os\nimport json as js\nfrom . import util\nfrom .sub.deep import x\nimport pkg.util\n"
+            "from pkg.sub import deep\nimport other\nfrom .missing import y\n")
+    main.write_text(text)
+    got = imported_files(text, main, tmp_path)
+    # from . import util -> util.py; .sub.deep (x is a name) -> deep.py; pkg.util and pkg.sub.deep
+    # again; other under src/; never os or json from the standard library, nor a missing module
+    assert got == [pkg / "util.py", pkg / "sub" / "deep.py", tmp_path / "src" / "other" / "__init__.py"]
