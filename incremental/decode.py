@@ -139,10 +139,12 @@ def decode(doc, c: int, n: int, max_new: int, should_stop: Callable[[], bool] | 
     stop_at = make_stop(doc, c, extra, multiline, max_lines)
     comp = Completion(mode=stop_at.mode)
     fim = doc.fim
+    soft = ""
     if fim is None:
         j, tail, heal = _prefix_context(doc, c, extra)
     else:  # the whole PSM stream is attended; the tail is <|fim_middle|> and the text to the cursor
         tail, heal = fim.prepare(c, extra, eng.config.token_healing)
+        soft = fim.soft
         j = doc.gap
     comp.prefix_tokens, comp.tail_tokens = j, len(tail)
     # bring the cache up to date before the cursor (after it, nothing is attended now)
@@ -206,6 +208,8 @@ def decode(doc, c: int, n: int, max_new: int, should_stop: Callable[[], bool] | 
             if heal:
                 assert raw.startswith(heal), "a healed token must re-type the text it replaced"
                 raw = raw[len(heal):]
+            if soft:  # FIM: indentation the model writes again, which the line already has
+                raw = "" if soft.startswith(raw) else raw[len(soft):] if raw.startswith(soft) else raw
             if raw.endswith("\ufffd"):
                 raw = raw.rstrip("\ufffd")  # a character split across tokens: wait for its other bytes
             texts[cand], done = stop_at.cut(raw)

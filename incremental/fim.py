@@ -55,6 +55,7 @@ class FimStream:
         self.marker_dirty = True
         self.gap_moves = 0
         self.cut = False
+        self.soft = ""
 
     @property
     def doc(self):
@@ -142,7 +143,10 @@ class FimStream:
         """Bring the stream to cursor c; returns (tail ids, healed text) for decoding: the middle
         marker, then the text from the gap to the cursor (and `extra`), its last token healed."""
         doc = self.doc
-        self.move_gap(self.gap_for(c))
+        if self.move_gap(self.gap_for(c)):
+            # the suffix right after the marker is what a middle must join up with: refresh it
+            w = doc.engine.config.refresh_window
+            doc.dirty[doc.gap: doc.gap + w] |= doc.stale[doc.gap: doc.gap + w]
         doc.settle(upto=doc.gap)
         self.settle_marker()
         doc.settle()
@@ -151,7 +155,14 @@ class FimStream:
         # A token the cursor cuts ("    \n" at an indented empty line) starts the suffix but
         # holds text from before the cursor too; the completion does not look at it (see visible).
         self.cut = doc.gap < doc.n and int(st.starts[doc.gap]) < c
-        forced = doc.engine.mirror.tokenize(st.text[e:c] + extra)[0] if (c > e or extra) else np.zeros(0, np.int64)
+        before = st.text[e:c] + extra
+        self.soft = ""
+        if before and not before.strip(" \t"):
+            # Only indentation between the gap and the cursor: the middle would begin with it, so
+            # let the model write it and take it off the answer, rather than force it after
+            # <|fim_middle|>, where the model would read it as part of the middle and indent again.
+            self.soft, before = before, ""
+        forced = doc.engine.mirror.tokenize(before)[0] if before else np.zeros(0, np.int64)
         heal = ""
         if heal_ok and len(forced):
             heal = doc.engine.token_text(int(forced[-1]))

@@ -178,6 +178,11 @@ class Workspace:
     def tokens(self) -> int:
         return self.prefix.n + sum(d.n for d in self.contexts.values()) + sum(d.n for d in self.active.values())
 
+    def set_budget(self, max_cache_tokens: int) -> None:
+        """Change the memory budget: a lower one evicts at once."""
+        self.max_cache_tokens = max_cache_tokens
+        self._budget()
+
     def _budget(self, keep: str | None = None) -> None:
         """Evict whole context groups, least recently used first, until the cache fits."""
         changed = False

@@ -66,13 +66,14 @@ def test_moving_the_cursor_is_a_splice_not_a_rebuild(fim_engine):
     encoded = doc.stats["tokens_encoded_total"]
     doc.complete(line, 0)
     g = doc.gap
-    assert doc.stats["tokens_encoded_total"] == encoded   # only the marker and the tail ran
+    w = fim_engine.config.refresh_window   # only the window after the new gap was re-encoded
+    assert 0 < doc.stats["tokens_encoded_total"] - encoded <= w
     rebuilt = FimStream.open(fim_engine, "file:///rb.py", doc.text, "pie", gap_at=c)
     assert rebuilt.gap == g
     k, _ = stream_kv(doc)
     k_ref, _ = stream_kv(rebuilt)
     assert torch.allclose(k[0], k_ref[0], atol=1e-5)          # layer 0: positions are right
-    assert doc.stats["stale_tokens"] == doc.n - g              # the suffix never saw the marker
+    assert doc.stats["stale_tokens"] == doc.n - g - w          # the rest of the suffix never saw the marker
     # an edit before the gap moves the gap with the text and asks for the marker again
     doc.edit((1, 0), (1, 0), "    extra = 1\n")
     assert doc.gap > g and doc.fim.marker_dirty
