@@ -10,15 +10,17 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import asdict
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lsprotocol import types as T
 from pygls.exceptions import JsonRpcInvalidParams
+from pygls.uris import to_fs_path
 
 from incremental import Engine
 
-from .protocol import error_message, on_arrival, parse_settings, plain, work_done_progress
-from .session import Options, Session, split_settings
+from .protocol import Options, error_message, on_arrival, parse_settings, plain, split_settings, work_done_progress
+from .session import Session
 from .worker import Worker
 
 if TYPE_CHECKING:
@@ -35,6 +37,13 @@ def feature(name: str, options: Any = None):
         FEATURES.append((name, options, f))
         return f
     return deco
+
+
+def workspace_roots(params: T.InitializeParams) -> list[Path]:
+    """The workspace folders (workspaceFolders, else rootUri or rootPath): imports resolve there."""
+    uris = [f.uri for f in params.workspace_folders or []] or [params.root_uri]
+    paths = [to_fs_path(u) for u in uris if u] or [params.root_path]
+    return [Path(p).resolve() for p in paths if p]
 
 
 # -- lifecycle ---------------------------------------------------------------------------------
@@ -64,9 +73,10 @@ def initialize(ls: LivekvServer, params: T.InitializeParams):
                                     f"{cfg.device or 'the default device'}: {e}{then}", T.MessageType.Error, True)
         raise error
 
-    ls.session = Session(config, encoding, options)
+    ls.session = Session(config, encoding, options, workspace_roots(params))
     ls.worker = ls.session.worker = Worker(load)  # loads the model on its thread, now
-    log.info("initialized: position encoding %s, settings %s", encoding, ls.session.settings())
+    log.info("initialized: position encoding %s, workspace %s, settings %s", encoding,
+             [str(r) for r in ls.session.roots], ls.session.settings())
 
 
 @feature(T.SHUTDOWN)
@@ -134,6 +144,7 @@ def did_close(ls: LivekvServer, params: T.DidCloseTextDocumentParams):
     uri = params.text_document.uri
     ls.document_changed(uri)
     ls.submit_notification(f"didClose {uri}", ls.session.job_close, uri)
+    ls.schedule_idle(None)  # the active file may import the closed one: it comes back from disk
 
 
 # -- requests ----------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ and work done progress.
   is not JSON-RPC) but does not answer a request whose params do not deserialize (the client
   would wait forever), and logs a traceback for each. Here such requests get InvalidParams and
   stderr gets one line per problem.
-- Settings: LSP setting names (camelCase, under "livekv") -> Config fields and the server's own.
+- Settings: LSP setting names (camelCase, under "livekv") -> Config fields and the server's own
+  (Options).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import asyncio
 import itertools
 import json
 import logging
+from dataclasses import dataclass, fields
 from typing import Any, Callable
 
 from lsprotocol import types as T
@@ -27,12 +29,38 @@ from pygls.protocol.language_server import lsp_method
 
 log = logging.getLogger("livekv.lsp")
 
-# LSP setting -> field: of incremental.Config, or of session.Options (prefetch, candidates)
+# LSP setting -> field: of incremental.Config, or of Options (the server's own)
 SETTINGS = {"model": "model", "strategy": "strategy", "maxNewTokens": "max_new_tokens", "device": "device",
             "dtype": "dtype", "maxPromptMs": "max_prompt_ms", "maxPredictMs": "max_predict_ms",
-            "multiline": "multiline", "maxLines": "max_lines", "prefetch": "prefetch", "candidates": "candidates"}
-_INTS = ("maxNewTokens", "maxPromptMs", "maxPredictMs", "maxLines", "candidates")
-_BOOLS = ("multiline", "prefetch")
+            "multiline": "multiline", "maxLines": "max_lines", "prefetch": "prefetch", "candidates": "candidates",
+            "repoContext": "repo_context", "maxCacheTokens": "max_cache_tokens"}
+_INTS = ("maxNewTokens", "maxPromptMs", "maxPredictMs", "maxLines", "candidates", "maxCacheTokens")
+_BOOLS = ("multiline", "prefetch", "repoContext")
+MAX_CANDIDATES = 5
+
+
+@dataclass(frozen=True)
+class Options:
+    """The server's own settings; the rest are incremental.Config's."""
+    prefetch: bool = True   # after a suggestion, decode the next line while idle, as if it were accepted
+    candidates: int = 1     # inline items for a manual trigger, from one batched decode
+    repo_context: bool = True  # open documents and the active one's workspace imports: one Workspace
+    # the Workspace's budget; 200k tokens of the embedded model's fp32 cache are ~9 GiB (fits 24 GiB)
+    max_cache_tokens: int = 200_000
+
+    def __post_init__(self):
+        if not 1 <= self.candidates <= MAX_CANDIDATES:
+            raise ValueError(f"candidates must be 1..{MAX_CANDIDATES}, got {self.candidates}")
+        if self.max_cache_tokens < 1:
+            raise ValueError(f"max_cache_tokens must be at least 1, got {self.max_cache_tokens}")
+
+
+def split_settings(changes: dict) -> tuple[dict, dict]:
+    """(Config changes, Options changes) of parse_settings' result."""
+    own = {f.name for f in fields(Options)}
+    return {k: v for k, v in changes.items() if k not in own}, {k: v for k, v in changes.items() if k in own}
+
+
 ARRIVAL: dict[str, Callable] = {}  # method -> start(server, params), run as the request is read
 _tokens = itertools.count(1)
 
@@ -136,6 +164,17 @@ def parse_settings(settings: Any) -> dict:
             raise ValueError(f"{key} must be a string or null, got {value!r}")
         changes[field] = value
     return changes
+
+
+def json_safe(x: Any) -> Any:
+    """numpy scalars and tuples in engine stats -> plain JSON values."""
+    if isinstance(x, dict):
+        return {str(k): json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    if hasattr(x, "tolist"):  # numpy / torch scalars and arrays
+        return x.tolist()
+    return x
 
 
 def error_message(e: BaseException) -> str:

@@ -19,8 +19,10 @@ settings change or completion request cancels it the moment it arrives, so it on
 while the person is not waiting for anything; livekv/stats requests wait behind it.
 
 Custom request `livekv/stats` ({"textDocument": {"uri", "version"?}} or {"uri"}): the engine's
-stats for a document plus the server's own (how long cancelled completions kept the worker busy,
-the idle work); with no uri, the server's stats only, answered without waiting for the worker.
+stats for a document, its `workspace` (repoContext: every position group with its memory,
+evictions; null when documents are alone), plus the server's own (how long cancelled completions
+kept the worker busy, the idle work); with no uri, the server's stats only, answered without
+waiting for the worker.
 """
 from __future__ import annotations
 

@@ -1,69 +1,39 @@
 """The LSP server's state on the worker thread: applied settings, LSP versions, and the jobs.
 
 Every `job_*` method runs on the worker thread as `fn(engine, *args)` (Worker.submit), so it may
-touch the engine and its documents; nothing here speaks JSON-RPC. LSP positions arrive in the
-negotiated encoding and are converted here, against the text the document has when the job runs
-(after every edit received before it), never on the event loop.
+touch the engine and the documents (`self.docs`, repo_context.py); nothing here speaks JSON-RPC.
+LSP positions arrive in the negotiated encoding and are converted here, against the text the
+document has when the job runs (after every edit received before it), never on the event loop.
 
 Edits only mark new tokens dirty; they are encoded by the completion that needs them (within
 maxPromptMs) or by `job_idle`, the low-priority job the server queues after each edit and each
 completion, which any newer edit or request cancels: it prefetches the line after the
-suggestion just shown, then encodes what is still dirty, in slices short enough that a
-cancellation is noticed within about maxPromptMs.
+suggestion just shown, then encodes what is still dirty (the active document first, then the
+context groups), in slices short enough that a cancellation is noticed within about maxPromptMs.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
 import re
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any, Callable, Sequence
-
-import numpy as np
 
 from incremental import Config, Engine
 from incremental.stops import Brackets
 
 from .positions import line_span, to_character, to_column
+from .protocol import Options, json_safe, split_settings
+from .repo_context import place, rehome, settle_slices
 
 log = logging.getLogger("livekv.lsp")
 
 _BREAK = re.compile(r"\r|\n")
 RELOAD = ("model", "device", "dtype")
-MAX_CANDIDATES = 5
-IDLE_SLICE_MS = 100  # background encoding per slice when maxPromptMs is 0 (no cap)
-MIN_SLICE = 64       # fewer tokens per forward pass cost much more per token on a CPU
 
 # (start (line, character), end (line, character)) in the client's encoding; None: the whole text
 Range = tuple[tuple[int, int], tuple[int, int]] | None
-
-
-@dataclass(frozen=True)
-class Options:
-    """The server's own settings; the rest are incremental.Config's."""
-    prefetch: bool = True   # after a suggestion, decode the next line while idle, as if it were accepted
-    candidates: int = 1     # inline items for a manual trigger, from one batched decode
-
-    def __post_init__(self):
-        if not 1 <= self.candidates <= MAX_CANDIDATES:
-            raise ValueError(f"candidates must be 1..{MAX_CANDIDATES}, got {self.candidates}")
-
-
-def split_settings(changes: dict) -> tuple[dict, dict]:
-    """(Config changes, Options changes) of parse_settings' result."""
-    own = {f.name for f in fields(Options)}
-    return {k: v for k, v in changes.items() if k not in own}, {k: v for k, v in changes.items() if k in own}
-
-
-def json_safe(x: Any) -> Any:
-    """numpy scalars and tuples in engine stats -> plain JSON values."""
-    if isinstance(x, dict):
-        return {str(k): json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [json_safe(v) for v in x]
-    if hasattr(x, "tolist"):  # numpy / torch scalars and arrays
-        return x.tolist()
-    return x
 
 
 @dataclass
@@ -99,10 +69,13 @@ class Session:
     """Owned by the worker thread once the worker runs. `worker` is set right after the Worker
     is made (its thread reads `config` to load the model)."""
 
-    def __init__(self, config: Config, encoding: str = "utf-16", options: Options | None = None):
+    def __init__(self, config: Config, encoding: str = "utf-16", options: Options | None = None,
+                 roots: Sequence[Path] = ()):
         self.config, self.encoding = config, encoding
         self.options = options or Options()
+        self.roots = list(roots)  # the workspace folders: imports resolve inside them
         self.worker = None
+        self.docs = None  # repo_context.Grouped or Alone, made for the engine by the first job
         self.versions: dict[str, int] = {}
         self.shown: dict[str, Shown] = {}
         self.last: dict[str, dict] = {}       # uri -> the last completion answered (not a prefetch)
@@ -115,13 +88,19 @@ class Session:
         for d in (self.versions, self.shown, self.last, self.prefetched):
             d.pop(uri, None)
 
+    def documents(self, engine: Engine):
+        if self.docs is None or self.docs.engine is not engine:
+            self.docs = place(engine, self.config, self.options, self.roots)
+        return self.docs
+
     # -- documents ---------------------------------------------------------------------------
     def job_open(self, engine: Engine, uri: str, text: str, version: int,
                  progress: Callable[[int, int], None] | None, should_stop: Callable[[], bool]) -> int:
-        if uri in engine.documents:
+        docs = self.documents(engine)
+        if docs.is_open(uri):
             log.warning("didOpen for %s, which is already open: re-opened with the new text", uri)
         self.forget(uri)
-        doc = engine.open(uri, text, strategy=self.config.strategy, progress=progress, should_stop=should_stop)
+        doc = docs.open(uri, text, progress=progress, should_stop=should_stop)
         self.versions[uri] = version
         return len(doc.token_ids)
 
@@ -130,13 +109,14 @@ class Session:
         tokens are encoded later (job_idle, or the next completion within maxPromptMs).
 
         Raises ValueError (document unchanged) for a stale version or an invalid change."""
-        doc = engine.get(uri)
+        docs = self.documents(engine)
+        text = docs.text(uri)  # KeyError: not open
         current = self.versions.get(uri)
         if current is not None and version <= current:
             raise ValueError(f"version {version} is not after its current version {current}: "
                              "the change was ignored and the document left unchanged")
         # Each change is relative to the text after the previous ones: convert against that text.
-        text, edits, full = doc.text, [], False
+        edits, full = [], False
         for i, (rng, new) in enumerate(changes):
             if rng is None:  # whole document: earlier changes are overwritten
                 text, edits, full = new, [], True
@@ -150,6 +130,7 @@ class Session:
                 raise ValueError(f"change {i + 1} of {len(changes)}: {e}; the document was left unchanged") from None
             edits.append(((l1, c1), (l2, c2), new))
             text = text[:a] + new + text[b:]
+        doc = docs.activate(uri)  # the document being edited is the active one
         if full:  # one minimal splice of the final text (its later partial changes included)
             doc.set_text(text, settle=False)
         else:
@@ -158,8 +139,7 @@ class Session:
         return doc.stats
 
     def job_close(self, engine: Engine, uri: str) -> None:
-        engine.get(uri)  # KeyError: closing a document that is not open
-        engine.close(uri)
+        self.documents(engine).close(uri)  # KeyError: closing a document that is not open
         self.forget(uri)
 
     def _locate(self, text: str, line: int, character: int) -> tuple[tuple[int, int], int]:
@@ -178,7 +158,8 @@ class Session:
         answer would be for text the client no longer has)."""
         if should_stop():
             return None
-        doc = engine.get(uri)
+        docs = self.documents(engine)
+        doc = docs.activate(uri)  # the document being completed is the active one
         a = doc.offset(line, 0)  # ValueError for a line out of range
         m = _BREAK.search(doc.text, a)
         line_text = doc.text[a: m.start() if m else len(doc.text)]
@@ -188,9 +169,11 @@ class Session:
             raise ValueError(f"line {line}: {e}") from None
         cfg = self.config
         decodes = doc.stats["completions"]
-        comp = doc.suggest(line, col, n=self.options.candidates if manual else 1, reuse=True,
-                           max_new_tokens=cfg.max_new_tokens, should_stop=should_stop, max_prompt_ms=cfg.max_prompt_ms,
-                           max_predict_ms=cfg.max_predict_ms, multiline=cfg.multiline)
+        with docs.view(doc):
+            comp = doc.suggest(line, col, n=self.options.candidates if manual else 1, reuse=True,
+                               max_new_tokens=cfg.max_new_tokens, should_stop=should_stop,
+                               max_prompt_ms=cfg.max_prompt_ms, max_predict_ms=cfg.max_predict_ms,
+                               multiline=cfg.multiline)
         texts = self._served(doc, comp)
         rest = line_text[col:]
         if rest.strip():
@@ -228,19 +211,24 @@ class Session:
     def job_idle(self, engine: Engine, uri: str | None, prefetch: bool, should_stop: Callable[[], bool]) -> None:
         """Low priority: prefetch for uri (after a completion), then encode dirty tokens, uri's
         first. Stops at the next token step or slice once should_stop() (any newer edit or request)."""
-        idle = self.idle
+        idle, docs = self.idle, self.documents(engine)
         idle["jobs"] += 1
         idle["running"] = True
         try:
-            if prefetch and self.options.prefetch and uri in engine.documents:
-                self._prefetch(engine.documents[uri], should_stop)
-            docs = sorted(engine.documents.values(), key=lambda d: d.uri != uri)
-            for doc in docs:
-                if not self._settle(doc, should_stop):
-                    break
+            doc = docs.get(uri) if prefetch and self.options.prefetch and docs.is_open(uri) else None
+            if doc is not None:
+                with docs.view(doc):
+                    self._prefetch(doc, should_stop)
+            for doc in docs.to_encode(uri, should_stop):
+                with docs.view(doc):
+                    if not settle_slices(doc, should_stop, self._encoded):
+                        break
         finally:
             idle["running"] = False
             idle["interrupted"] += should_stop()
+
+    def _encoded(self, n: int) -> None:  # after each slice: livekv/stats shows the progress
+        self.idle["tokens_encoded"] += n
 
     def _prefetch(self, doc, should_stop: Callable[[], bool]) -> None:
         rec = self.shown.get(doc.uri)
@@ -250,49 +238,40 @@ class Session:
         idle, cfg = self.idle, self.config
         idle["prefetches"] += 1
         idle["prefetching"] = True
-        decodes = doc.stats["completions"]
+        before = doc.stats["last_prefetch"]  # the engine records each prefetch's decode apart
         try:
             # no time caps: nobody waits for it, and a capped line would be appended as if whole
             text = doc.prefetch(should_stop=should_stop, max_new_tokens=cfg.max_new_tokens, multiline=cfg.multiline,
                                 max_prompt_ms=0, max_predict_ms=0)
         finally:
             idle["prefetching"] = False
-        ran = doc.stats["completions"] > decodes
-        self.prefetched[doc.uri] = dict(doc.stats["last_completion"], text=text or "") if ran else None
+        ran = doc.stats["last_prefetch"] is not before
+        self.prefetched[doc.uri] = dict(doc.stats["last_prefetch"], text=text or "") if ran else None
         if text:
             rec.ends.append(len(rec.entry.text))
             idle["prefetched"] += 1
         elif should_stop():
             idle["prefetch_cancelled"] += 1
 
-    def _settle(self, doc, should_stop: Callable[[], bool]) -> bool:
-        """Encode doc's dirty tokens in slices of about maxPromptMs (Document.settle alone
-        checks should_stop only between encode_chunk-sized passes). False when stopped."""
-        cfg = doc.engine.config
-        while True:
-            # the engine has no public view of dirty tokens: read the cache's flags
-            dirty = np.flatnonzero(doc.kv.dirty[doc.slot0: doc.slot0 + doc.n])
-            if not len(dirty):
-                return True
-            if should_stop():
-                return False
-            per_slice = (cfg.max_prompt_ms or IDLE_SLICE_MS) / max(doc.encode_ms_per_token, 1e-3)
-            k = int(min(len(dirty), cfg.encode_chunk, max(MIN_SLICE, per_slice)))
-            before = doc.stats["tokens_encoded_total"]
-            doc.settle(should_stop, upto=int(dirty[k - 1]) + 1)
-            self.idle["tokens_encoded"] += doc.stats["tokens_encoded_total"] - before
-
     def job_stats(self, engine: Engine, uri: str, version: int | None) -> dict:
-        doc = engine.get(uri)
+        """A document's engine stats and `workspace` (its position groups, null when documents
+        are alone). An evicted document has no cache: its stats say only that."""
+        docs = self.documents(engine)
+        text = docs.text(uri)  # KeyError: not open
         current = self.versions.get(uri)
         if version is not None and version != current:
             raise ValueError(f"{uri} is at version {current}, not {version}: "
                              "the client's text does not match the server's")
         # the digest lets a client check that the server holds exactly its text
-        digest = hashlib.sha256(doc.text.encode("utf-8", "surrogatepass")).hexdigest()
+        digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+        common = dict(uri=uri, lsp_version=current, model=engine.model_name, text_sha256=digest,
+                      workspace=docs.stats())
+        doc = docs.get(uri)
+        if doc is None:
+            return json_safe(dict(common, evicted=True))
         tree = getattr(doc, "_syntax", None)  # not in the engine's stats; None until first needed
-        stats = dict(doc.stats, lsp_version=current, model=engine.model_name, text_sha256=digest,
-                     last_prefetch=self.prefetched.get(uri), syntax_reparses=tree.reparses if tree else 0)
+        stats = dict(doc.stats, **common, evicted=False, last_prefetch=self.prefetched.get(uri),
+                     syntax_reparses=tree.reparses if tree else 0)
         if uri in self.last:  # the engine's last_completion may be a prefetch's
             stats["last_completion"] = self.last[uri]
         return json_safe(stats)
@@ -302,28 +281,26 @@ class Session:
         return dict(asdict(self.config), **asdict(self.options))
 
     def job_configure(self, engine: Engine, changes: dict) -> str:
-        """Apply validated setting changes: reload the model (model/device/dtype) or re-open
-        documents (strategy) as needed. On any error the old settings and engine stay."""
+        """Apply validated setting changes: reload the model (model/device/dtype), re-open the
+        documents (strategy, repoContext: job_idle encodes them) or apply a new budget, as
+        needed. On any error the old settings and engine stay."""
         config_changes, option_changes = split_settings(changes)
         new = self.config.updated(**config_changes)  # ValueError: refused
         options = replace(self.options, **option_changes)
         old, before = self.config, self.settings()
         if new == old and options == self.options:
             return "settings unchanged"
-        texts = {uri: doc.text for uri, doc in engine.documents.items()}
-        if any(getattr(new, f) != getattr(old, f) for f in RELOAD):
-            fresh = Engine.from_config(new)
-            for uri, text in texts.items():
-                fresh.open(uri, text, strategy=new.strategy, settle=False)  # job_idle encodes them
-            # later jobs get the new engine: Worker passes `worker.engine` to each job
-            self.worker.engine = fresh
+        docs = self.documents(engine)
+        target = Engine.from_config(new) if any(getattr(new, f) != getattr(old, f) for f in RELOAD) else engine
+        if target is not engine or new.strategy != old.strategy or options.repo_context != self.options.repo_context:
+            self.docs = docs = rehome(docs, place(target, new, options, self.roots))
         else:
-            if new.strategy != old.strategy:
-                for uri, text in texts.items():
-                    engine.open(uri, text, strategy=new.strategy, settle=False)
-            engine.config = new  # the engine reads max_lines (and the defaults) from its config
+            docs.set_budget(options.max_cache_tokens)
+        # later jobs get the new engine: Worker passes `worker.engine` to each job
+        self.worker.engine = target
+        target.config = new  # the engine reads max_lines (and the defaults) from its config
         # suggestions made under the old settings are not what the new ones would show
-        for doc in engine.documents.values():
+        for doc in docs.documents():
             doc.typeahead.drop()
         self.shown.clear()
         self.config, self.options = new, options

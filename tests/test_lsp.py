@@ -36,8 +36,11 @@ def init_params(encodings=None, options=None) -> T.InitializeParams:
 
 @pytest_lsp.fixture(scope="module", config=ClientServerConfig(server_command=server_command(), server_env=server_env()))
 async def client(lsp_client: LanguageClient):
-    # initializationOptions override the command line's --max-new-tokens 8
-    lsp_client.init_result = await lsp_client.initialize_session(init_params(options={"livekv": {"maxNewTokens": MAX_NEW}}))
+    # initializationOptions override the command line's --max-new-tokens 8. repoContext off: the
+    # tests' documents stay open in this shared server, and as each other's context groups their
+    # completions would no longer be a fresh Engine.open's (the servers started per test keep it on)
+    lsp_client.init_result = await lsp_client.initialize_session(
+        init_params(options={"livekv": {"maxNewTokens": MAX_NEW, "repoContext": False}}))
     yield
     await lsp_client.shutdown_session()
 

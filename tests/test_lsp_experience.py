@@ -22,8 +22,10 @@ from lsp_helpers import (change, completion_list, configure, eventually, expecte
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 MAX_NEW = 8
+# repoContext off: every test's documents stay open in the one server; as each other's context
+# groups they would change the completions compared with a fresh Engine.open (test_lsp_repo.py)
 DEFAULTS = {"maxNewTokens": MAX_NEW, "maxPromptMs": 0, "maxPredictMs": 0, "prefetch": True, "candidates": 1,
-            "multiline": True, "maxLines": 8}
+            "multiline": True, "maxLines": 8, "repoContext": False}
 ADD = "def add(a, b):\n    result = "            # the model answers "a + b", then "\n    return result"
 AT = (1, len("    result = "))
 COUNTING = "numbers = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, "  # the model keeps counting: a long line
@@ -309,13 +311,15 @@ async def test_fitting_a_suggestion_to_the_rest_of_the_line():
 async def test_settings_are_checked(client: LanguageClient):
     n = len(client.messages)
     for bad in ({"candidates": 9}, {"candidates": 0}, {"prefetch": "yes"}, {"maxPromptMs": -1},
-                {"maxLines": 0}, {"multiline": 1}, {"maxPredictMs": 1.5}):
+                {"maxLines": 0}, {"multiline": 1}, {"maxPredictMs": 1.5}, {"maxCacheTokens": 0},
+                {"repoContext": "yes"}):
         configure(client, {"livekv": bad})
-    await eventually(lambda: settled(client, n, 7), "every refusal")
+    await eventually(lambda: settled(client, n, 9), "every refusal")
     settings = (await stats(client))["server"]["settings"]
     assert {k: settings[k] for k in ("candidates", "prefetch", "max_prompt_ms", "max_predict_ms", "max_lines",
-                                     "multiline")} == dict(candidates=1, prefetch=True, max_prompt_ms=0,
-                                                           max_predict_ms=0, max_lines=8, multiline=True)
+                                     "multiline", "max_cache_tokens", "repo_context")} == dict(
+        candidates=1, prefetch=True, max_prompt_ms=0, max_predict_ms=0, max_lines=8, multiline=True,
+        max_cache_tokens=200_000, repo_context=False)
 
 
 async def settled(c: LanguageClient, n: int, count: int) -> bool:
