@@ -3,6 +3,8 @@
     prefix    positions [0, P)                  attends to itself
     context   positions [P, P + len) each       attends to the prefix and itself (parallel encoding)
     active    positions [P + span, ...)         attends to the prefix, every context, and itself
+                                                (span: the longest context, doubled as it grows; kept
+                                                small, since a model only knows positions it trained on)
     target    from φ (config.phi)               the completion's own tokens (decode.py)
 
 Context groups share one base, so each is encoded independently of the others and its cache
@@ -27,7 +29,7 @@ from .document import Document
 class Workspace:
     """Groups over one engine. `open` an active document, `set_context` the files it should see."""
 
-    def __init__(self, engine, prefix: str = "", span: int = 8192, max_cache_tokens: int = 400_000,
+    def __init__(self, engine, prefix: str = "", span: int = 1024, max_cache_tokens: int = 200_000,
                  strategy: str | None = None):
         self.engine, self.span, self.max_cache_tokens = engine, span, max_cache_tokens
         self.strategy = strategy or engine.config.strategy

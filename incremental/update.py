@@ -71,10 +71,12 @@ def rearrange(doc, p: Plan) -> int:
 
 
 def visible_slots(doc, n_keys: int) -> torch.Tensor:
-    """(n_keys,) bool: the slots of the groups doc attends to besides itself."""
+    """(n_keys,) bool: the slots of the groups doc attends to besides itself. A group's tokens
+    that are not encoded yet (dirty) hold no K/V and are not attended."""
     vis = torch.zeros(n_keys, dtype=torch.bool)
+    kv = doc.kv
     for g in doc.sees:
-        vis[g.slot0: g.slot0 + g.n] = True
+        vis[g.slot0: g.slot0 + g.n] = torch.from_numpy(~kv.dirty[g.slot0: g.slot0 + g.n])
     return vis
 
 

@@ -128,3 +128,16 @@ def test_imports_resolve_to_workspace_files(tmp_path):
     # from . import util -> util.py; .sub.deep (x is a name) -> deep.py; pkg.util and pkg.sub.deep
     # again; other under src/; never os or json from the standard library, nor a missing module
     assert got == [pkg / "util.py", pkg / "sub" / "deep.py", tmp_path / "src" / "other" / "__init__.py"]
+
+
+def test_a_context_not_encoded_yet_is_not_attended(tiny_engine):
+    ws = Workspace(tiny_engine, prefix=PREFIX)
+    doc = ws.open("file:///main.py", ACTIVE)
+    line = ACTIVE.count("\n")
+    ws.set_context("file:///a.py", CTX_A, settle=False)   # its slots hold no K/V yet
+    pending = doc.suggest(line, 0, max_new_tokens=3, multiline=False, n=3).texts
+    ws.settle()
+    ready = doc.suggest(line, 0, max_new_tokens=3, multiline=False, n=3).texts
+    ws.close("file:///a.py")
+    alone = doc.suggest(line, 0, max_new_tokens=3, multiline=False, n=3).texts
+    assert pending == alone != ready
