@@ -31,6 +31,7 @@ AT = (1, len("    result = "))
 COUNTING = "numbers = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, "  # the model keeps counting: a long line
 SUM = "x = a1 + a2 + a3 + a4 + a5 + a6 + a7 + a8 + "                  # and summing
 PERSON = "class Person:\n    def __init__(self, name, age, email):"  # a block of assignments, then a dedent
+OPEN_HEADER = PERSON[:-2]                                             # the same, before "):" is typed
 HEADER = (1, len(PERSON.split("\n")[1]))
 
 
@@ -112,11 +113,11 @@ async def test_prefetch_answers_the_next_line_after_tab(client: LanguageClient, 
 
 
 async def test_an_edit_or_a_request_cancels_a_running_prefetch(client: LanguageClient):
-    # maxPredictMs cuts the answer after a step or two ("a"); the prefetch (never capped) then
-    # goes on summing for up to 48 tokens, unless something arrives
-    configure(client, {"livekv": {"maxNewTokens": 48, "maxPredictMs": 1}})
-    uri, end = "file:///prefetch-cancel.py", (0, len(SUM))
-    open_doc(client, uri, SUM)
+    # the answer closes the header ("):"), so the prefetched next "line" is the block that header
+    # opens: up to maxLines lines and 48 tokens of decoding, unless something arrives
+    configure(client, {"livekv": {"maxNewTokens": 48}})
+    uri, end = "file:///prefetch-cancel.py", (1, len(OPEN_HEADER.split("\n")[1]))
+    open_doc(client, uri, OPEN_HEADER)
     other = "file:///prefetch-other.py"
     open_doc(client, other, ADD)
     try:
@@ -126,7 +127,7 @@ async def test_an_edit_or_a_request_cancels_a_running_prefetch(client: LanguageC
             await eventually(lambda: prefetching(client), "the prefetch to start")
             if interrupt == "edit":
                 change(client, uri, version, ((0, 0), (0, 0), "# edited\n"))
-                end = (1, len(SUM))
+                end = (2, end[1])
             else:
                 await inline(client, other, *AT)
             s = await stats(client, uri)
@@ -273,8 +274,8 @@ async def test_a_suggestion_inside_a_call_closes_no_more_brackets_than_are_open(
     [inside] = texts(await inline(client, uri, 2, len("    print(len(")))
     ast.parse("print(len(" + inside + "))")
     assert ")" not in inside, inside
-    assert ")" in expected_completion(engine, head + "    print(len())\n", 2, len("    print(len("), MAX_NEW), \
-        "the engine alone closes them (it does not see the text after the cursor): the server trims"
+    assert ")" not in expected_completion(engine, head + "    print(len())\n", 2, len("    print(len("), MAX_NEW), \
+        "the engine leaves brackets the rest of the line closes to it, as the server does"
 
     # the decode stops inside a bracket it opened (maxNewTokens): trimmed to the last balanced point
     configure(client, {"livekv": {"maxNewTokens": 3}})
