@@ -1,0 +1,151 @@
+"""
+Scores of the edit-replay benchmark: how a prediction compares with the truth and with `full`,
+and the per-strategy summary of results.json / table.md.
+
+Comparison (documented in bench/RESULTS.md): every prediction point of a trace sits at column 0,
+so the predicted line is exactly the completion text. Both sides are compared after dropping
+trailing whitespace (and any "\\r"); leading whitespace is kept, since indentation is code.
+
+- exact match:        normalized prediction == normalized truth.
+- edit similarity:    1 - Levenshtein(pred, truth) / max(len(pred), len(truth)), over code
+                      points; 1.0 when both are empty.
+- agreement_with_full: normalized prediction == normalized prediction of `full` at the same
+                      point of the same run (full is the exact, re-encode-everything reference).
+
+Latency: apply_ms is the time edit_batch took (token mirror, cache moves and rotations, encoding);
+ttft_ms the time from asking for the completion to its first decoded token; the user-visible
+latency of a point is apply_ms + ttft_ms. Percentiles are numpy's (linear interpolation) over the
+prediction points. speedup_vs_full = median(full's apply+ttft) / median(this strategy's), both
+over the same points of the same run.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+REFERENCE = "full"
+
+
+def normalize(line: str) -> str:
+    return line.rstrip()  # trailing whitespace and line-ending debris; indentation is kept
+
+
+def levenshtein(a: str, b: str) -> int:
+    """Edit distance (insert, delete, substitute; unit costs) between two strings."""
+    if len(a) < len(b):
+        a, b = b, a
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+
+def edit_similarity(pred: str, truth: str) -> float:
+    a, b = normalize(pred), normalize(truth)
+    n = max(len(a), len(b))
+    return 1.0 if n == 0 else 1.0 - levenshtein(a, b) / n
+
+
+def exact_match(pred: str, truth: str) -> bool:
+    return normalize(pred) == normalize(truth)
+
+
+def percentile(xs, q: float) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return float(np.percentile(xs, q)) if xs else None
+
+
+def mean(xs) -> float | None:
+    xs = [float(x) for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def score_point(recs: list[dict]) -> None:
+    """Fill agree_full, and exact/edit_similarity where there is a truth, into the records of one
+    prediction point (one record per strategy label, all at the same place of the same document)."""
+    ref = next((r["pred"] for r in recs if r["label"] == REFERENCE), None)
+    for r in recs:
+        if r.get("truth") is not None:
+            r["exact"] = exact_match(r["pred"], r["truth"])
+            r["edit_similarity"] = edit_similarity(r["pred"], r["truth"])
+        r["agree_full"] = None if ref is None else normalize(r["pred"]) == normalize(ref)
+
+
+def _point(r: dict) -> tuple:
+    return r.get("trace"), r.get("step"), r.get("edit"), r.get("probe")
+
+
+def summarize(records: list[dict], labels: list[str]) -> dict:
+    """Per-strategy metrics over the prediction records (those with a "pred")."""
+    points = [r for r in records if r.get("pred") is not None]
+    by = {lab: [r for r in points if r["label"] == lab] for lab in labels}
+
+    def latency(rs):
+        return [r["apply_ms"] + r["ttft_ms"] for r in rs]
+
+    ref_lat = percentile(latency(by.get(REFERENCE, [])), 50)
+    # where full itself predicts an empty line, agreeing with it says little: report both
+    said = {_point(r) for r in by.get(REFERENCE, []) if normalize(r["pred"])}
+    out = {}
+    for lab, rs in by.items():
+        lat50 = percentile(latency(rs), 50)
+        out[lab] = {
+            "strategy": rs[0]["strategy"] if rs else lab.split("#")[0],
+            "points": len(rs),
+            "exact_match": mean(r.get("exact") for r in rs),
+            "edit_similarity": mean(r.get("edit_similarity") for r in rs),
+            "agreement_with_full": mean(r["agree_full"] for r in rs),
+            "agreement_nonempty": mean(r["agree_full"] for r in rs if _point(r) in said),
+            "points_nonempty": sum(_point(r) in said for r in rs),
+            "apply_ms_p50": percentile([r["apply_ms"] for r in rs], 50),
+            "apply_ms_p95": percentile([r["apply_ms"] for r in rs], 95),
+            "ttft_ms_p50": percentile([r["ttft_ms"] for r in rs], 50),
+            "ttft_ms_p95": percentile([r["ttft_ms"] for r in rs], 95),
+            "empty_rate": mean(normalize(r["pred"]) == "" for r in rs),
+            "truncated_rate": mean(r["stop"] == "max_new_tokens" for r in rs),
+            "line_ms_p50": percentile([r["total_ms"] for r in rs], 50),
+            "latency_ms_p50": lat50,
+            "latency_ms_p95": percentile(latency(rs), 95),
+            "speedup_vs_full": (ref_lat / lat50) if ref_lat and lat50 else None,
+            "tokens_encoded_mean": mean(r["tokens_encoded"] for r in rs),
+            "keys_rotated_mean": mean(r["keys_rotated"] for r in rs),
+            "stale_tokens_mean": mean(r["stale_tokens"] for r in rs),
+            "idle_refresh_ms_total": sum(r.get("idle_refresh_ms") or 0.0 for r in records if r["label"] == lab),
+        }
+    return out
+
+
+def summarize_scaling(rows: list[dict]) -> list[dict]:
+    """Medians per (length, label) of the scaling run."""
+    out = []
+    for n in sorted({r["length"] for r in rows}):
+        for lab in dict.fromkeys(r["label"] for r in rows):
+            rs = [r for r in rows if r["length"] == n and r["label"] == lab]
+            if not rs:
+                continue
+            out.append({"length": n, "file_tokens": rs[0]["file_tokens"], "label": lab, "edits": len(rs),
+                        "open_ms": rs[0]["open_ms"],
+                        "apply_ms_p50": percentile([r["apply_ms"] for r in rs], 50),
+                        "ttft_ms_p50": percentile([r["ttft_ms"] for r in rs], 50),
+                        "latency_ms_p50": percentile([r["apply_ms"] + r["ttft_ms"] for r in rs], 50),
+                        "tokens_encoded_mean": mean(r["tokens_encoded"] for r in rs)})
+    return out
+
+
+def summarize_curve(rows: list[dict], buckets: int = 4) -> dict:
+    """Agreement with full after each edit (mean over the probes), per label; overall and per
+    quarter of the edit sequence; stale tokens after each edit."""
+    labels = list(dict.fromkeys(r["label"] for r in rows))
+    n = max((r["edit"] for r in rows), default=-1) + 1
+    per_edit, stale = {}, {}
+    for lab in labels:
+        rs = [r for r in rows if r["label"] == lab]
+        per_edit[lab] = [mean(r["agree_full"] for r in rs if r["edit"] == k) for k in range(n)]
+        stale[lab] = [max((r["stale_tokens"] for r in rs if r["edit"] == k), default=0) for k in range(n)]
+    buckets = max(1, min(buckets, n))
+    edges = [round(i * n / buckets) for i in range(buckets + 1)]
+    by_bucket = {lab: [mean(v[a:b]) for a, b in zip(edges, edges[1:])] for lab, v in per_edit.items()}
+    return {"edits": n, "overall": {lab: mean(v) for lab, v in per_edit.items()}, "buckets": edges,
+            "by_bucket": by_bucket, "per_edit": per_edit, "stale_tokens": stale}

@@ -1,0 +1,123 @@
+"""
+The replay's PNG plots (matplotlib, Agg: no display needed), drawn from a run folder.
+
+- latency_vs_length.png  scaling run: median apply and time to first token against file length
+- latency_cdf.png        replay: distribution (CDF) of apply + time to first token per strategy
+- quality.png            replay: exact match, edit similarity, agreement with full per strategy
+- agreement_curve.png    agreement with full against edits applied so far, and stale tokens
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bench.report import read_jsonl  # noqa: E402
+
+STYLE = {"full": ("black", "-"), "prefix": ("tab:blue", "-"), "reuse": ("tab:cyan", "-"),
+         "conflict": ("tab:red", ":"), "pie": ("tab:green", "-"), "pie-window": ("tab:olive", "--"),
+         "pie-refresh": ("tab:purple", "-.")}
+
+
+def style(label: str) -> dict:
+    color, ls = STYLE.get(label.split("#")[0], ("gray", "-"))
+    return {"color": color, "linestyle": ls if "#" not in label else (0, (1, 3))}
+
+
+def latency_vs_length(summary: list[dict], path: Path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
+    for lab in dict.fromkeys(r["label"] for r in summary):
+        rs = sorted((r for r in summary if r["label"] == lab), key=lambda r: r["file_tokens"])
+        x = [r["file_tokens"] for r in rs]
+        for ax, key in zip(axes, ("apply_ms_p50", "ttft_ms_p50")):
+            ax.plot(x, [r[key] for r in rs], marker="o", label=lab, **style(lab))
+    for ax, title in zip(axes, ("apply an edit (median ms)", "time to first token (median ms)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("file length (tokens)")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def latency_cdf(records: list[dict], labels: list[str], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for lab in labels:
+        lat = np.sort([r["apply_ms"] + r["ttft_ms"] for r in records if r["label"] == lab and r.get("pred") is not None])
+        if len(lat):
+            ax.step(np.maximum(lat, 1e-1), np.arange(1, len(lat) + 1) / len(lat), where="post", label=lab, **style(lab))
+    ax.set_xscale("log")
+    ax.set_xlabel("apply + time to first token (ms)")
+    ax.set_ylabel("fraction of prediction points")
+    ax.set_title("latency after an edit")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def quality(strategies: dict, path: Path) -> None:
+    labels = list(strategies)
+    keys = [("exact_match", "exact match"), ("edit_similarity", "edit similarity"),
+            ("agreement_with_full", "agreement with full")]
+    x, w = np.arange(len(labels)), 0.27
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(labels) + 2), 4.2))
+    for i, (k, name) in enumerate(keys):
+        vals = [strategies[lab][k] if strategies[lab][k] is not None else np.nan for lab in labels]
+        bars = ax.bar(x + (i - 1) * w, vals, w, label=name)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=1)
+    ax.set_xticks(x, labels, rotation=20)
+    ax.set_ylim(0, 1.2)
+    ax.set_title("completion quality per strategy")
+    ax.legend(fontsize=8, loc="upper center", ncol=3)
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def agreement_curve(c: dict, path: Path, window: int = 10) -> None:
+    fig, (a1, a2) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=(2, 1))
+    for lab, v in c["per_edit"].items():
+        v = np.array([np.nan if x is None else x for x in v], dtype=float)
+        k = min(window, len(v))
+        # trailing mean: the value at edit i summarizes edits i-k+1..i, so drift shows where it starts
+        smooth = np.array([np.nanmean(v[max(0, i - k + 1): i + 1]) for i in range(len(v))])
+        a1.plot(np.arange(1, len(v) + 1), smooth, label=lab, **style(lab))
+        a2.plot(np.arange(1, len(v) + 1), c["stale_tokens"][lab], label=lab, **style(lab))
+    a1.set_ylabel(f"agreement with full\n(trailing mean of {window} edits)")
+    a1.set_ylim(-0.02, 1.02)
+    a1.set_title(f"{c.get('trace') or ''}: {c['edits']} sequential line edits")
+    a1.legend(fontsize=8)
+    a2.set_ylabel("stale tokens")
+    a2.set_xlabel("edits applied so far")
+    for a in (a1, a2):
+        a.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_all(out: Path, res: dict) -> list[Path]:
+    """Every plot the run folder has data for; returns the files written."""
+    out, made = Path(out), []
+    if res.get("strategies"):
+        records = read_jsonl(out / "records.jsonl")
+        latency_cdf(records, list(res["strategies"]), out / "latency_cdf.png")
+        quality(res["strategies"], out / "quality.png")
+        made += [out / "latency_cdf.png", out / "quality.png"]
+    if res.get("scaling"):
+        latency_vs_length(res["scaling"], out / "latency_vs_length.png")
+        made.append(out / "latency_vs_length.png")
+    if res.get("agreement_curve"):
+        agreement_curve(res["agreement_curve"], out / "agreement_curve.png")
+        made.append(out / "agreement_curve.png")
+    return made

@@ -1,0 +1,136 @@
+"""
+A run folder's results.json and table.md, rebuilt from the raw records it holds.
+
+    python -m bench.report bench/out/run1     # recompute results.json, table.md and the plots
+
+Each phase of `livekv bench replay` streams its records (records.jsonl, curve.jsonl,
+scaling.jsonl) and notes what it ran in run.json under the same name; build() summarizes whatever is there, so a run
+cut short, or phases run one after another into the same --out, still gives results.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+from bench import metrics
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_part(out: Path, name: str, meta: dict) -> None:
+    """Record in run.json what phase `name` ran (its settings, counts and load average)."""
+    path = out / "run.json"
+    run = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    run[name] = meta
+    path.write_text(json.dumps(run, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def build(out: Path) -> dict:
+    """Summarize the run folder into results.json and table.md; returns the results."""
+    out = Path(out)
+    run = json.loads((out / "run.json").read_text(encoding="utf-8")) if (out / "run.json").exists() else {}
+    if not run:
+        raise ValueError(f"{out} holds no run.json: it is not a folder written by `livekv bench replay`")
+    records = read_jsonl(out / "records.jsonl")
+    rep = run.get("records", {})
+    labels = rep.get("strategies") or list(dict.fromkeys(r["label"] for r in records))
+    strategies = metrics.summarize(records, labels) if records else {}
+    any_meta = next(iter(run.values()))
+    res = {"model": any_meta.get("model"), "traces": rep.get("traces", []),
+           "edits": max((m["points"] for m in strategies.values()), default=0),
+           "strategies": strategies, "run": run}
+    scaling_rows = read_jsonl(out / "scaling.jsonl")
+    if scaling_rows:
+        res["scaling"] = metrics.summarize_scaling(scaling_rows)
+    curve_rows = read_jsonl(out / "curve.jsonl")
+    if curve_rows:
+        res["agreement_curve"] = dict(metrics.summarize_curve(curve_rows), trace=run.get("curve", {}).get("trace"))
+    (out / "results.json").write_text(json.dumps(res, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    (out / "table.md").write_text(markdown(res), encoding="utf-8")
+    return res
+
+
+# ---------------------------------------------------------------- markdown
+
+def _fmt(x, kind: str) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    return {"frac": f"{x:.3f}", "ms": f"{x:,.0f}", "x": f"{x:.2f}×", "n": f"{x:,.0f}"}[kind]
+
+
+COLUMNS = [("exact_match", "EM", "frac"), ("edit_similarity", "ES", "frac"),
+           ("agreement_with_full", "agree w/ full", "frac"),
+           ("agreement_nonempty", "agree w/ full (full non-empty)", "frac"), ("apply_ms_p50", "apply p50 ms", "ms"),
+           ("apply_ms_p95", "apply p95 ms", "ms"), ("ttft_ms_p50", "TTFT p50 ms", "ms"),
+           ("ttft_ms_p95", "TTFT p95 ms", "ms"), ("speedup_vs_full", "speed-up vs full", "x"),
+           ("tokens_encoded_mean", "tokens encoded (mean)", "n")]
+
+
+def strategy_table(strategies: dict) -> str:
+    rows = ["| strategy | points | " + " | ".join(c[1] for c in COLUMNS) + " |", "|" + "---|" * (len(COLUMNS) + 2)]
+    for lab, m in strategies.items():
+        rows.append(f"| {lab} | {m['points']} | " + " | ".join(_fmt(m[k], kind) for k, _, kind in COLUMNS) + " |")
+    return "\n".join(rows) + "\n"
+
+
+def scaling_table(summary: list[dict]) -> str:
+    labels = list(dict.fromkeys(r["label"] for r in summary))
+    rows = ["| file tokens | " + " | ".join(f"{lab}" for lab in labels) + " |", "|" + "---|" * (len(labels) + 1)]
+    for n in dict.fromkeys(r["length"] for r in summary):
+        cells = {r["label"]: r for r in summary if r["length"] == n}
+        toks = next(iter(cells.values()))["file_tokens"]
+        rows.append(f"| {toks:,} | " + " | ".join(
+            f"{_fmt(cells[lab]['apply_ms_p50'], 'ms')} + {_fmt(cells[lab]['ttft_ms_p50'], 'ms')}" if lab in cells else "–"
+            for lab in labels) + " |")
+    return "\n".join(rows) + "\n"
+
+
+def curve_table(c: dict) -> str:
+    e = c["buckets"]
+    spans = [f"edits {a + 1}–{b}" for a, b in zip(e, e[1:])]
+    rows = ["| strategy | all edits | " + " | ".join(spans) + " |", "|" + "---|" * (len(spans) + 2)]
+    for lab, v in c["overall"].items():
+        rows.append(f"| {lab} | {_fmt(v, 'frac')} | " + " | ".join(_fmt(x, 'frac') for x in c["by_bucket"][lab]) + " |")
+    return "\n".join(rows) + "\n"
+
+
+def markdown(res: dict) -> str:
+    parts = []
+    if res["strategies"]:
+        parts.append(f"Model {res['model']}, {res['edits']} prediction points per strategy.\n\n"
+                     + strategy_table(res["strategies"]))
+    if "scaling" in res:
+        parts.append("Scaling: median apply + time to first token (ms) against file length.\n\n"
+                     + scaling_table(res["scaling"]))
+    if "agreement_curve" in res:
+        c = res["agreement_curve"]
+        parts.append(f"Agreement with full over {c['edits']} sequential line edits of {c['trace']}.\n\n"
+                     + curve_table(c))
+    return "\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m bench.report RUN_FOLDER", file=sys.stderr)
+        return 2
+    from bench import plots
+    try:
+        res = build(Path(argv[0]))
+    except ValueError as e:
+        print(f"[report] error: {e}", file=sys.stderr)
+        return 2
+    plots.plot_all(Path(argv[0]), res)
+    print((Path(argv[0]) / "table.md").read_text(encoding="utf-8"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
