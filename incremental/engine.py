@@ -9,6 +9,7 @@ import torch
 from .config import STRATEGIES, Config
 from .document import Document
 from .fim import FimStream, fim_ids
+from .host_memory import keep_freed_memory
 from .kv_cache import KVCache
 from .models import load_model, resolve_device_dtype
 from .token_mirror import TokenMirror
@@ -54,6 +55,8 @@ class Engine:
         if config.threads:
             torch.set_num_threads(config.threads)
         torch.manual_seed(0)
+        if dev.type == "cpu":
+            keep_freed_memory()
         hf, tok, name = load_model(config.model, dev, dt, config.cache_path)
         eng = cls(config, hf, tok, name)
         log.info("loaded %s on %s/%s in %.1fs", name, dev, str(dt).removeprefix("torch."), time.perf_counter() - t0)

@@ -14,6 +14,8 @@ import weakref
 import numpy as np
 import torch
 
+from .host_memory import move_slots_
+
 
 class KVCache:
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype,
@@ -129,9 +131,8 @@ class KVCache:
         if n <= 0 or src == dst:
             return
         self.reserve(max(src, dst) + n)
-        for buf in (self.k, self.v):
-            # copy_ refuses partially overlapping memory: go through a temporary
-            buf[:, :, dst: dst + n] = buf[:, :, src: src + n].clone()
+        move_slots_(self.k, src, dst, n)
+        move_slots_(self.v, src, dst, n)
         for arr in (self.pos, self.stale, self.dirty):
             arr[dst: dst + n] = arr[src: src + n].copy()
 

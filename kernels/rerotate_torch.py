@@ -57,28 +57,39 @@ def rerotate_keys_torch_(k, delta, inv_freq, *, positions=None, interleaved=Fals
 
     assert src.dtype != math, "the math copy must not alias k"
     y = src.to(math)  # a copy: the math never touches k until the store
-    _rotate_(y, cos, sin, interleaved)
-    y = y.to(k.dtype)  # one rounding on store
+    if run and not masked:  # the common case: rotate straight into place
+        _rotate_into(kr[:, :, lo:lo + M], y, cos, sin, interleaved)
+        return k
+    out = torch.empty_like(src)
+    _rotate_into(out, y, cos, sin, interleaved)
     if masked:
-        y = torch.where(nz[:, None, :, None], y, src)
+        out = torch.where(nz[:, None, :, None], out, src)
     if run:
-        kr[:, :, lo:lo + M] = y
+        kr[:, :, lo:lo + M] = out
     else:
-        kr.index_copy_(2, tok, y)
+        kr.index_copy_(2, tok, out)
     return k
 
 
-def _rotate_(x, cos, sin, interleaved):
-    """Rotate the pairs of x (..., M, R) in place by angles with these cos/sin (M, R/2).
-
-    In-place mul_/addcmul_ touch memory about half as often as building the result
-    with cat: on CPU this path is bandwidth-bound.
-    """
+def _halves(x, interleaved):
     if interleaved:
-        x1, x2 = x[..., 0::2], x[..., 1::2]
-    else:
-        half = x.shape[-1] // 2
-        x1, x2 = x[..., :half], x[..., half:]
-    x1_old = x1.clone()
-    x1.mul_(cos).addcmul_(x2, sin, value=-1)  # x1 cos - x2 sin
-    x2.mul_(cos).addcmul_(x1_old, sin)  # x2 cos + x1 sin
+        return x[..., 0::2], x[..., 1::2]
+    half = x.shape[-1] // 2
+    return x[..., :half], x[..., half:]
+
+
+def _rotate_into(out, y, cos, sin, interleaved):
+    """out = y's pairs rotated by angles with these cos/sin (M, R/2); y (..., M, R) is the math
+    copy, out may be k itself. Each half is rounded once, on its copy_ into out.
+
+    Half-width temporaries written with out= and copied straight into k: on CPU this path is
+    bandwidth-bound, and every full-width pass or fresh buffer shows in an edit's latency.
+    """
+    y1, y2 = _halves(y, interleaved)
+    o1, o2 = _halves(out, interleaved)
+    t = torch.mul(y1, cos)
+    t.addcmul_(y2, sin, value=-1)  # x1 cos - x2 sin
+    o1.copy_(t)
+    torch.mul(y2, cos, out=t)
+    t.addcmul_(y1, sin)  # x2 cos + x1 sin
+    o2.copy_(t)
