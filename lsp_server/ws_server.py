@@ -13,16 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import importlib
 import itertools
 import json
 import logging
 import signal
 import threading
 from dataclasses import dataclass, field
-from http import HTTPStatus
-from pathlib import Path
-from urllib.parse import urlsplit
 
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
@@ -30,16 +26,11 @@ from websockets.exceptions import ConnectionClosed
 from . import ws_protocol as P
 from . import ws_session as S
 from .worker import Worker
+from .ws_http import DEMO_PAGE, LOOPBACK, allowed_origins, check_request, load_demo  # noqa: F401 (re-exported)
 
 log = logging.getLogger("livekv.ws")
 
-DEMO_PAGE = Path(__file__).resolve().parent.parent / "editor-clients" / "web" / "index.html"
-DEMO_MODULE = "bisect"  # a real, short stdlib file: ~900 tokens, encoded in about a second on a CPU
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 AUTH_TIMEOUT_S = 30     # with --token: how long a new connection may wait before its hello
-# The content the demo page may touch: itself and this server. Nothing from the internet.
-DEMO_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
-            "connect-src 'self'; img-src data:")
 
 
 @dataclass
@@ -72,63 +63,22 @@ class WsServer:
         self.port = opts.port
         self._ids = itertools.count(1)
         self._server = None
-        self._demo: tuple[str, str] | None = None
-        if opts.demo:
-            if not DEMO_PAGE.is_file():
-                raise ValueError(f"--demo needs the page {DEMO_PAGE}, which is missing: run from a livekv checkout")
-            path = Path(opts.demo_file or importlib.import_module(DEMO_MODULE).__file__)
-            try:
-                self._demo = (DEMO_PAGE.read_text(encoding="utf-8"),
-                              json.dumps({"uri": path.resolve().as_uri(), "text": path.read_text(encoding="utf-8")}))
-            except (OSError, UnicodeDecodeError) as e:
-                raise ValueError(f"cannot read the demo file {path}: {e}") from None
+        self._demo = load_demo(opts.demo_file) if opts.demo else None
 
     async def start(self) -> None:
         # The transport's hard limit closes the connection (1009); below it, messages over
         # max_message_bytes are answered with a too_large error and the connection lives on.
         hard = 4 * self.opts.max_message_bytes
         self._server = await serve(self._handle, self.opts.host, self.opts.port, max_size=hard,
-                                   process_request=self._process_request)
+                                   process_request=lambda c, r: check_request(c, r, self._demo, self.allowed_origins()))
         self.port = self._server.sockets[0].getsockname()[1]
+
+    def allowed_origins(self) -> set[str]:
+        return allowed_origins(self.opts.host, self.port, self.opts.allow_origins)
 
     async def stop(self) -> None:
         self._server.close()
         await self._server.wait_closed()
-
-    # -- HTTP: the demo page and the origin check ----------------------------------------------
-    def allowed_origins(self) -> set[str]:
-        hosts = LOOPBACK if self.opts.host in LOOPBACK else (self.opts.host,)
-        own = {f"http://{'[' + h + ']' if ':' in h else h}:{self.port}" for h in hosts}
-        return own | set(self.opts.allow_origins)
-
-    def _process_request(self, connection: ServerConnection, request):
-        """Before the handshake: plain HTTP gets the demo (or 404); a websocket needs a good Origin."""
-        allowed = self.allowed_origins()
-        if "websocket" not in request.headers.get("Upgrade", "").lower():
-            return self._http(connection, request, allowed)
-        origin = request.headers.get("Origin")
-        if origin is not None and "*" not in allowed and origin not in allowed:
-            log.warning("refused a connection from origin %s", origin)
-            return connection.respond(HTTPStatus.FORBIDDEN, f"livekv: origin {origin} is not allowed; start the "
-                                                            f"server with --allow-origin {origin} to accept it\n")
-        return None
-
-    def _http(self, connection: ServerConnection, request, allowed: set[str]):
-        path, host = request.path.split("?", 1)[0], request.headers.get("Host")
-        if self._demo is None or path not in ("/", "/index.html", "/demo-file.json"):
-            hint = "" if self._demo else " (start it with --demo for the browser page)"
-            return connection.respond(HTTPStatus.NOT_FOUND, f"livekv: this is a websocket server{hint}\n")
-        if "*" not in allowed and host not in {urlsplit(o).netloc for o in allowed}:
-            # DNS rebinding: a page of another site, resolved to this address, must not read the file
-            return connection.respond(HTTPStatus.FORBIDDEN, f"livekv: unexpected Host {host}; open the address "
-                                                            "the server printed, or add it with --allow-origin\n")
-        html = path != "/demo-file.json"
-        resp = connection.respond(HTTPStatus.OK, self._demo[0] if html else self._demo[1])
-        del resp.headers["Content-Type"]
-        resp.headers["Content-Type"] = "text/html; charset=utf-8" if html else "application/json"
-        resp.headers["Content-Security-Policy"] = DEMO_CSP
-        resp.headers["Cache-Control"] = "no-store"
-        return resp
 
     # -- websocket: one task per connection reads, one task sends ------------------------------
     async def _handle(self, ws: ServerConnection) -> None:

@@ -19,7 +19,8 @@ from pytest_lsp import ClientServerConfig, LanguageClient
 from pytest_lsp.client import make_test_lsp_client
 
 from conftest import excerpt, stdlib_source
-from lsp_helpers import MAX_NEW, ROOT, RawClient, apply, expected_completion, server_command, server_env, sha
+from lsp_helpers import (MAX_NEW, ROOT, RawClient, apply, change, completion_list, configure, eventually,
+                         expected_completion, inline, open_doc, server_command, server_env, sha, stats)
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -52,53 +53,8 @@ async def start_server(encodings=None, options=None) -> tuple[LanguageClient, T.
 
 
 # -- small client helpers ----------------------------------------------------------------------
-def plain(x):
-    if hasattr(x, "_asdict"):
-        return {k: plain(v) for k, v in x._asdict().items()}
-    if isinstance(x, (list, tuple)):
-        return [plain(v) for v in x]
-    return x
-
-
-def open_doc(c: LanguageClient, uri: str, text: str, version: int = 1) -> None:
-    c.text_document_did_open(T.DidOpenTextDocumentParams(T.TextDocumentItem(uri=uri, language_id="python", version=version, text=text)))
-
-
-def change(c: LanguageClient, uri: str, version: int, *changes) -> None:
-    """Each change is ((line, character), (line, character), text), or a str: the whole text."""
-    cc = [T.TextDocumentContentChangeWholeDocument(text=ch) if isinstance(ch, str) else
-          T.TextDocumentContentChangePartial(range=T.Range(T.Position(*ch[0]), T.Position(*ch[1])), text=ch[2])
-          for ch in changes]
-    c.text_document_did_change(T.DidChangeTextDocumentParams(text_document=T.VersionedTextDocumentIdentifier(uri=uri, version=version), content_changes=cc))
-
-
-async def stats(c: LanguageClient, uri: str | None = None, **extra) -> dict:
-    """livekv/stats; with a uri it queues behind every job sent before, so it also syncs."""
-    params = {"textDocument": {"uri": uri, **extra}} if uri else {}
-    return plain(await c.protocol.send_request_async("livekv/stats", params))
-
-
-async def inline(c: LanguageClient, uri: str, line: int, character: int):
-    ctx = T.InlineCompletionContext(trigger_kind=T.InlineCompletionTriggerKind.Invoked)
-    res = await c.text_document_inline_completion_async(
-        T.InlineCompletionParams(context=ctx, text_document=T.TextDocumentIdentifier(uri=uri),
-                                 position=T.Position(line=line, character=character)))
-    return res.items
-
-
 async def completion(c: LanguageClient, uri: str, line: int, character: int):
-    res = await c.text_document_completion_async(T.CompletionParams(
-        text_document=T.TextDocumentIdentifier(uri=uri), position=T.Position(line=line, character=character)))
-    return res.items
-
-
-async def eventually(pred, what: str, timeout: float = 60.0):
-    """Poll an async predicate: waiting on the protocol, never a timing assertion."""
-    end = time.monotonic() + timeout
-    while not (got := await pred()):
-        assert time.monotonic() < end, f"gave up waiting for {what}"
-        await asyncio.sleep(0.02)
-    return got
+    return (await completion_list(c, uri, line, character)).items
 
 
 def errors(c: LanguageClient) -> list[str]:
@@ -107,10 +63,6 @@ def errors(c: LanguageClient) -> list[str]:
 
 async def worker_busy(c: LanguageClient) -> bool:
     return (await stats(c))["server"]["worker_busy_ms"] > 0
-
-
-def configure(c: LanguageClient, settings) -> None:
-    c.workspace_did_change_configuration(T.DidChangeConfigurationParams(settings=settings))
 
 
 # -- tests -------------------------------------------------------------------------------------
