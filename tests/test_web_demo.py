@@ -1,5 +1,5 @@
 """The browser demo (`livekv serve --demo`): headless Chromium types into the page, a suggestion
-streams in as ghost text, Tab accepts it. Saves bench/out/web_demo.png for the README.
+streams in as ghost text, Tab accepts it. Saves a screenshot to bench/out/web_demo.png (the README shows a copy, docs/img/web_demo.png).
 
 Needs Debian's chromium (/usr/bin/chromium) and the Python `playwright` package; never
 downloads a browser. Skips, saying which is missing, when either is absent.
