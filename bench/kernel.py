@@ -11,6 +11,7 @@ torch path and the device's copy_ bandwidth.
 """
 
 import argparse
+import sys
 import time
 
 import torch
@@ -60,10 +61,10 @@ def copy_bandwidth(device, nbytes=1 << 30):
     return 2 * nbytes / t
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="livekv bench kernel", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes only (1k, 4k tokens)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -100,7 +101,8 @@ def main():
             last = f"{100 * bw / copy_bw:.0f}%" if device == "cuda" else f"{results[-1][1] / t:.1f}x"
             print(f"| {T} | {nbytes / 1e6:.0f} | {name} | {t * 1e3:.2f} | {bw / 1e9:.1f} | {last} |", flush=True)
         del k
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -186,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--curve-strategies", default="full,pie,pie-window,pie-refresh")
     ap.add_argument("--quick", action="store_true",
                     help="CI smoke: synthetic traces from a stdlib file (unless TRACES), tiny caps, small scaling and curve")
+    ap.add_argument("--no-replay", action="store_true",
+                    help="skip the replay itself: with TRACES, run only --agreement-curve (and --scaling)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     return ap
 
@@ -266,7 +268,7 @@ def _run(args, engine, traces, labels, curve_labels, lengths, out: Path) -> int:
         report.write_part(out, name, dict(part, status="done", **info, load_avg=load.summary()))
         return info
 
-    if traces:
+    if traces and not args.no_replay:
         info = phase("records", lambda sink, load: replay(
             engine, traces, labels, args.max_new_tokens, args.max_file_tokens, args.max_points,
             args.idle_refresh_tokens, sink, load, progress)[1],
