@@ -17,6 +17,7 @@ import time
 import torch
 
 import kernels
+from incremental.host_memory import keep_freed_memory
 
 LAYERS, KV_HEADS, HEAD_DIM, THETA = 30, 3, 64, 10000.0
 SHIFT = 5  # tokens inserted above everything
@@ -67,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        keep_freed_memory()  # as Engine.load does: both paths then reuse their temporaries
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     sizes = [1024, 4096] if args.quick else [1024, 4096, 16384, 65536]
     inv = 1.0 / (THETA ** (torch.arange(0, HEAD_DIM, 2, dtype=torch.float32, device=device) / HEAD_DIM))

@@ -1,7 +1,7 @@
 """CPU memory tuning: big temporaries without page faults, and overlapping slot moves in one pass.
 
 glibc serves every allocation over 32 MiB with a fresh mmap and unmaps it on free, so each
-edit's temporaries (the suffix keys in fp64 while they are rotated, attention scores during a
+edit's temporaries (the rotated halves of the suffix keys, attention scores during a
 re-encode) fault in every page again, and on a small machine that costs more than the
 arithmetic: rotating the suffix of a 2,800-token file spent over half its time in page faults.
 Serving large blocks from the heap and not trimming it keeps freed pages mapped for the next

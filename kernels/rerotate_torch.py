@@ -37,11 +37,11 @@ def rerotate_keys_torch_(k, delta, inv_freq, *, positions=None, interleaved=Fals
         delta = delta[..., sel]
         positions = None if positions is None else positions[..., sel]
         nz = nz[..., sel]
-    # One rounding per rotation, on store: fp32 caches do their math in fp64, half-precision
-    # caches in fp32. A key is rotated once per edit batch, but over a long session it is
-    # rotated by every edit before it; extra roundings per rotation would add up (random walk).
-    math = torch.float64 if k.dtype == torch.float32 else torch.float32
-    cos, sin = rotation_tables(delta, inv_freq, positions, device=dev, dtype=math)  # (M, R/2) or (B, M, R/2)
+    # fp32 math for every cache dtype (half-precision keys are promoted by the ops), with exact
+    # angles from rotation_tables: the rounding noise of a rotation is a few ulps, which over many
+    # edits adds up as a random walk, not a drift (test_many_edits_do_not_drift). fp64 math
+    # halved that noise but tripled the time of an edit's rotation on a CPU.
+    cos, sin = rotation_tables(delta, inv_freq, positions, device=dev, dtype=torch.float32)  # (M, R/2) or (B, M, R/2)
     if cos.dim() == 3:
         cos, sin = cos[:, None], sin[:, None]  # (B, 1, M, R/2): broadcast over heads
 
@@ -55,13 +55,11 @@ def rerotate_keys_torch_(k, delta, inv_freq, *, positions=None, interleaved=Fals
     # always x: -0.0 and non-finite values would change), so those need the original
     masked = delta.dim() == 2 and not bool(nz.all())
 
-    assert src.dtype != math, "the math copy must not alias k"
-    y = src.to(math)  # a copy: the math never touches k until the store
     if run and not masked:  # the common case: rotate straight into place
-        _rotate_into(kr[:, :, lo:lo + M], y, cos, sin, interleaved)
+        _rotate_into(kr[:, :, lo:lo + M], src, cos, sin, interleaved)
         return k
     out = torch.empty_like(src)
-    _rotate_into(out, y, cos, sin, interleaved)
+    _rotate_into(out, src, cos, sin, interleaved)
     if masked:
         out = torch.where(nz[:, None, :, None], out, src)
     if run:
@@ -78,18 +76,18 @@ def _halves(x, interleaved):
     return x[..., :half], x[..., half:]
 
 
-def _rotate_into(out, y, cos, sin, interleaved):
-    """out = y's pairs rotated by angles with these cos/sin (M, R/2); y (..., M, R) is the math
-    copy, out may be k itself. Each half is rounded once, on its copy_ into out.
+def _rotate_into(out, x, cos, sin, interleaved):
+    """out = x's pairs rotated by angles with these cos/sin (M, R/2); out may be x itself.
 
-    Half-width temporaries written with out= and copied straight into k: on CPU this path is
-    bandwidth-bound, and every full-width pass or fresh buffer shows in an edit's latency.
+    Both rotated halves are computed in fp32 temporaries before either is stored, so x may
+    alias out; each half is rounded to the cache dtype once, on its copy_. No full-width copy:
+    on a CPU this path is bandwidth-bound, and every extra pass shows in an edit's latency.
     """
-    y1, y2 = _halves(y, interleaved)
+    x1, x2 = _halves(x, interleaved)
     o1, o2 = _halves(out, interleaved)
-    t = torch.mul(y1, cos)
-    t.addcmul_(y2, sin, value=-1)  # x1 cos - x2 sin
-    o1.copy_(t)
-    torch.mul(y2, cos, out=t)
-    t.addcmul_(y1, sin)  # x2 cos + x1 sin
-    o2.copy_(t)
+    t1 = torch.mul(x1, cos)
+    t1.addcmul_(x2, sin, value=-1)  # x1 cos - x2 sin
+    t2 = torch.mul(x2, cos)
+    t2.addcmul_(x1, sin)  # x2 cos + x1 sin
+    o1.copy_(t1)
+    o2.copy_(t2)
