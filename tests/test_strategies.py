@@ -175,7 +175,9 @@ def test_thousand_edits_do_not_drift(tiny_engine):
     kernels.rerotate_keys_(once, torch.from_numpy(where[alive] - alive), tiny_engine.model.inv_freq,
                            positions=torch.from_numpy(alive))
     err = ((now - once).norm(dim=-1) / once.norm(dim=-1)).max().item()
-    assert err < 1e-5, err
+    # fp32 rotations round a few ulps each, a random walk over the ~1000 rotations a key went
+    # through (2.8e-5 measured); a wrong delta or a lost shift anywhere would be O(1)
+    assert err < 16 * torch.finfo(torch.float32).eps * 1000 ** 0.5, err
 
 
 def test_bad_input_leaves_document_untouched(tiny_engine):
