@@ -16,7 +16,7 @@ export const STATS = 'livekv/stats';
 export const STRATEGIES = ['full', 'prefix', 'reuse', 'conflict', 'pie', 'pie-window', 'pie-refresh'] as const;
 export const OPTIONAL = {
   device: 'string', dtype: 'string', maxPromptMs: 'integer', maxPredictMs: 'integer', maxLines: 'integer',
-  multiline: 'boolean', prefetch: 'boolean', candidates: 'integer',
+  multiline: 'boolean', prefetch: 'boolean', candidates: 'integer', repoContext: 'boolean', maxCacheTokens: 'integer',
 } as const;
 type Optional = { [K in keyof typeof OPTIONAL]?: (typeof OPTIONAL)[K] extends 'string' ? string
   : (typeof OPTIONAL)[K] extends 'boolean' ? boolean : number };

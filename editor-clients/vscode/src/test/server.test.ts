@@ -110,12 +110,14 @@ test('settings: only keys the server knows, optional ones only when set', () => 
   assert.deepEqual(defaults, { livekv: { model: null, strategy: 'pie', maxNewTokens: 48 } });
   const set: Record<string, unknown> = {
     model: ' smollm2-135m ', strategy: 'nonsense', maxNewTokens: 0, prefetch: false, maxPromptMs: 80,
-    candidates: '3', serverPath: '/opt/livekv', debounceMs: 10, somethingElse: 1,
+    candidates: '3', serverPath: '/opt/livekv', debounceMs: 10, somethingElse: 1, repoContext: false,
+    maxCacheTokens: 4096,
   };
   const s = readSettings((k) => set[k]);
   // a wrong value falls back to the default rather than make the server refuse every setting
   assert.deepEqual(serverSettings(s), {
-    livekv: { model: 'smollm2-135m', strategy: 'pie', maxNewTokens: 48, prefetch: false, maxPromptMs: 80 },
+    livekv: { model: 'smollm2-135m', strategy: 'pie', maxNewTokens: 48, prefetch: false, maxPromptMs: 80,
+              repoContext: false, maxCacheTokens: 4096 },
   });
   assert.deepEqual(serverCommand(s), { command: '/opt/livekv', args: ['lsp'] });
   assert.deepEqual(serverCommand(readSettings((k) => (k === 'serverPath' ? '~/venv/bin/livekv' : undefined)), '/home/me'),
