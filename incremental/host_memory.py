@@ -41,9 +41,6 @@ def keep_freed_memory() -> bool:
     return ok
 
 
-_memmove = ctypes.memmove
-
-
 def move_slots_(buf: torch.Tensor, src: int, dst: int, n: int) -> None:
     """buf[:, :, dst:dst+n] = buf[:, :, src:src+n] for a contiguous (L, H, C, D) buffer; the
     ranges may overlap. On the CPU each (layer, head) row is one memmove: a single pass, where a
@@ -59,4 +56,4 @@ def move_slots_(buf: torch.Tensor, src: int, dst: int, n: int) -> None:
     row, base = C * D * es, buf.data_ptr()
     a, b, size = src * D * es, dst * D * es, n * D * es
     for r in range(L * H):
-        _memmove(base + r * row + b, base + r * row + a, size)
+        ctypes.memmove(base + r * row + b, base + r * row + a, size)
