@@ -220,6 +220,8 @@ def main(argv: list[str] | None = None, engine=None) -> int:
         ap.error("--lengths: give token counts of at least 64, e.g. 1024,2048,4096")
     if not args.traces and not args.quick and not args.scaling:
         ap.error("give TRACES (from `livekv bench traces`), or --scaling, or --quick")
+    if args.no_replay and not (args.agreement_curve or args.scaling):
+        ap.error("--no-replay leaves nothing to run: add --agreement-curve or --scaling")
     if args.agreement_curve and not args.traces and not args.quick:
         ap.error("--agreement-curve needs TRACES: it replays real edits of one of their files")
     try:

@@ -235,6 +235,9 @@ def test_cli_errors_are_clear(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         replay.main(["--out", str(tmp_path)])
     assert "give TRACES" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        replay.main(["x.jsonl", "--no-replay", "--out", str(tmp_path)])
+    assert "--no-replay leaves nothing to run" in capsys.readouterr().err
     assert replay.main([str(tmp_path / "missing.jsonl"), "--out", str(tmp_path)]) == 2
     assert "cannot read traces" in capsys.readouterr().err
 
