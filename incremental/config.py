@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 # Update policies, all on the same code path (see strategies.py).
-STRATEGIES = ("full", "prefix", "reuse", "conflict", "pie", "pie-window", "pie-refresh")
+STRATEGIES = ("full", "prefix", "reuse", "conflict", "pie", "pie-window", "pie-refresh", "lazy")
 DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -27,6 +27,7 @@ class Config:
     reuse_min_chunk: int = 64       # llama.cpp's --cache-reuse N
     refresh_window: int = 32        # tokens re-encoded after an edit by pie-window / pie-refresh
     encode_chunk: int = 512         # queries per forward pass when (re-)encoding long runs
+    lazy_segments: int = 32         # lazy: compact (really rotate) past this many pending-delta runs
     fresh_tail: int = 1             # tokens before the cursor re-run fresh for each completion
     token_healing: bool = True      # re-generate the token before the cursor, constrained to its text
     fim: str = "auto"               # "auto": keep a FIM token stream when the model has FIM tokens; "off"
@@ -49,7 +50,7 @@ class Config:
             raise ValueError(f"unknown dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
         if self.device is not None and not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"unknown device {self.device!r}: use 'cpu', 'cuda' or 'cuda:N'")
-        for name in ("max_new_tokens", "reuse_min_chunk", "encode_chunk", "fresh_tail", "max_lines"):
+        for name in ("max_new_tokens", "reuse_min_chunk", "encode_chunk", "fresh_tail", "max_lines", "lazy_segments"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("refresh_window", "max_prompt_ms", "max_predict_ms", "threads"):

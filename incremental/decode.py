@@ -148,8 +148,9 @@ def decode(doc, c: int, n: int, max_new: int, should_stop: Callable[[], bool] | 
         j = doc.gap
     comp.prefix_tokens, comp.tail_tokens = j, len(tail)
     # bring the cache up to date before the cursor (after it, nothing is attended now)
-    s0, p0 = doc.slot0, doc.pos0
-    dirty = int(kv.dirty[s0: s0 + j].sum())
+    p0 = doc.pos0
+    before = doc.span(j)                        # the slots of the tokens before the cursor
+    dirty = int(kv.dirty[before].sum())
     if dirty:
         cancelled = lambda: should_stop is not None and should_stop()  # noqa: E731
         late = lambda: bool(max_prompt_ms) and (time.perf_counter() - t0) * 1e3 > max_prompt_ms  # noqa: E731
@@ -168,7 +169,7 @@ def decode(doc, c: int, n: int, max_new: int, should_stop: Callable[[], bool] | 
     width = max(S + need, others)
     visible = visible_slots(doc, width)         # the groups before this document ...
     if fim is None:
-        visible[s0: s0 + j] = True              # ... and its own tokens before the cursor
+        visible[before if isinstance(before, slice) else torch.from_numpy(before)] = True  # ... and its own tokens before the cursor
         # φ, the target group's first position: right after the cursor, or after the document
         phi = p0 + (j if eng.config.phi == "cursor" else doc.n)
     else:

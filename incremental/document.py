@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import time
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
-from . import strategies, update
-from .decode import Completion, decode
+from . import lazy, strategies, update
+from .completer import Completer
 from .kv_cache import KVCache
 from .syntax import SyntaxTree
 from .token_mirror import MirrorState
@@ -19,7 +19,13 @@ Position = tuple[int, int]
 Change = tuple[Position, Position, str]
 
 
-class Document:
+def slack(n: int) -> int:
+    """Free slots a region gets beyond its n tokens: room for edits and a completion's tokens,
+    so that typing does not regrow (copy) a whole cache on its first insertion."""
+    return 64 + n // 8
+
+
+class Document(Completer):
     """One open file. Create it with Engine.open; every method runs on the caller's thread."""
 
     def __init__(self, engine, uri: str, text: str, strategy: str, kv: KVCache | None = None,
@@ -37,7 +43,11 @@ class Document:
         self.state: MirrorState = engine.mirror.state(text)
         self.n = len(self.state.ids)
         self.slot0 = self.cap = 0
-        self.kv.alloc(self, self.n + 64)
+        # Token i's K/V sit at slot slot0 + i, or at slot0 + order[i] while a lazy layout is live;
+        # `used` region slots hold tokens or the holes deleted ones left.
+        self.order: np.ndarray | None = None
+        self.used = self.n
+        self.kv.alloc(self, self.n + slack(self.n))
         self.version = 0
         self.last_keep: np.ndarray | None = None
         self.encode_ms_per_token = 1.0  # an estimate, refined by every encode (for maxPromptMs)
@@ -46,8 +56,9 @@ class Document:
         self._syntax_stale = False
         self.typeahead = TypeAhead()
         self._stats = dict(edits=0, tokens_encoded_last_edit=0, keys_rotated_last_edit=0, edit_ms_last=0.0,
+                           rearrange_ms_last=0.0,
                            tokens_encoded_total=0, keys_rotated_total=0, completions=0, last_completion={},
-                           last_prefetch={}, prompt_caps=0, predict_caps=0)
+                           last_prefetch={}, prompt_caps=0, predict_caps=0, compactions=0)
         s0, T = self.slot0, self.n
         self.kv.pos[s0: s0 + T] = self.position_of(np.arange(T))
         self.kv.stale[s0: s0 + T] = False
@@ -62,32 +73,61 @@ class Document:
     def token_ids(self) -> list[int]:
         return self.state.ids.tolist()
 
+    def index(self, idx: np.ndarray | None = None):
+        """The slots of token indices idx (all tokens when None); a slice when that is a view."""
+        if self.order is None:
+            return slice(self.slot0, self.slot0 + self.n) if idx is None else self.slot0 + idx
+        return self.slot0 + (self.order if idx is None else self.order[idx])
+
+    def span(self, j: int):
+        """The slots of tokens [0, j), in token order."""
+        return slice(self.slot0, self.slot0 + j) if self.order is None else self.slot0 + self.order[:j]
+
     @property
     def stats(self) -> dict:
-        kv, s = self.kv, slice(self.slot0, self.slot0 + self.n)
+        kv, s = self.kv, self.index()
         return dict(self._stats, uri=self.uri, strategy=self.strategy, tokens=self.n, version=self.version,
                     reuse_hits=self.typeahead.hits, position_base=self.pos0, slot_base=self.slot0,
                     stale_tokens=int(kv.stale[s].sum()), dirty_tokens=int(kv.dirty[s].sum()),
+                    pending_keys=int(np.count_nonzero(kv.delta[s])), pending_segments=lazy.segments(self),
+                    holes=self.used - self.n,
                     cache_bytes=self.n * kv.bytes_per_token(), full_reencode_tokens=self.n,
                     syntax_reparses=self._syntax.reparses if self._syntax is not None else 0)
 
     def cached(self) -> tuple:
-        """Views (L, Hkv, n, D) of this document's cached keys and values, in token order."""
+        """Views (L, Hkv, n, D) of this document's cached keys and values, in token order, each
+        key rotated to its position (a lazy layout is compacted first)."""
+        self.compact()
         s = slice(self.slot0, self.slot0 + self.n)
         return self.kv.k[:, :, s], self.kv.v[:, :, s]
 
+    def compact(self) -> int:
+        """Apply a lazy layout's pending deltas for real; returns the keys rotated."""
+        return lazy.compact(self)
+
     @property
     def positions(self) -> np.ndarray:
-        return self.kv.pos[self.slot0: self.slot0 + self.n]
+        """The position of each token's key (pending lazy deltas included)."""
+        s = self.index()
+        return self.kv.pos[s] + self.kv.delta[s]
 
     @property
     def stale(self) -> np.ndarray:
-        return self.kv.stale[self.slot0: self.slot0 + self.n]
+        """Which tokens' K/V did not see the current text before them (a copy under a lazy
+        layout: change it with mark_stale)."""
+        return self.kv.stale[self.index()]
 
     @property
     def dirty(self) -> np.ndarray:
         """Which tokens still wait to be encoded (after settle=False edits or an interruption)."""
-        return self.kv.dirty[self.slot0: self.slot0 + self.n]
+        return self.kv.dirty[self.index()]
+
+    def mark_stale(self, which: np.ndarray | None = None) -> None:
+        """Mark tokens stale (all when which is None; else a bool mask over tokens)."""
+        if which is None:
+            self.kv.stale[self.index()] = True
+        else:
+            self.kv.stale[self.index(np.flatnonzero(which))] = True
 
     def position_of(self, idx: np.ndarray) -> np.ndarray:
         """The position token index idx is encoded at: pos0 + idx, one later after a FIM gap."""
@@ -116,19 +156,19 @@ class Document:
         new.uri, new.strategy = uri, strategy or self.strategy
         new._syntax, new._syntax_stale, new.typeahead = None, False, TypeAhead()
         new._stats = dict(self._stats)
-        new.kv = self.engine._new_cache(self.n + 64)
-        new.kv.alloc(new, self.n + 64)
-        new.kv.restore(self.kv.snapshot(self.slot0, self.n), new.slot0)
+        new.kv = self.engine._new_cache(self.used + slack(self.used))
+        new.kv.alloc(new, self.used + slack(self.used))
+        new.kv.restore(self.kv.snapshot(self.slot0, self.used), new.slot0)
         self.engine.documents[uri] = new
         return new
 
     def scratch(self, need: int) -> int:
         """The first of `need` free slots for a completion's own tokens (the target group)."""
         kv = self.kv
-        if self.n + need > self.cap and self.slot0 + self.cap == kv.top:
-            kv.grow(self, self.n + need)       # the last region: grow it in place
-        if self.n + need <= self.cap:
-            return self.slot0 + self.n
+        if self.used + need > self.cap and self.slot0 + self.cap == kv.top:
+            kv.grow(self, self.used + need)    # the last region: grow it in place
+        if self.used + need <= self.cap:
+            return self.slot0 + self.used
         kv.reserve(kv.top + need)              # else past every region
         return kv.top
 
@@ -174,8 +214,10 @@ class Document:
             for a, b, text in spans:
                 self._syntax.edit(a, b, text)
             self._syntax_stale = True
+        t1 = time.perf_counter()
         rotated = update.rearrange(self, p)
         s = self._stats
+        s["rearrange_ms_last"] = (time.perf_counter() - t1) * 1e3
         s["edits"] += 1
         s["keys_rotated_last_edit"] = rotated
         s["keys_rotated_total"] += rotated
@@ -243,79 +285,3 @@ class Document:
             return c - col
         start = len(self.state.text.encode("utf-8")[: node.start_byte].decode("utf-8", errors="ignore"))
         return min(start, c - col)
-
-    # -- completing --------------------------------------------------------------------------
-    def suggest(self, line: int, col: int, n: int = 1, max_new_tokens: int | None = None,
-                should_stop: Callable[[], bool] | None = None, extra: str = "", reuse: bool = False,
-                on_piece: Callable[[str], None] | None = None, **caps) -> Completion:
-        """Up to n distinct suggestions at (line, col), from one batched decode.
-
-        reuse: answer from the suggestion last shown when the person has been typing it (no
-        model call), and remember this one. extra: text taken as typed at the cursor first
-        (prefetch). caps: max_prompt_ms, max_predict_ms, multiline (default from the config).
-        on_piece(text) streams candidate 0 as it becomes final."""
-        c = self.offset(line, col)
-        if reuse and not extra and n == 1:
-            rest = self.typeahead.lookup(self.text, c)
-            if rest is not None:
-                comp = Completion(texts=[rest], stop="typed_ahead", reused=True)
-                self._stats["last_completion"] = comp.summary()
-                if on_piece is not None:
-                    on_piece(rest)
-                return comp
-        gen = self._decode(line, col, n, max_new_tokens, should_stop, extra, **caps)
-        while True:
-            try:
-                piece = next(gen)
-            except StopIteration as done:
-                comp = done.value
-                break
-            if on_piece is not None:
-                on_piece(piece)
-        if reuse and not extra and comp.stop not in ("cancelled", "prompt_cap", "predict_cap"):
-            self.typeahead.remember(self.text, c, comp.text)
-        return comp
-
-    def prefetch(self, should_stop: Callable[[], bool] | None = None, **caps) -> str | None:
-        """Decode the line after the suggestion last shown, as if it had been accepted, and
-        append it to that suggestion for typed-ahead reuse. Returns the prefetched text."""
-        shown = self.typeahead.shown
-        if shown is None or not self.text.startswith(shown.before) or not shown.text.strip():
-            return None
-        line, col = self.engine.mirror.position(self.state, shown.anchor)
-        comp = self.suggest(line, col, extra=shown.text, should_stop=should_stop, record=False, **caps)
-        if comp.stop in ("cancelled", "prompt_cap") or not comp.text:
-            return None
-        return comp.text if self.typeahead.extend(shown.text, comp.text) else None
-
-    def stream(self, line: int, col: int, max_new_tokens: int | None = None,
-               should_stop: Callable[[], bool] | None = None, **caps) -> Iterator[str]:
-        """Yield the completion at (line, col) piece by piece (one per decoded token at most)."""
-        yield from self._decode(line, col, 1, max_new_tokens, should_stop, "", **caps)
-
-    def complete(self, line: int, col: int, max_new_tokens: int | None = None,
-                 should_stop: Callable[[], bool] | None = None, **caps) -> str:
-        """The text to insert at (line, col): greedy, to the end of the line (or of the block a
-        colon just opened)."""
-        return self.suggest(line, col, 1, max_new_tokens, should_stop, **caps).text
-
-    def _decode(self, line, col, n, max_new_tokens, should_stop, extra, max_prompt_ms=None,
-                max_predict_ms=None, multiline=None, max_lines=None, record=True):
-        cfg = self.engine.config
-        c = self.offset(line, col)
-        max_new = max_new_tokens or cfg.max_new_tokens
-        if max_new < 1 or n < 1:
-            raise ValueError(f"max_new_tokens and the number of candidates must be at least 1, got {max_new}, {n}")
-        comp = yield from decode(
-            self, c, n, max_new, should_stop, extra,
-            max_prompt_ms=cfg.max_prompt_ms if max_prompt_ms is None else max_prompt_ms,
-            max_predict_ms=cfg.max_predict_ms if max_predict_ms is None else max_predict_ms,
-            multiline=cfg.multiline if multiline is None else multiline, max_lines=max_lines)
-        if record:  # a prefetch is not a completion anybody asked for
-            self._stats["completions"] += 1
-            self._stats["prompt_caps"] += comp.incomplete
-            self._stats["predict_caps"] += comp.capped
-            self._stats["last_completion"] = comp.summary()
-        else:
-            self._stats["last_prefetch"] = comp.summary()
-        return comp

@@ -89,7 +89,7 @@ class FimStream:
         new_kv = doc.engine._new_cache(kv.capacity)
         new_kv.top = kv.top
         new_kv.k[:, :, :kv.top], new_kv.v[:, :, :kv.top] = kv.k[:, :, :kv.top], kv.v[:, :, :kv.top]
-        for name in ("pos", "stale", "dirty"):
+        for name in ("pos", "stale", "dirty", "delta"):
             getattr(new_kv, name)[:kv.top] = getattr(kv, name)[:kv.top]
         p, d, s = (type(x).__new__(type(x)) for x in (self.prefix_marker, doc, self.suffix_marker))
         for new, old in ((p, self.prefix_marker), (d, doc), (s, self.suffix_marker)):

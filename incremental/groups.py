@@ -63,10 +63,11 @@ class Workspace:
             if doc.pos0 != self.active_base:  # contexts came or went: one rotation
                 self._move(doc, self.active_base - doc.pos0)
             if changed:
-                doc.stale[:] = True
+                doc.mark_stale()
 
     def _move(self, doc: Document, delta: int) -> None:
         """Move a whole group by delta positions: one rotation of its keys, nothing re-encoded."""
+        doc.compact()  # rare (contexts came or went): token order makes it one contiguous rotation
         s0, n = doc.slot0, doc.n
         if n and delta:
             dev = doc.kv.k.device
@@ -88,11 +89,11 @@ class Workspace:
             del self.active[other.uri]
             self._move(other, self.context_base - other.pos0)
             other.sees[:] = [self.prefix]
-            other.stale[:] = True
+            other.mark_stale()
             self.contexts[other.uri] = other
         self._move(doc, self.active_base - doc.pos0)
         self.active[uri] = doc
-        doc.stale[:] = True
+        doc.mark_stale()
         self._fit_span()
         self._relink(changed=False)
         return doc

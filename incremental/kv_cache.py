@@ -2,7 +2,8 @@
 
 Keys and values live in (L, Hkv, capacity, D) buffers so that one kernel call can re-rotate a
 token range across every layer (the layer axis plays the kernel's batch axis). Each document
-(a position group) owns a region of slots, in its own token order. Slot order is only memory
+(a position group) owns a region of slots, in its own token order (under `lazy`, in the order
+its tokens arrived, with holes: Document.order maps tokens to slots). Slot order is only memory
 order: what a query sees is decided by the attention mask, and where a key sits in position
 space by its RoPE rotation, so a region can move in memory without touching positions. Slots
 past the last region are scratch for a completion's own tokens.
@@ -31,6 +32,9 @@ class KVCache:
         self.stale = np.zeros(capacity, dtype=bool)
         # A dirty token's K/V are not computed yet (an encode still to run, or one interrupted).
         self.dirty = np.zeros(capacity, dtype=bool)
+        # Lazy deltas: a key belongs at pos + delta but is still rotated to pos; attention rotates
+        # the query by -delta for it instead (RoPE scores depend on the difference only).
+        self.delta = np.zeros(capacity, dtype=np.int64)
         # id(owner) -> [weakref(owner), slot0, cap]; weak, so a dropped document frees its memory
         # at once instead of waiting in a reference cycle for the garbage collector
         self.regions: dict[int, list] = {}
@@ -58,7 +62,7 @@ class KVCache:
             new = torch.zeros(old.shape[0], old.shape[1], cap, old.shape[3], dtype=old.dtype, device=old.device)
             new[:, :, : self.top] = old[:, :, : self.top]
             setattr(self, name, new)
-        for name in ("pos", "stale", "dirty"):
+        for name in ("pos", "stale", "dirty", "delta"):
             old = getattr(self, name)
             new = np.zeros(cap, dtype=old.dtype)
             new[: self.top] = old[: self.top]
@@ -85,7 +89,7 @@ class KVCache:
 
     def grow(self, owner, need: int) -> None:
         """Give owner's region at least `need` slots: in place when it is the last region, else
-        by moving it to the top (its first owner.n slots are kept)."""
+        by moving it to the top (its first owner.used slots are kept)."""
         entry = self.regions[id(owner)]
         _, slot0, cap = entry
         if need <= cap:
@@ -98,7 +102,7 @@ class KVCache:
             dst = self.top
             self.reserve(dst + new_cap)
             self.top = dst + new_cap
-            self.move(slot0, dst, owner.n)
+            self.move(slot0, dst, owner.used)
             slot0 = dst
         entry[1:] = [slot0, new_cap]
         owner.slot0, owner.cap = slot0, new_cap
@@ -116,9 +120,9 @@ class KVCache:
             owner = ref()
             if owner is None:
                 continue
-            keep = max(owner.n + 64, min(cap, 2 * owner.n + 64))
+            keep = max(owner.used + 64, min(cap, 2 * owner.used + 64))
             if slot0 != at:
-                self.move(slot0, at, owner.n)
+                self.move(slot0, at, owner.used)
             entry[1:] = [at, keep]
             owner.slot0, owner.cap = at, keep
             at += keep
@@ -133,7 +137,7 @@ class KVCache:
         self.reserve(max(src, dst) + n)
         move_slots_(self.k, src, dst, n)
         move_slots_(self.v, src, dst, n)
-        for arr in (self.pos, self.stale, self.dirty):
+        for arr in (self.pos, self.stale, self.dirty, self.delta):
             arr[dst: dst + n] = arr[src: src + n].copy()
 
     def layer(self, i: int, n_keys: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,7 +148,7 @@ class KVCache:
         """A copy of n slots from slot0 (for forks and tests)."""
         s = slice(slot0, slot0 + n)
         return {"k": self.k[:, :, s].clone(), "v": self.v[:, :, s].clone(), "pos": self.pos[s].copy(),
-                "stale": self.stale[s].copy(), "dirty": self.dirty[s].copy(), "n": n}
+                "stale": self.stale[s].copy(), "dirty": self.dirty[s].copy(), "delta": self.delta[s].copy(), "n": n}
 
     def restore(self, snap: dict, slot0: int) -> None:
         n = snap["n"]
@@ -152,3 +156,4 @@ class KVCache:
         self.reserve(slot0 + n)
         self.k[:, :, s], self.v[:, :, s] = snap["k"], snap["v"]
         self.pos[s], self.stale[s], self.dirty[s] = snap["pos"], snap["stale"], snap["dirty"]
+        self.delta[s] = snap["delta"]

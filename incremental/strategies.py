@@ -12,6 +12,8 @@ carries it out, so their costs and their quality are compared on the same code p
 - pie:       encode only the new tokens and rotate every moved key by its delta.
 - pie-window / pie-refresh: pie, plus re-encoding the W kept tokens after each change
              (pie-refresh also refreshes stale regions when idle, see Document.refresh).
+- lazy:      pie's plan, but moved keys are not rotated: attention rotates queries instead
+             (lazy.py), so an edit's K/V work does not grow with the suffix.
 """
 from __future__ import annotations
 
@@ -77,9 +79,9 @@ def plan(strategy: str, old_ids: np.ndarray, new_ids: np.ndarray, origin: np.nda
         return Plan(keep, rotate=True)
     if strategy == "conflict":
         return Plan(origin.copy(), rotate=False)
-    if strategy in ("pie", "pie-window", "pie-refresh"):
+    if strategy in ("pie", "pie-window", "pie-refresh", "lazy"):
         keep = origin.copy()
-        if strategy != "pie" and window > 0:
+        if strategy in ("pie-window", "pie-refresh") and window > 0:
             for c in change_points(origin):
                 # the first `window` kept tokens from c on are re-encoded: they are the stalest
                 kept_after = np.flatnonzero(keep[c:] >= 0)[:window] + c

@@ -10,6 +10,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .lazy import LAZY_MAX_QUERIES, PendingDeltas, attention_with_deltas
+
+
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
@@ -59,6 +62,19 @@ class Transformer:
             attn_mask = torch.zeros(mask.shape, dtype=x.dtype, device=self.device)
             attn_mask.masked_fill_(~mask.to(self.device), float("-inf"))  # (n, n_keys)
         contiguous = isinstance(slots, int)
+        kv.delta[slice(slots, slots + n) if contiguous else slots.cpu().numpy()] = 0  # written at `pos` now
+        pending = PendingDeltas(kv, n_keys, mask, n >= LAZY_MAX_QUERIES, self.inv_freq.to(self.device))
+        if pending.runs is not None and attn_mask is not None:
+            attn_mask = attn_mask[:, pending.cols]                     # the runs' columns only
+        tables = {}
+
+        def rope(q, d):  # q rotated to its positions minus d
+            if d not in tables:
+                c, s = self.rotary(x, (pos - d).to(self.device)[None])
+                tables[d] = c[:, None], s[:, None]
+            c, s = tables[d]
+            return q * c + _rotate_half(q) * s
+
         if not contiguous:
             slots = slots.to(self.device)
         for i, layer in enumerate(self.layers):
@@ -70,7 +86,6 @@ class Transformer:
             if self.qk_norm:
                 q, k = a.q_norm(q), a.k_norm(k)
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (1, H|Hkv, n, D)
-            q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             if contiguous:
                 kv.k[i, :, slots: slots + n] = k[0]
@@ -79,8 +94,13 @@ class Transformer:
                 kv.k[i].index_copy_(1, slots, k[0])
                 kv.v[i].index_copy_(1, slots, v[0])
             K, V = kv.layer(i, n_keys)                                 # (1, Hkv, n_keys, D)
-            o = F.scaled_dot_product_attention(q, K, V, attn_mask=attn_mask, scale=self.scaling,
-                                               enable_gqa=self.n_heads != self.n_kv_heads)
+            if pending.runs is None or pending.copy:
+                K, V = pending.rotated(K, V)
+                q = q * cos + _rotate_half(q) * sin
+                o = F.scaled_dot_product_attention(q, K, V, attn_mask=attn_mask, scale=self.scaling,
+                                                   enable_gqa=self.n_heads != self.n_kv_heads)
+            else:
+                o = attention_with_deltas(q, K, V, rope, pending.runs, attn_mask, self.scaling)
             x = x + a.o_proj(o.transpose(1, 2).reshape(1, n, -1))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         if logits_at is None:

@@ -14,11 +14,15 @@ import torch
 
 import kernels
 
+from .lazy import LAZY_COMPACT_TOKENS, compact, rearrange_lazy
 from .strategies import Plan, change_points
 
 
 def rearrange(doc, p: Plan) -> int:
     """Move kept K/V to their new slots, rotate them, mark the rest dirty. Returns keys rotated."""
+    if doc.strategy == "lazy" and doc.fim is None and doc.gap is None:
+        return rearrange_lazy(doc, p)
+    rotated = compact(doc)  # a fork of a lazy document: token order first
     kv, keep, s0 = doc.kv, p.keep, doc.slot0
     doc.last_keep = keep  # for tests and tools: which old index each token came from
     T = len(keep)
@@ -31,7 +35,7 @@ def rearrange(doc, p: Plan) -> int:
         changes = change_points(keep)
         if doc.gap != old_gap or (len(changes) and changes[0] < doc.gap):
             doc.on_prefix_changed()
-    kv.grow(doc, max(T, doc.n) + 64)
+    kv.grow(doc, max(T, doc.n) + 16)
     s0 = doc.slot0
     # Runs of tokens that move together. Left-movers go first in ascending order, right-movers
     # last in descending order: then no move overwrites a source that is still to be read.
@@ -44,14 +48,13 @@ def rearrange(doc, p: Plan) -> int:
             kv.move(s0 + src, s0 + dst, n)
         for src, dst, n in sorted([r for r in runs if r[1] > r[0]], reverse=True):
             kv.move(s0 + src, s0 + dst, n)
-    doc.n = T
+    doc.n = doc.used = T
     enc_idx = np.flatnonzero(keep < 0)
     changes = change_points(keep)
     if len(changes):  # kept tokens after a change never saw it
         kv.stale[s0 + new_idx[new_idx >= changes[0]]] = True
     kv.stale[s0 + enc_idx] = False
     kv.dirty[s0 + enc_idx] = True
-    rotated = 0
     if p.rotate and len(new_idx):
         delta = doc.position_of(new_idx) - kv.pos[s0 + new_idx]
         moved = new_idx[delta != 0]
@@ -65,7 +68,7 @@ def rearrange(doc, p: Plan) -> int:
                                    doc.engine.model.inv_freq.to(dev),
                                    positions=torch.from_numpy(kv.pos[s0 + a: s0 + b].copy()).to(dev))
             kv.pos[s0 + moved] = doc.position_of(moved)
-            rotated = len(moved)
+            rotated += len(moved)
     kv.pos[s0 + enc_idx] = doc.position_of(enc_idx)
     return rotated
 
@@ -76,14 +79,26 @@ def visible_slots(doc, n_keys: int) -> torch.Tensor:
     vis = torch.zeros(n_keys, dtype=torch.bool)
     kv = doc.kv
     for g in doc.sees:
-        vis[g.slot0: g.slot0 + g.n] = torch.from_numpy(~kv.dirty[g.slot0: g.slot0 + g.n])
+        s = group_slots(g)
+        vis[s if isinstance(s, slice) else torch.from_numpy(s)] = torch.from_numpy(~kv.dirty[s])
     return vis
+
+
+def group_slots(g):
+    """The slots of group g's tokens (a Document, or a FIM stream's part before its gap)."""
+    order = getattr(g, "order", None)
+    return slice(g.slot0, g.slot0 + g.n) if order is None else g.slot0 + order
+
+
+def group_end(g) -> int:
+    """One past the last slot group g uses."""
+    return g.slot0 + (g.n if getattr(g, "order", None) is None else g.used)
 
 
 def keys_end(doc, after_gap: bool = False) -> int:
     """One past the last slot any of doc's queries may attend to, besides its own."""
     groups = list(doc.sees) + (list(doc.after_gap) if after_gap else [])
-    return max([g.slot0 + g.n for g in groups], default=0)
+    return max([group_end(g) for g in groups], default=0)
 
 
 def settle(doc, should_stop: Callable[[], bool] | None = None, upto: int | None = None,
@@ -95,30 +110,44 @@ def settle(doc, should_stop: Callable[[], bool] | None = None, upto: int | None 
     kv, model, chunk = doc.kv, doc.engine.model, doc.engine.config.encode_chunk
     s0 = doc.slot0
     T = doc.n if upto is None else min(upto, doc.n)
-    total, encoded = int(kv.dirty[s0: s0 + T].sum()), 0
+    total, encoded = int(kv.dirty[doc.span(T)].sum()), 0
     stats = doc._stats
+    if doc.order is not None and total >= LAZY_COMPACT_TOKENS:
+        # a paste under lazy: one real rotation now, then plain attention, beats per-run scoring
+        rotated = compact(doc)
+        stats["keys_rotated_last_edit"] += rotated
+        stats["keys_rotated_total"] += rotated
     while True:
-        dirty = np.flatnonzero(kv.dirty[s0: s0 + T])
+        at = doc.index(np.arange(T))                                  # (T,) token -> slot
+        dirty = np.flatnonzero(kv.dirty[at])
         if not len(dirty):
             return True
         if should_stop is not None and should_stop():
             return False
         idx = dirty[:chunk]
-        last = s0 + int(idx[-1])
-        late_any = doc.gap is not None and bool(doc.after_gap) and int(idx[-1]) >= doc.gap
-        n_keys = max(last + 1, keys_end(doc, after_gap=late_any))
-        own = kv.stale[s0: last + 1] & ~kv.dirty[s0: last + 1]
-        others = any(kv.stale[g.slot0: g.slot0 + g.n].any() for g in doc.sees)
+        last = int(idx[-1])
+        late_any = doc.gap is not None and bool(doc.after_gap) and last >= doc.gap
+        own_end = s0 + last + 1 if doc.order is None else group_end(doc)
+        n_keys = max(own_end, keys_end(doc, after_gap=late_any))
+        own = kv.stale[at[: last + 1]] & ~kv.dirty[at[: last + 1]]
+        others = any(kv.stale[group_slots(g)].any() for g in doc.sees)
         # a token encoded after a stale one is stale too: it attended to stale K/V
         any_before = np.concatenate([[others], others | np.logical_or.accumulate(own)[:-1]])
-        slots = torch.from_numpy(s0 + idx)
-        cols = torch.arange(n_keys)
-        mask = visible_slots(doc, n_keys)[None, :] | ((cols[None, :] >= s0) & (cols[None, :] <= slots[:, None]))
+        slots = torch.from_numpy(at[idx])
+        if doc.order is None:
+            cols = torch.arange(n_keys)
+            mine = (cols[None, :] >= s0) & (cols[None, :] <= slots[:, None])
+        else:  # a lazy layout: slot order is not token order, so go by each slot's token
+            tok = np.full(n_keys, -1, dtype=np.int64)
+            tok[doc.index()] = np.arange(doc.n)
+            tok = torch.from_numpy(tok)
+            mine = (tok[None, :] >= 0) & (tok[None, :] <= torch.from_numpy(idx)[:, None])
+        mask = visible_slots(doc, n_keys)[None, :] | mine
         if doc.gap is not None and doc.after_gap:  # FIM: the suffix comes after its marker
             late = torch.from_numpy(idx >= doc.gap)
             for g in doc.after_gap:
                 mask[late, g.slot0: g.slot0 + g.n] = True
-        contiguous = int(idx[-1]) - int(idx[0]) + 1 == len(idx)
+        contiguous = bool((np.diff(at[idx]) == 1).all())
         t0 = time.perf_counter()
         pos = doc.position_of(idx)
         model.forward(kv, torch.from_numpy(doc.state.ids[idx]), torch.from_numpy(pos),
@@ -126,9 +155,9 @@ def settle(doc, should_stop: Callable[[], bool] | None = None, upto: int | None 
         if len(idx) >= 32:  # small runs are dominated by reading the weights once
             per_token = (time.perf_counter() - t0) * 1e3 / len(idx)
             doc.encode_ms_per_token = 0.5 * doc.encode_ms_per_token + 0.5 * per_token
-        kv.pos[s0 + idx] = pos
-        kv.stale[s0 + idx] = any_before[idx]
-        kv.dirty[s0 + idx] = False
+        kv.pos[at[idx]] = pos
+        kv.stale[at[idx]] = any_before[idx]
+        kv.dirty[at[idx]] = False
         stats["tokens_encoded_last_edit"] += len(idx)
         stats["tokens_encoded_total"] += len(idx)
         encoded += len(idx)
@@ -139,13 +168,18 @@ def settle(doc, should_stop: Callable[[], bool] | None = None, upto: int | None 
 def refresh(doc, max_tokens: int | None = None, should_stop: Callable[[], bool] | None = None) -> int:
     """Re-encode the stalest region (from the first stale token on), up to max_tokens.
     Returns how many tokens were re-encoded."""
-    kv, s0 = doc.kv, doc.slot0
-    stale = np.flatnonzero(kv.stale[s0: s0 + doc.n])
+    kv = doc.kv
+    stale = np.flatnonzero(kv.stale[doc.index()])
     if not len(stale):
         return 0
     a = int(stale[0])
     b = doc.n if max_tokens is None else min(doc.n, a + max_tokens)
-    kv.dirty[s0 + a: s0 + b] = True
+    at = doc.index(np.arange(a, b))
+    marked = at[~kv.dirty[at]]
+    kv.dirty[marked] = True
     before = doc._stats["tokens_encoded_total"]
-    settle(doc, should_stop, upto=b)
+    if not settle(doc, should_stop, upto=b):
+        # interrupted: what it did not reach keeps its K/V, stale but whole, rather than leave
+        # encoding work on the next completion's path
+        kv.dirty[marked] = False
     return doc._stats["tokens_encoded_total"] - before

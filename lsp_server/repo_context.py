@@ -22,7 +22,6 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable, Iterator
 
-import numpy as np
 from pygls.uris import from_fs_path, to_fs_path
 
 from incremental.groups import Workspace
@@ -34,31 +33,11 @@ MAX_IMPORT_BYTES = 256 * 1024  # an imported file larger than this is data or ge
 # Positions reserved for contexts before the active document (a longer context grows it). With
 # Workspace's 8192, SmolLM2 (trained on 8192 positions) completes the active document with noise.
 SPAN = 1024
-IDLE_SLICE_MS = 100  # background encoding per slice when maxPromptMs is 0 (no cap)
-MIN_SLICE = 64       # fewer tokens per forward pass cost much more per token on a CPU
 
 
 def uri_path(uri: str) -> Path | None:
     path = to_fs_path(uri) if uri.startswith("file:") else None
     return Path(path).resolve() if path else None
-
-
-def settle_slices(doc, should_stop: Callable[[], bool], encoded: Callable[[int], None]) -> bool:
-    """Encode doc's dirty tokens in slices of about maxPromptMs (Document.settle alone checks
-    should_stop only between encode_chunk-sized passes), calling encoded(n) after each slice.
-    False when stopped."""
-    cfg = doc.engine.config
-    while True:
-        dirty = np.flatnonzero(doc.dirty)
-        if not len(dirty):
-            return True
-        if should_stop():
-            return False
-        per_slice = (cfg.max_prompt_ms or IDLE_SLICE_MS) / max(doc.encode_ms_per_token, 1e-3)
-        k = int(min(len(dirty), cfg.encode_chunk, max(MIN_SLICE, per_slice)))
-        before = doc.stats["tokens_encoded_total"]
-        doc.settle(should_stop, upto=int(dirty[k - 1]) + 1)
-        encoded(doc.stats["tokens_encoded_total"] - before)
 
 
 def place(engine, config, options, roots: list[Path]):
@@ -231,7 +210,7 @@ class Grouped:
             yield doc
         finally:
             doc.sees[:] = sees
-            doc.stale[dirty & ~doc.dirty] = True
+            doc.mark_stale(dirty & ~doc.dirty)
 
     def set_budget(self, max_cache_tokens: int) -> None:
         self.ws.set_budget(max_cache_tokens)

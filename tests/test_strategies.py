@@ -132,6 +132,26 @@ def test_pie_window_refreshes_after_the_edit(tiny_engine):
     assert doc.stats["stale_tokens"] == 0
 
 
+def test_an_interrupted_refresh_leaves_nothing_to_encode(tiny_engine):
+    """Idle refresh stopped by an edit: tokens it did not reach keep their (stale) K/V instead of
+    waiting, dirty, on the next completion's critical path."""
+    text = excerpt(stdlib_source(), 100, 200)
+    old = tiny_engine.config
+    tiny_engine.config = old.updated(encode_chunk=64)
+    try:
+        doc = tiny_engine.open("file:///r.py", text, strategy="pie-refresh")
+        doc.edit((3, 0), (3, 0), "    q = 1\n")
+        stale = doc.stats["stale_tokens"]
+        k = doc.kv.k.clone()
+        assert stale > 200 and doc.refresh(should_stop=lambda: True) == 0
+        assert doc.stats["dirty_tokens"] == 0 and doc.stats["stale_tokens"] == stale and torch.equal(doc.kv.k, k)
+        calls = []
+        done = doc.refresh(should_stop=lambda: calls.append(1) or len(calls) > 2)  # two chunks, then stop
+        assert done == 128 and doc.stats["dirty_tokens"] == 0 and doc.stats["stale_tokens"] == stale - 128
+    finally:
+        tiny_engine.config = old
+
+
 def test_batch_rotates_each_key_once(tiny_engine):
     """Several changes in one batch: the result equals applying them one by one, and no key is
     rotated twice (so precision does not drift)."""

@@ -47,3 +47,14 @@ def test_vscode_extension_requests_against_the_real_server():
     # node --test exits 0 when it finds no test at all: make sure the server test ran and passed
     assert "ok 2 - the extension's requests get the engine's suggestion from livekv lsp" in out, out[-4000:]
     assert "# fail 0" in out and "# skipped 0" in out, out[-4000:]
+
+
+def test_the_extension_offers_every_strategy():
+    """The setting's choices in package.json and requests.ts are the engine's strategies."""
+    import json
+    import re
+    from incremental import STRATEGIES
+    conf = json.loads((VSCODE / "package.json").read_text())["contributes"]["configuration"]
+    enum = conf["properties"]["livekv.strategy"]["enum"]
+    ts = re.search(r"STRATEGIES = \[(.*?)\]", (VSCODE / "src" / "requests.ts").read_text()).group(1)
+    assert enum == list(STRATEGIES) == re.findall(r"'([^']+)'", ts)

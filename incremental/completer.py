@@ -1,0 +1,86 @@
+"""The completion entry points of a Document: suggest, stream, complete and prefetch, over
+decode.py's greedy decoder, with typed-ahead reuse and the per-document completion counters."""
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+from .decode import Completion, decode
+
+
+class Completer:
+    """Mixed into Document: everything here reads the document and its cache, and decodes."""
+
+    def suggest(self, line: int, col: int, n: int = 1, max_new_tokens: int | None = None,
+                should_stop: Callable[[], bool] | None = None, extra: str = "", reuse: bool = False,
+                on_piece: Callable[[str], None] | None = None, **caps) -> Completion:
+        """Up to n distinct suggestions at (line, col), from one batched decode.
+
+        reuse: answer from the suggestion last shown when the person has been typing it (no
+        model call), and remember this one. extra: text taken as typed at the cursor first
+        (prefetch). caps: max_prompt_ms, max_predict_ms, multiline (default from the config).
+        on_piece(text) streams candidate 0 as it becomes final."""
+        c = self.offset(line, col)
+        if reuse and not extra and n == 1:
+            rest = self.typeahead.lookup(self.text, c)
+            if rest is not None:
+                comp = Completion(texts=[rest], stop="typed_ahead", reused=True)
+                self._stats["last_completion"] = comp.summary()
+                if on_piece is not None:
+                    on_piece(rest)
+                return comp
+        gen = self._decode(line, col, n, max_new_tokens, should_stop, extra, **caps)
+        while True:
+            try:
+                piece = next(gen)
+            except StopIteration as done:
+                comp = done.value
+                break
+            if on_piece is not None:
+                on_piece(piece)
+        if reuse and not extra and comp.stop not in ("cancelled", "prompt_cap", "predict_cap"):
+            self.typeahead.remember(self.text, c, comp.text)
+        return comp
+
+    def prefetch(self, should_stop: Callable[[], bool] | None = None, **caps) -> str | None:
+        """Decode the line after the suggestion last shown, as if it had been accepted, and
+        append it to that suggestion for typed-ahead reuse. Returns the prefetched text."""
+        shown = self.typeahead.shown
+        if shown is None or not self.text.startswith(shown.before) or not shown.text.strip():
+            return None
+        line, col = self.engine.mirror.position(self.state, shown.anchor)
+        comp = self.suggest(line, col, extra=shown.text, should_stop=should_stop, record=False, **caps)
+        if comp.stop in ("cancelled", "prompt_cap") or not comp.text:
+            return None
+        return comp.text if self.typeahead.extend(shown.text, comp.text) else None
+
+    def stream(self, line: int, col: int, max_new_tokens: int | None = None,
+               should_stop: Callable[[], bool] | None = None, **caps) -> Iterator[str]:
+        """Yield the completion at (line, col) piece by piece (one per decoded token at most)."""
+        yield from self._decode(line, col, 1, max_new_tokens, should_stop, "", **caps)
+
+    def complete(self, line: int, col: int, max_new_tokens: int | None = None,
+                 should_stop: Callable[[], bool] | None = None, **caps) -> str:
+        """The text to insert at (line, col): greedy, to the end of the line (or of the block a
+        colon just opened)."""
+        return self.suggest(line, col, 1, max_new_tokens, should_stop, **caps).text
+
+    def _decode(self, line, col, n, max_new_tokens, should_stop, extra, max_prompt_ms=None,
+                max_predict_ms=None, multiline=None, max_lines=None, record=True):
+        cfg = self.engine.config
+        c = self.offset(line, col)
+        max_new = max_new_tokens or cfg.max_new_tokens
+        if max_new < 1 or n < 1:
+            raise ValueError(f"max_new_tokens and the number of candidates must be at least 1, got {max_new}, {n}")
+        comp = yield from decode(
+            self, c, n, max_new, should_stop, extra,
+            max_prompt_ms=cfg.max_prompt_ms if max_prompt_ms is None else max_prompt_ms,
+            max_predict_ms=cfg.max_predict_ms if max_predict_ms is None else max_predict_ms,
+            multiline=cfg.multiline if multiline is None else multiline, max_lines=max_lines)
+        if record:  # a prefetch is not a completion anybody asked for
+            self._stats["completions"] += 1
+            self._stats["prompt_caps"] += comp.incomplete
+            self._stats["predict_caps"] += comp.capped
+            self._stats["last_completion"] = comp.summary()
+        else:
+            self._stats["last_prefetch"] = comp.summary()
+        return comp
