@@ -138,3 +138,17 @@ class Stop:
             # text after the colon on the header line: not a block suggestion after all
             return lines[0], True
         return kept, done
+
+
+def fit_to_line(context: Brackets, text: str, rest: str) -> str:
+    """The longest prefix of text that, followed by the rest of the line, closes no bracket or
+    string that the rest closes anyway. Editors auto-close brackets: in `print(len(|))` the
+    engine, which sees only the text before the cursor, suggests `items))`; here `items`."""
+    alone = context.copy()
+    if not rest.strip() or alone.feed(rest) is not None:
+        return text  # nothing after the cursor, or a line already broken: leave it to the engine
+    for i in range(len(text), -1, -1):
+        b = context.copy()
+        if b.feed(text[:i] + rest) is None and b.quote == alone.quote and len(b.stack) <= len(alone.stack):
+            return text[:i]
+    return ""

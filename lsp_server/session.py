@@ -9,7 +9,8 @@ Edits only mark new tokens dirty; they are encoded by the completion that needs 
 maxPromptMs) or by `job_idle`, the low-priority job the server queues after each edit and each
 completion, which any newer edit or request cancels: it prefetches the line after the
 suggestion just shown, then encodes what is still dirty (the active document first, then the
-context groups), in slices short enough that a cancellation is noticed within about maxPromptMs.
+context groups), then, under pie-refresh, re-encodes stale tokens, in slices short enough that a
+cancellation is noticed within about maxPromptMs.
 """
 from __future__ import annotations
 
@@ -21,11 +22,12 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from incremental import Config, Engine
-from incremental.stops import Brackets
+from incremental.stops import Brackets, fit_to_line
 
 from .positions import line_span, to_character, to_column
 from .protocol import Options, json_safe, split_settings
-from .repo_context import place, rehome, settle_slices
+from .idle import encode_idle
+from .repo_context import place, rehome
 
 log = logging.getLogger("livekv.lsp")
 
@@ -51,20 +53,6 @@ class Shown:
     served: int          # where the last reply ended in entry.text
 
 
-def fit_to_line(context: Brackets, text: str, rest: str) -> str:
-    """The longest prefix of text that, followed by the rest of the line, closes no bracket or
-    string that the rest closes anyway. Editors auto-close brackets: in `print(len(|))` the
-    engine, which sees only the text before the cursor, suggests `items))`; here `items`."""
-    alone = context.copy()
-    if not rest.strip() or alone.feed(rest) is not None:
-        return text  # nothing after the cursor, or a line already broken: leave it to the engine
-    for i in range(len(text), -1, -1):
-        b = context.copy()
-        if b.feed(text[:i] + rest) is None and b.quote == alone.quote and len(b.stack) <= len(alone.stack):
-            return text[:i]
-    return ""
-
-
 class Session:
     """Owned by the worker thread once the worker runs. `worker` is set right after the Worker
     is made (its thread reads `config` to load the model)."""
@@ -82,7 +70,7 @@ class Session:
         self.prefetched: dict[str, dict] = {}  # uri -> the last prefetch
         # read by the event loop for livekv/stats (plain ints and bools: no lock needed)
         self.idle = dict(jobs=0, interrupted=0, prefetches=0, prefetched=0, prefetch_cancelled=0,
-                         tokens_encoded=0, running=False, prefetching=False)
+                         tokens_encoded=0, tokens_refreshed=0, running=False, prefetching=False)
 
     def forget(self, uri: str) -> None:
         for d in (self.versions, self.shown, self.last, self.prefetched):
@@ -219,16 +207,16 @@ class Session:
             if doc is not None:
                 with docs.view(doc):
                     self._prefetch(doc, should_stop)
-            for doc in docs.to_encode(uri, should_stop):
-                with docs.view(doc):
-                    if not settle_slices(doc, should_stop, self._encoded):
-                        break
+            encode_idle(docs, uri, should_stop, self._encoded, self._refreshed)
         finally:
             idle["running"] = False
             idle["interrupted"] += should_stop()
 
     def _encoded(self, n: int) -> None:  # after each slice: livekv/stats shows the progress
         self.idle["tokens_encoded"] += n
+
+    def _refreshed(self, n: int) -> None:
+        self.idle["tokens_refreshed"] += n
 
     def _prefetch(self, doc, should_stop: Callable[[], bool]) -> None:
         rec = self.shown.get(doc.uri)
