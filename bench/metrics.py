@@ -118,16 +118,20 @@ def summarize(records: list[dict], labels: list[str]) -> dict:
 
 
 def summarize_scaling(rows: list[dict]) -> list[dict]:
-    """Medians per (length, label) of the scaling run."""
+    """Medians per (length, label) of the scaling run (and lazy's deferred compaction)."""
     out = []
+    compact = {(r["length"], r["label"]): r for r in rows if r.get("kind") == "compact"}
+    rows = [r for r in rows if r.get("kind") != "compact"]
     for n in sorted({r["length"] for r in rows}):
         for lab in dict.fromkeys(r["label"] for r in rows):
             rs = [r for r in rows if r["length"] == n and r["label"] == lab]
             if not rs:
                 continue
-            out.append({"length": n, "file_tokens": rs[0]["file_tokens"], "label": lab, "edits": len(rs),
+            c = compact.get((n, lab), {})
+            out.append({"compact_ms": c.get("compact_ms"), "compact_keys": c.get("compact_keys"),"length": n, "file_tokens": rs[0]["file_tokens"], "label": lab, "edits": len(rs),
                         "open_ms": rs[0]["open_ms"],
                         "apply_ms_p50": percentile([r["apply_ms"] for r in rs], 50),
+                        "rearrange_ms_p50": percentile([r.get("rearrange_ms") for r in rs], 50),
                         "ttft_ms_p50": percentile([r["ttft_ms"] for r in rs], 50),
                         "latency_ms_p50": percentile([r["apply_ms"] + r["ttft_ms"] for r in rs], 50),
                         "tokens_encoded_mean": mean(r["tokens_encoded"] for r in rs)})

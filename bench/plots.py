@@ -20,7 +20,7 @@ from bench.report import read_jsonl  # noqa: E402
 
 STYLE = {"full": ("black", "-"), "prefix": ("tab:blue", "-"), "reuse": ("tab:cyan", "-"),
          "conflict": ("tab:red", ":"), "pie": ("tab:green", "-"), "pie-window": ("tab:olive", "--"),
-         "pie-refresh": ("tab:purple", "-.")}
+         "pie-refresh": ("tab:purple", "-."), "lazy": ("tab:orange", "-")}
 
 
 def style(label: str) -> dict:
@@ -29,17 +29,26 @@ def style(label: str) -> dict:
 
 
 def latency_vs_length(summary: list[dict], path: Path) -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
+    panels = [("rearrange_ms_p50", "update the cache: move and rotate keys\n(lazy: record deltas), median ms"),
+              ("apply_ms_p50", "apply an edit: the above + encode\nthe new tokens, median ms"),
+              ("ttft_ms_p50", "time to first token (median ms)")]
+    panels = [p for p in panels if any(r.get(p[0]) is not None for r in summary)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.4), sharex=True)
     for lab in dict.fromkeys(r["label"] for r in summary):
         rs = sorted((r for r in summary if r["label"] == lab), key=lambda r: r["file_tokens"])
         x = [r["file_tokens"] for r in rs]
-        for ax, key in zip(axes, ("apply_ms_p50", "ttft_ms_p50")):
-            ax.plot(x, [r[key] for r in rs], marker="o", label=lab, **style(lab))
-    for ax, title in zip(axes, ("apply an edit (median ms)", "time to first token (median ms)")):
+        for ax, (key, _) in zip(axes, panels):
+            if any(r.get(key) is not None for r in rs):
+                ax.plot(x, [r.get(key) for r in rs], marker="o", label=lab, **style(lab))
+        if any(r.get("compact_ms") for r in rs):  # lazy: the rotation it defers, paid at compaction
+            cs = [r for r in rs if r.get("compact_ms")]
+            axes[0].plot([r["file_tokens"] for r in cs], [r["compact_ms"] for r in cs], marker="x",
+                         label=f"{lab}: one compaction", color=style(lab)["color"], linestyle=":")
+    for ax, (_, title) in zip(axes, panels):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("file length (tokens)")
-        ax.set_title(title)
+        ax.set_title(title, fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()

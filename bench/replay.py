@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from bench.hunks import apply_edits
 from bench.runner import LoadMeter, close_forks, log, n_tokens, open_forks, parse_labels, run_step, to_changes
+from bench.traces import load_trace_files, quick_traces
 
 QUICK = dict(max_points=3, max_file_tokens=1024, max_new_tokens=8, lengths="256,512", scaling_edits=1,
              curve_edits=4)
@@ -116,41 +117,6 @@ def replay(engine, traces: list[dict], labels: list[str], max_new_tokens: int = 
             close_forks(engine, docs)
     bar.close()
     return records, info
-
-
-# ---------------------------------------------------------------- inputs
-
-def load_trace_files(paths: list[str]) -> list[dict]:
-    from bench.traces import load_traces
-    out, seen = [], set()
-    for p in paths:
-        try:
-            trs = load_traces(p)
-        except OSError as e:
-            raise ValueError(f"cannot read traces {p}: {e.strerror}; make them with `livekv bench traces ... --out {p}`")
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{p} is not JSONL ({e}); give a file written by `livekv bench traces`")
-        for tr in trs:
-            missing = {"id", "old_text", "new_text", "steps"} - tr.keys()
-            if missing:
-                raise ValueError(f"{p}: a trace lacks {sorted(missing)}; give a file written by `livekv bench traces`")
-            if tr["id"] in seen:  # the same pair twice would be replayed, and counted, twice
-                log(f"{p}: trace {tr['id']} was already read; skipping the copy")
-                continue
-            seen.add(tr["id"])
-            out.append(tr)
-    return out
-
-
-def quick_traces() -> list[dict]:
-    """A few PIE-style synthetic traces on bisect.py (~900 tokens of real code); no network."""
-    import bisect as module
-    import random
-    from bench.traces import synthetic_traces
-    text, out = Path(module.__file__).read_text(encoding="utf-8"), []
-    for kind in ("insert", "delete", "multi"):
-        out += synthetic_traces(text, "bisect.py", kind, 2, random.Random(f"quick:{kind}"))
-    return out
 
 
 # ---------------------------------------------------------------- CLI

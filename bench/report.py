@@ -89,6 +89,20 @@ def scaling_table(summary: list[dict]) -> str:
         rows.append(f"| {toks:,} | " + " | ".join(
             f"{_fmt(cells[lab]['apply_ms_p50'], 'ms')} + {_fmt(cells[lab]['ttft_ms_p50'], 'ms')}" if lab in cells else "–"
             for lab in labels) + " |")
+    if any(r.get("rearrange_ms_p50") is not None for r in summary):
+        rows += ["\nOf the apply time, updating the cache alone (moving and rotating keys; `lazy`: recording "
+                 "deltas), median ms:\n", rows[0], rows[1]]
+        for n in dict.fromkeys(r["length"] for r in summary):
+            cells = {r["label"]: r for r in summary if r["length"] == n}
+            toks = next(iter(cells.values()))["file_tokens"]
+            rows.append(f"| {toks:,} | " + " | ".join(
+                f"{cells[lab]['rearrange_ms_p50']:.1f}" if cells.get(lab, {}).get("rearrange_ms_p50") is not None
+                else "–" for lab in labels) + " |")
+    compact = [r for r in summary if r.get("compact_ms")]
+    if compact:
+        rows.append("\nOne compaction (the rotation lazy defers; it runs once the pending deltas split the file "
+                    "into more than `lazy_segments` runs): " + ", ".join(
+                        f"{r['file_tokens']:,} tokens {_fmt(r['compact_ms'], 'ms')} ms" for r in compact) + ".")
     return "\n".join(rows) + "\n"
 
 

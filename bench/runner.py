@@ -85,6 +85,7 @@ def run_step(docs: dict, changes: list, predict: dict | None, turn: int, max_new
         st = d.edit_batch(changes) if changes else d.stats
         rec = {"label": lab, "strategy": d.strategy, "changes": len(changes), "tokens": st["tokens"],
                "apply_ms": st["edit_ms_last"] if changes else 0.0,
+               "rearrange_ms": st["rearrange_ms_last"] if changes else 0.0,
                "tokens_encoded": st["tokens_encoded_last_edit"] if changes else 0,
                "keys_rotated": st["keys_rotated_last_edit"] if changes else 0,
                "stale_tokens": st["stale_tokens"], "pred": None}

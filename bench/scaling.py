@@ -58,7 +58,8 @@ def edit_lines(text: str, k: int) -> list[int]:
 def run(engine, lengths: list[int], labels: list[str], edits: int = 2, max_new_tokens: int = 24,
         load=None, progress: bool = True, sink=None) -> list[dict]:
     """Rows {length, file_tokens, label, strategy, edit, apply_ms, ttft_ms, total_ms, ...}: one per
-    length, edit and strategy. sink(row) streams them."""
+    length, edit and strategy; then for `lazy`, one {kind: "compact", compact_ms, compact_keys}
+    per length: the compaction its edits deferred. sink(row) streams them."""
     rows, turn = [], 0
     bar = tqdm(total=len(lengths) * edits, desc="scaling", unit="edit", file=sys.stderr, disable=not progress)
     for n in lengths:
@@ -86,6 +87,15 @@ def run(engine, lengths: list[int], labels: list[str], edits: int = 2, max_new_t
                 if load:
                     load.sample()
                 bar.update(1)
+            for lab, d in docs.items():
+                if d.strategy == "lazy":  # what lazy defers: paid once per lazy_segments edits or so
+                    t0 = time.perf_counter()
+                    keys = d.compact()
+                    r = dict(kind="compact", length=n, file_tokens=tokens, label=lab, strategy=d.strategy,
+                             compact_ms=(time.perf_counter() - t0) * 1e3, compact_keys=keys)
+                    rows.append(r)
+                    if sink:
+                        sink(r)
         finally:
             close_forks(engine, docs)
     bar.close()

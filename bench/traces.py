@@ -168,6 +168,37 @@ def write_traces(traces: list[dict], path):
             f.write(json.dumps(tr, ensure_ascii=False) + "\n")
 
 
+def load_trace_files(paths: list[str]) -> list[dict]:
+    out, seen = [], set()
+    for p in paths:
+        try:
+            trs = load_traces(p)
+        except OSError as e:
+            raise ValueError(f"cannot read traces {p}: {e.strerror}; make them with `livekv bench traces ... --out {p}`")
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{p} is not JSONL ({e}); give a file written by `livekv bench traces`")
+        for tr in trs:
+            missing = {"id", "old_text", "new_text", "steps"} - tr.keys()
+            if missing:
+                raise ValueError(f"{p}: a trace lacks {sorted(missing)}; give a file written by `livekv bench traces`")
+            if tr["id"] in seen:  # the same pair twice would be replayed, and counted, twice
+                log(f"{p}: trace {tr['id']} was already read; skipping the copy")
+                continue
+            seen.add(tr["id"])
+            out.append(tr)
+    return out
+
+
+def quick_traces() -> list[dict]:
+    """A few PIE-style synthetic traces on bisect.py (~900 tokens of real code); no network."""
+    import bisect as module
+    import random
+    text, out = Path(module.__file__).read_text(encoding="utf-8"), []
+    for kind in ("insert", "delete", "multi"):
+        out += synthetic_traces(text, "bisect.py", kind, 2, random.Random(f"quick:{kind}"))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point (also `livekv bench traces`); returns the exit code."""
     ap = argparse.ArgumentParser(prog="livekv bench traces", description=__doc__.split("\n\n")[0].strip(),

@@ -228,6 +228,23 @@ def test_cli_end_to_end_small(engine, trace, tmp_path):
     assert json.loads((out / "results.json").read_text())["strategies"] == res["strategies"]
 
 
+def test_scaling_reports_lazy_and_the_compaction_it_defers(tiny_engine, tmp_path):
+    from bench import scaling
+    rows = scaling.run(tiny_engine, [128, 256], ["pie", "lazy"], edits=2, max_new_tokens=2, progress=False)
+    lazy = [r for r in rows if r["label"] == "lazy" and r.get("kind") != "compact"]
+    pie = [r for r in rows if r["label"] == "pie"]
+    assert len(lazy) == len(pie) == 4 and all(r["keys_rotated"] == 0 for r in lazy)
+    assert all(0 < r["rearrange_ms"] < r["apply_ms"] for r in lazy + pie)
+    assert sum(r["keys_rotated"] for r in pie) > 0
+    assert [r["pred"] for r in lazy] == [r["pred"] for r in pie]  # same scores, same greedy text
+    summary = metrics.summarize_scaling(rows)
+    by = {(r["length"], r["label"]): r for r in summary}
+    assert set(by) == {(n, lab) for n in (128, 256) for lab in ("pie", "lazy")}
+    assert all(by[n, "lazy"]["compact_keys"] > 0 and by[n, "lazy"]["compact_ms"] > 0 for n in (128, 256))
+    assert by[128, "pie"]["compact_ms"] is None
+    assert "One compaction" in report.scaling_table(summary)
+
+
 def test_cli_errors_are_clear(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit) as e:
         replay.main(["x.jsonl", "--strategies", "full,pie-fast"])
