@@ -27,7 +27,7 @@ class Config:
     reuse_min_chunk: int = 64       # llama.cpp's --cache-reuse N
     refresh_window: int = 32        # tokens re-encoded after an edit by pie-window / pie-refresh
     encode_chunk: int = 512         # queries per forward pass when (re-)encoding long runs
-    lazy_segments: int = 32         # lazy: compact (really rotate) past this many pending-delta runs
+    lazy_segments: int = 16         # lazy: compact (really rotate) past this many pending-delta runs
     fresh_tail: int = 1             # tokens before the cursor re-run fresh for each completion
     token_healing: bool = True      # re-generate the token before the cursor, constrained to its text
     fim: str = "auto"               # "auto": keep a FIM token stream when the model has FIM tokens; "off"
