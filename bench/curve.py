@@ -80,7 +80,7 @@ def probe_at(text: str, offset: int) -> dict:
 
 
 def run(engine, traces: list[dict], labels: list[str], n_edits: int = 100, max_new_tokens: int = 24,
-        max_file_tokens: int = 4096, idle_refresh_tokens: int = 512, trace_id: str | None = None,
+        max_file_tokens: int = 4096, idle_refresh_tokens: int = 1024, trace_id: str | None = None,
         load=None, progress: bool = True, sink=None) -> dict:
     """Replay up to n_edits line edits of one file; sink(record) gets one record per edit, probe
     and strategy. Returns what was run (trace, edits, tokens)."""

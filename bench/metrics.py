@@ -140,7 +140,8 @@ def summarize_scaling(rows: list[dict]) -> list[dict]:
 
 def summarize_curve(rows: list[dict], buckets: int = 4) -> dict:
     """Agreement with full after each edit (mean over the probes), per label; overall and per
-    quarter of the edit sequence; stale tokens after each edit."""
+    quarter of the edit sequence; stale tokens after each edit; the median edit (apply) time and
+    how many times below full's it is, and the median idle refresh time (off the critical path)."""
     labels = list(dict.fromkeys(r["label"] for r in rows))
     n = max((r["edit"] for r in rows), default=-1) + 1
     per_edit, stale = {}, {}
@@ -151,5 +152,12 @@ def summarize_curve(rows: list[dict], buckets: int = 4) -> dict:
     buckets = max(1, min(buckets, n))
     edges = [round(i * n / buckets) for i in range(buckets + 1)]
     by_bucket = {lab: [mean(v[a:b]) for a, b in zip(edges, edges[1:])] for lab, v in per_edit.items()}
+    apply = {lab: percentile([r["apply_ms"] for r in rows if r["label"] == lab and r.get("changes")], 50)
+             for lab in labels}
+    ref = apply.get("full")
+    idle = {lab: percentile([r["idle_refresh_ms"] for r in rows if r["label"] == lab and "idle_refresh_ms" in r], 50)
+            for lab in labels}
     return {"edits": n, "overall": {lab: mean(v) for lab, v in per_edit.items()}, "buckets": edges,
-            "by_bucket": by_bucket, "per_edit": per_edit, "stale_tokens": stale}
+            "by_bucket": by_bucket, "per_edit": per_edit, "stale_tokens": stale, "apply_ms_p50": apply,
+            "apply_below_full": {lab: (ref / a if ref and a else None) for lab, a in apply.items()},
+            "idle_refresh_ms_p50": idle}

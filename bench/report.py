@@ -109,9 +109,14 @@ def scaling_table(summary: list[dict]) -> str:
 def curve_table(c: dict) -> str:
     e = c["buckets"]
     spans = [f"edits {a + 1}–{b}" for a, b in zip(e, e[1:])]
-    rows = ["| strategy | all edits | " + " | ".join(spans) + " |", "|" + "---|" * (len(spans) + 2)]
+    cost = "apply_ms_p50" in c
+    extra = " edit p50 ms | × below full | idle refresh p50 ms |" if cost else ""
+    rows = ["| strategy | all edits | " + " | ".join(spans) + " |" + extra, "|" + "---|" * (len(spans) + 2 + 3 * cost)]
     for lab, v in c["overall"].items():
-        rows.append(f"| {lab} | {_fmt(v, 'frac')} | " + " | ".join(_fmt(x, 'frac') for x in c["by_bucket"][lab]) + " |")
+        tail = (f" {_fmt(c['apply_ms_p50'][lab], 'ms')} | {_fmt(c['apply_below_full'][lab], 'x')} | "
+                f"{_fmt(c['idle_refresh_ms_p50'][lab], 'ms')} |") if cost else ""
+        rows.append(f"| {lab} | {_fmt(v, 'frac')} | " + " | ".join(_fmt(x, 'frac') for x in c["by_bucket"][lab]) + " |"
+                    + tail)
     return "\n".join(rows) + "\n"
 
 
