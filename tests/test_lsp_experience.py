@@ -141,24 +141,37 @@ async def prefetching(c: LanguageClient) -> bool:
     return (await stats(c))["server"]["idle"]["prefetching"]
 
 
-# -- bounded staleness -------------------------------------------------------------------------
+# -- strategies over LSP -------------------------------------------------------------------------
+MIDDLE = "".join(stdlib_source().splitlines(keepends=True)[100:160])  # 60 lines of difflib.py
+
+
+async def under(c: LanguageClient, strategies, run) -> dict:
+    """{strategy: await run(uri)} for MIDDLE opened (and encoded) under each strategy in turn;
+    the strategy goes back to pie afterwards."""
+    out = {}
+    try:
+        for strategy in strategies:
+            configure(c, {"livekv": {"strategy": strategy}})
+            uri = f"file:///{strategy}.py"
+            open_doc(c, uri, MIDDLE)
+            assert (await stats(c, uri))["dirty_tokens"] == 0  # encoded before any edit
+            out[strategy] = await run(uri)
+            c.text_document_did_close(T.DidCloseTextDocumentParams(T.TextDocumentIdentifier(uri)))
+    finally:
+        configure(c, {"livekv": {"strategy": "pie"}})
+    return out
+
+
 async def test_pie_refresh_re_encodes_stale_tokens_while_idle(client: LanguageClient):
     """An edit leaves the suffix stale; with pie-refresh the idle job re-encodes it (pie does not)."""
-    text = "".join(stdlib_source().splitlines(keepends=True)[100:160])
-    left = {}
-    try:
-        for strategy in ("pie", "pie-refresh"):
-            configure(client, {"livekv": {"strategy": strategy}})
-            uri = f"file:///stale_{strategy}.py"
-            open_doc(client, uri, text)
-            before = (await stats(client, uri))["server"]["idle"]["tokens_refreshed"]
-            change(client, uri, 2, ((5, 0), (5, 0), "import os\n"))
-            s = await stats(client, uri, version=2)  # queued behind the idle job
-            left[strategy] = s["stale_tokens"], s["server"]["idle"]["tokens_refreshed"] - before, s["tokens"]
-            client.text_document_did_close(T.DidCloseTextDocumentParams(T.TextDocumentIdentifier(uri)))
-    finally:
-        configure(client, {"livekv": {"strategy": "pie"}})
-    (pie_stale, pie_refreshed, n), (stale, refreshed, _) = left["pie"], left["pie-refresh"]
+    async def edit(uri):
+        before = (await stats(client, uri))["server"]["idle"]["tokens_refreshed"]
+        change(client, uri, 2, ((5, 0), (5, 0), "import os\n"))
+        s = await stats(client, uri, version=2)  # queued behind the idle job
+        return s["stale_tokens"], s["server"]["idle"]["tokens_refreshed"] - before, s["tokens"]
+
+    got = await under(client, ("pie", "pie-refresh"), edit)
+    (pie_stale, pie_refreshed, n), (stale, refreshed, _) = got["pie"], got["pie-refresh"]
     assert pie_stale > 100 and pie_refreshed == 0
     assert stale == 0 and refreshed > 100 - 32 and refreshed <= n
 
@@ -166,24 +179,16 @@ async def test_pie_refresh_re_encodes_stale_tokens_while_idle(client: LanguageCl
 async def test_lazy_through_the_server_answers_as_pie_without_rotating(client: LanguageClient):
     """Strategy lazy, set over LSP: mid-file edits record deltas instead of rotating keys, and
     the suggestion after them is pie's."""
-    text = "".join(stdlib_source().splitlines(keepends=True)[100:160])
-    got = {}
-    try:
-        for strategy in ("pie", "lazy"):
-            configure(client, {"livekv": {"strategy": strategy}})
-            uri = f"file:///deltas_{strategy}.py"
-            open_doc(client, uri, text)
-            assert (await stats(client, uri))["dirty_tokens"] == 0  # encoded before the edit
-            change(client, uri, 2, ((5, 0), (5, 0), "import os\n"), ((30, 0), (31, 0), ""))
-            items = await inline(client, uri, 40, 0)
-            s = await stats(client, uri, version=2)
-            got[strategy] = [i.insert_text for i in items], s["keys_rotated_total"], s["pending_keys"]
-            client.text_document_did_close(T.DidCloseTextDocumentParams(T.TextDocumentIdentifier(uri)))
-    finally:
-        configure(client, {"livekv": {"strategy": "pie"}})
-    (pie_text, pie_rotated, _), (text_, rotated, pending) = got["pie"], got["lazy"]
+    async def edit_and_complete(uri):
+        change(client, uri, 2, ((5, 0), (5, 0), "import os\n"), ((30, 0), (31, 0), ""))
+        items = await inline(client, uri, 40, 0)
+        s = await stats(client, uri, version=2)
+        return [i.insert_text for i in items], s["keys_rotated_total"], s["pending_keys"]
+
+    got = await under(client, ("pie", "lazy"), edit_and_complete)
+    (pie_text, pie_rotated, _), (text, rotated, pending) = got["pie"], got["lazy"]
     assert pie_rotated > 0 and rotated == 0 and pending > 0
-    assert text_ == pie_text and text_, got
+    assert text == pie_text and text, got
 
 
 # -- time caps ---------------------------------------------------------------------------------
