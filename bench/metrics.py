@@ -128,8 +128,9 @@ def summarize_scaling(rows: list[dict]) -> list[dict]:
             if not rs:
                 continue
             c = compact.get((n, lab), {})
-            out.append({"compact_ms": c.get("compact_ms"), "compact_keys": c.get("compact_keys"),"length": n, "file_tokens": rs[0]["file_tokens"], "label": lab, "edits": len(rs),
+            out.append({"length": n, "file_tokens": rs[0]["file_tokens"], "label": lab, "edits": len(rs),
                         "open_ms": rs[0]["open_ms"],
+                        "compact_ms": c.get("compact_ms"), "compact_keys": c.get("compact_keys"),
                         "apply_ms_p50": percentile([r["apply_ms"] for r in rs], 50),
                         "rearrange_ms_p50": percentile([r.get("rearrange_ms") for r in rs], 50),
                         "ttft_ms_p50": percentile([r["ttft_ms"] for r in rs], 50),

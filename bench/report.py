@@ -82,22 +82,21 @@ def strategy_table(strategies: dict) -> str:
 
 def scaling_table(summary: list[dict]) -> str:
     labels = list(dict.fromkeys(r["label"] for r in summary))
-    rows = ["| file tokens | " + " | ".join(f"{lab}" for lab in labels) + " |", "|" + "---|" * (len(labels) + 1)]
-    for n in dict.fromkeys(r["length"] for r in summary):
-        cells = {r["label"]: r for r in summary if r["length"] == n}
-        toks = next(iter(cells.values()))["file_tokens"]
-        rows.append(f"| {toks:,} | " + " | ".join(
-            f"{_fmt(cells[lab]['apply_ms_p50'], 'ms')} + {_fmt(cells[lab]['ttft_ms_p50'], 'ms')}" if lab in cells else "–"
-            for lab in labels) + " |")
-    if any(r.get("rearrange_ms_p50") is not None for r in summary):
-        rows += ["\nOf the apply time, updating the cache alone (moving and rotating keys; `lazy`: recording "
-                 "deltas), median ms:\n", rows[0], rows[1]]
+    head = ["| file tokens | " + " | ".join(f"{lab}" for lab in labels) + " |", "|" + "---|" * (len(labels) + 1)]
+
+    def table(cell) -> list[str]:  # one row per length, cell(summary row) per label
+        rows = list(head)
         for n in dict.fromkeys(r["length"] for r in summary):
             cells = {r["label"]: r for r in summary if r["length"] == n}
             toks = next(iter(cells.values()))["file_tokens"]
-            rows.append(f"| {toks:,} | " + " | ".join(
-                f"{cells[lab]['rearrange_ms_p50']:.1f}" if cells.get(lab, {}).get("rearrange_ms_p50") is not None
-                else "–" for lab in labels) + " |")
+            rows.append(f"| {toks:,} | " + " | ".join(cell(cells[lab]) if lab in cells else "–" for lab in labels) + " |")
+        return rows
+
+    rows = table(lambda r: f"{_fmt(r['apply_ms_p50'], 'ms')} + {_fmt(r['ttft_ms_p50'], 'ms')}")
+    if any(r.get("rearrange_ms_p50") is not None for r in summary):
+        rows += ["\nOf the apply time, updating the cache alone (moving and rotating keys; `lazy`: recording "
+                 "deltas), median ms:\n"]
+        rows += table(lambda r: "–" if r.get("rearrange_ms_p50") is None else f"{r['rearrange_ms_p50']:.1f}")
     compact = [r for r in summary if r.get("compact_ms")]
     if compact:
         rows.append("\nOne compaction (the rotation lazy defers; it runs once the pending deltas split the file "

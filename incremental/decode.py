@@ -169,7 +169,7 @@ def decode(doc, c: int, n: int, max_new: int, should_stop: Callable[[], bool] | 
     width = max(S + need, others)
     visible = visible_slots(doc, width)         # the groups before this document ...
     if fim is None:
-        visible[before if isinstance(before, slice) else torch.from_numpy(before)] = True  # ... and its own tokens before the cursor
+        visible[before] = True                  # ... and its own tokens before the cursor
         # φ, the target group's first position: right after the cursor, or after the document
         phi = p0 + (j if eng.config.phi == "cursor" else doc.n)
     else:

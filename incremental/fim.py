@@ -45,6 +45,11 @@ class _Before:
     def n(self) -> int:
         return self.doc.gap
 
+    used = n
+
+    def index(self):
+        return slice(self.slot0, self.slot0 + self.n)
+
 
 class FimStream:
     """The markers and the gap of one document's FIM stream."""

@@ -107,7 +107,7 @@ def compact(doc) -> int:
         kv.pos[s], kv.stale[s], kv.dirty[s] = pos, stale, dirty
     kv.delta[s0: s0 + doc.used] = 0
     doc.order, doc.used = None, n
-    doc._stats["compactions"] = doc._stats.get("compactions", 0) + 1
+    doc._stats["compactions"] += 1
     return rotated
 
 

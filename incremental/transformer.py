@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from .lazy import LAZY_MAX_QUERIES, PendingDeltas, attention_with_deltas
 
 
-
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)

@@ -79,26 +79,15 @@ def visible_slots(doc, n_keys: int) -> torch.Tensor:
     vis = torch.zeros(n_keys, dtype=torch.bool)
     kv = doc.kv
     for g in doc.sees:
-        s = group_slots(g)
-        vis[s if isinstance(s, slice) else torch.from_numpy(s)] = torch.from_numpy(~kv.dirty[s])
+        s = g.index()
+        vis[s] = torch.from_numpy(~kv.dirty[s])
     return vis
-
-
-def group_slots(g):
-    """The slots of group g's tokens (a Document, or a FIM stream's part before its gap)."""
-    order = getattr(g, "order", None)
-    return slice(g.slot0, g.slot0 + g.n) if order is None else g.slot0 + order
-
-
-def group_end(g) -> int:
-    """One past the last slot group g uses."""
-    return g.slot0 + (g.n if getattr(g, "order", None) is None else g.used)
 
 
 def keys_end(doc, after_gap: bool = False) -> int:
     """One past the last slot any of doc's queries may attend to, besides its own."""
     groups = list(doc.sees) + (list(doc.after_gap) if after_gap else [])
-    return max([group_end(g) for g in groups], default=0)
+    return max([g.slot0 + g.used for g in groups], default=0)
 
 
 def settle(doc, should_stop: Callable[[], bool] | None = None, upto: int | None = None,
@@ -117,8 +106,8 @@ def settle(doc, should_stop: Callable[[], bool] | None = None, upto: int | None 
         rotated = compact(doc)
         stats["keys_rotated_last_edit"] += rotated
         stats["keys_rotated_total"] += rotated
+    at = doc.index(np.arange(T))                                      # (T,) token -> slot
     while True:
-        at = doc.index(np.arange(T))                                  # (T,) token -> slot
         dirty = np.flatnonzero(kv.dirty[at])
         if not len(dirty):
             return True
@@ -127,10 +116,10 @@ def settle(doc, should_stop: Callable[[], bool] | None = None, upto: int | None 
         idx = dirty[:chunk]
         last = int(idx[-1])
         late_any = doc.gap is not None and bool(doc.after_gap) and last >= doc.gap
-        own_end = s0 + last + 1 if doc.order is None else group_end(doc)
+        own_end = s0 + last + 1 if doc.order is None else s0 + doc.used
         n_keys = max(own_end, keys_end(doc, after_gap=late_any))
         own = kv.stale[at[: last + 1]] & ~kv.dirty[at[: last + 1]]
-        others = any(kv.stale[group_slots(g)].any() for g in doc.sees)
+        others = any(kv.stale[g.index()].any() for g in doc.sees)
         # a token encoded after a stale one is stale too: it attended to stale K/V
         any_before = np.concatenate([[others], others | np.logical_or.accumulate(own)[:-1]])
         slots = torch.from_numpy(at[idx])
