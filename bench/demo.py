@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import time
 
-from incremental import Config, Engine
+from livekv.incremental import Config, Engine
 
 from .edit_cost import real_file
 

@@ -4,7 +4,7 @@ For each edit it measures the edit plus the first completion token at the line a
 both strategies in the same run (interleaved, so machine noise hits both alike), and prints
 the ratio full / pie.
 
-    python -m bench.edit_cost [--file F] [--tokens 3000] [--edits 20]
+    livekv bench edit-cost [--file F] [--tokens 3000] [--edits 20]
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from incremental import Engine
+from livekv.incremental import Engine
 
 
 def real_file(path: str | None, tokens: int, tokenizer) -> tuple[str, str]:

@@ -4,7 +4,7 @@ A person moves the cursor around a real file and asks for a completion at each s
 keeps one PSM stream and moves the suffix marker (a PIE splice); `rebuild` encodes
 <fim_prefix> prefix <fim_suffix> suffix <fim_middle> from scratch at every stop.
 
-    python -m bench.fim [--model qwen2.5-coder-0.5b] [--file F] [--tokens 1500] [--stops 10]
+    livekv bench fim [--model qwen2.5-coder-0.5b] [--file F] [--tokens 1500] [--stops 10]
 """
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-from incremental import Engine
-from incremental.fim import FimStream
+from livekv.incremental import Engine
+from livekv.incremental.fim import FimStream
 
 from .edit_cost import real_file
 

@@ -1,7 +1,7 @@
 """Position groups against a sequential layout: the cost of an edit in a context file, and the
 quality of completions in the active file.
 
-    python -m bench.groups [--active F --context F ...] [--points 12] [--edits 10] [--out DIR]
+    livekv bench groups [--active F --context F ...] [--points 12] [--edits 10] [--out DIR]
 
 sequential: one position range, all files concatenated (contexts, then the active file).
 groups:     the contexts encoded in parallel from a shared base, the active file after them.
@@ -17,8 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-from incremental import Engine
-from incremental.groups import Workspace
+from livekv.incremental import Engine
+from livekv.incremental.groups import Workspace
 
 from .edit_cost import real_file
 from .metrics import edit_similarity, exact_match

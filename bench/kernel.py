@@ -1,6 +1,6 @@
 """Key re-rotation throughput on the embedded model's cache shape.
 
-    python -m bench.kernel [--quick]
+    livekv bench kernel [--quick]
 
 One (L, Hkv, T, D) key buffer holding every layer (30 x 3 x T x 64); an edit at
 the top of the file shifts all T tokens, the worst case. Effective bandwidth =
@@ -16,8 +16,8 @@ import time
 
 import torch
 
-import kernels
-from incremental.host_memory import keep_freed_memory
+from livekv import kernels
+from livekv.incremental.host_memory import keep_freed_memory
 
 LAYERS, KV_HEADS, HEAD_DIM, THETA = 30, 3, 64, 10000.0
 SHIFT = 5  # tokens inserted above everything

@@ -16,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench.report import read_jsonl  # noqa: E402
+from livekv.bench.report import read_jsonl  # noqa: E402
 
 STYLE = {"full": ("black", "-"), "prefix": ("tab:blue", "-"), "reuse": ("tab:cyan", "-"),
          "conflict": ("tab:red", ":"), "pie": ("tab:green", "-"), "pie-window": ("tab:olive", "--"),

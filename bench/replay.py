@@ -1,7 +1,7 @@
 """
 Replay edit traces through every update strategy and score the completions (GitHub issue 7).
 
-    python -m bench.traces flask==3.0.3:3.1.0 packaging==24.1:24.2 --out traces.jsonl
+    livekv bench traces flask==3.0.3:3.1.0 packaging==24.1:24.2 --out traces.jsonl
     livekv bench replay traces.jsonl --out bench/out/run1 --strategies full,prefix,reuse,conflict,pie
     livekv bench replay --scaling --lengths 1024,2048,4096 --out bench/out/scaling
     livekv bench replay --quick --out bench/out/quick          # CI smoke: a few minutes on 2 cores
@@ -24,9 +24,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from bench.hunks import apply_edits
-from bench.runner import LoadMeter, close_forks, log, n_tokens, open_forks, parse_labels, run_step, to_changes
-from bench.traces import load_trace_files, quick_traces
+from livekv.bench.hunks import apply_edits
+from livekv.bench.runner import LoadMeter, close_forks, log, n_tokens, open_forks, parse_labels, run_step, to_changes
+from livekv.bench.traces import load_trace_files, quick_traces
 
 QUICK = dict(max_points=3, max_file_tokens=1024, max_new_tokens=8, lengths="256,512", scaling_edits=1,
              curve_edits=4)
@@ -122,7 +122,7 @@ def replay(engine, traces: list[dict], labels: list[str], max_new_tokens: int = 
 # ---------------------------------------------------------------- CLI
 
 def build_parser() -> argparse.ArgumentParser:
-    from incremental import STRATEGIES
+    from livekv.incremental import STRATEGIES
     ap = argparse.ArgumentParser(prog="livekv bench replay", description=__doc__.split("\n\n")[0].strip(),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("traces", nargs="*", metavar="TRACES", help="JSONL trace files (livekv bench traces)")
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None, engine=None) -> int:
         torch.set_num_threads(args.threads)
     try:
         if engine is None:
-            from incremental import Engine
+            from livekv.incremental import Engine
             settings = {} if args.refresh_window is None else {"refresh_window": args.refresh_window}
             try:
                 engine = Engine.load(args.model, device=args.device, dtype=args.dtype,
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None, engine=None) -> int:
 
 
 def _run(args, engine, traces, labels, curve_labels, lengths, out: Path) -> int:
-    from bench import plots, report
+    from livekv.bench import plots, report
     rc, progress = 0, not args.no_progress
     meta = {"model": engine.model_name, "argv": args.argv, "threads": args.threads,
             "max_new_tokens": args.max_new_tokens, "refresh_window": engine.config.refresh_window}
@@ -247,7 +247,7 @@ def _run(args, engine, traces, labels, curve_labels, lengths, out: Path) -> int:
                   "max_new_tokens": args.max_new_tokens, "idle_refresh_tokens": args.idle_refresh_tokens})
         rc = 1 if info["failed"] else 0
     if args.agreement_curve:
-        from bench import curve
+        from livekv.bench import curve
         try:
             phase("curve", lambda sink, load: curve.run(
                 engine, traces, curve_labels, args.curve_edits, args.max_new_tokens, args.max_file_tokens,
@@ -256,7 +256,7 @@ def _run(args, engine, traces, labels, curve_labels, lengths, out: Path) -> int:
             log(f"error: agreement curve: {e}")
             rc = 1
     if args.scaling:
-        from bench import scaling
+        from livekv.bench import scaling
         try:
             phase("scaling", lambda sink, load: {"rows": len(scaling.run(
                 engine, lengths, labels, args.scaling_edits, args.max_new_tokens, load, progress, sink))},

@@ -1,7 +1,7 @@
 """
 A run folder's results.json and table.md, rebuilt from the raw records it holds.
 
-    python -m bench.report bench/out/run1     # recompute results.json, table.md and the plots
+    livekv bench report bench/out/run1     # recompute results.json, table.md and the plots
 
 Each phase of `livekv bench replay` streams its records (records.jsonl, curve.jsonl,
 scaling.jsonl) and notes what it ran in run.json under the same name; build() summarizes whatever is there, so a run
@@ -14,7 +14,7 @@ import math
 import sys
 from pathlib import Path
 
-from bench import metrics
+from livekv.bench import metrics
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -135,18 +135,19 @@ def markdown(res: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python -m bench.report RUN_FOLDER", file=sys.stderr)
-        return 2
-    from bench import plots
+    import argparse
+    ap = argparse.ArgumentParser(prog="livekv bench report", description="recompute results.json, table.md and "
+                                 "the plots of a run folder from its records")
+    ap.add_argument("run", metavar="RUN_FOLDER")
+    run = Path(ap.parse_args(argv).run)
+    from livekv.bench import plots
     try:
-        res = build(Path(argv[0]))
+        res = build(run)
     except ValueError as e:
         print(f"[report] error: {e}", file=sys.stderr)
         return 2
-    plots.plot_all(Path(argv[0]), res)
-    print((Path(argv[0]) / "table.md").read_text(encoding="utf-8"))
+    plots.plot_all(run, res)
+    print((run / "table.md").read_text(encoding="utf-8"))
     return 0
 
 

@@ -9,7 +9,7 @@ import os
 import sys
 import time
 
-from bench import metrics
+from livekv.bench import metrics
 
 
 def log(msg: str):
@@ -19,7 +19,7 @@ def log(msg: str):
 def parse_labels(spec: str) -> list[str]:
     """Strategy labels: a strategy name, or name#k for another independent copy of it (`full#2`
     checks that full agrees with itself). ValueError names the bad one."""
-    from incremental import STRATEGIES
+    from livekv.incremental import STRATEGIES
     labels = [s.strip() for s in spec.split(",") if s.strip()]
     if not labels:
         raise ValueError("--strategies is empty: name at least one of " + ",".join(STRATEGIES))

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from bench.hunks import is_substantive, split_lines
-from bench.runner import close_forks, n_tokens, open_forks, run_step
+from livekv.bench.hunks import is_substantive, split_lines
+from livekv.bench.runner import close_forks, n_tokens, open_forks, run_step
 
 # large, plain-Python stdlib modules; the order fixes the text of every length
 MODULES = ("difflib", "argparse", "inspect", "typing", "dataclasses", "pathlib", "subprocess", "tarfile",

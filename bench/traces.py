@@ -1,8 +1,8 @@
 """
 Build edit-replay traces (JSONL, format in docs/traces.md) for the benchmark.
 
-    python -m bench.traces flask==3.0.3:3.1.0 packaging==24.1:24.2 --out traces.jsonl
-    python -m bench.traces --synthetic /usr/lib/python3.11/difflib.py --per-file 5 --out syn.jsonl
+    livekv bench traces flask==3.0.3:3.1.0 packaging==24.1:24.2 --out traces.jsonl
+    livekv bench traces --synthetic /usr/lib/python3.11/difflib.py --per-file 5 --out syn.jsonl
 
 Release mode replays the real diff between two releases of a package, one
 prediction point per hunk; synthetic mode follows PIE (single-line insertion,
@@ -18,9 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-from bench.hunks import (apply_edit, apply_edits, diff_steps, is_substantive,  # noqa: F401 (re-exported)
+from livekv.bench.hunks import (apply_edit, apply_edits, diff_steps, is_substantive,  # noqa: F401 (re-exported)
                          offset_to_position, position_to_offset, split_lines, strip_eol)
-from bench.releases import ReleaseError, fetch, read_py_files
+from livekv.bench.releases import ReleaseError, fetch, read_py_files
 
 KINDS = ("insert", "delete", "multi")
 MULTI_PLACES = 3

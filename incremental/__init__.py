@@ -1,6 +1,6 @@
 """livekv's engine: a live KV cache of open documents, updated edit by edit (PIE).
 
-    from incremental import Engine
+    from livekv.incremental import Engine
     eng = Engine.load()                          # the embedded model, offline
     doc = eng.open("file:///pkg/mod.py", text)   # encodes the file once
     doc.edit((10, 4), (10, 9), "new_name")       # (line, column) start, end, replacement

@@ -16,7 +16,7 @@ import weakref
 import numpy as np
 import torch
 
-import kernels
+from livekv import kernels
 
 FIM_TOKENS = ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>")
 

@@ -21,7 +21,7 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
-import kernels
+from livekv import kernels
 
 from .document import Document
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import kernels
+from livekv import kernels
 
 from .strategies import Plan, change_points
 

@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-import kernels
+from livekv import kernels
 
 from .lazy import LAZY_COMPACT_TOKENS, compact, rearrange_lazy
 from .strategies import Plan, change_points

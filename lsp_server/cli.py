@@ -15,14 +15,15 @@ import argparse
 import logging
 import sys
 
-from incremental.config import add_config_arguments, config_from_arguments
+from livekv.incremental.config import add_config_arguments, config_from_arguments
 
-BENCHES = {"traces": "bench.traces", "replay": "bench.replay", "edit-cost": "bench.edit_cost",
-           "kernel": "bench.kernel", "groups": "bench.groups", "fim": "bench.fim"}
+BENCHES = {"traces": "livekv.bench.traces", "replay": "livekv.bench.replay", "edit-cost": "livekv.bench.edit_cost",
+           "kernel": "livekv.bench.kernel", "groups": "livekv.bench.groups", "fim": "livekv.bench.fim",
+           "report": "livekv.bench.report"}
 
 
 def _complete(ns) -> int:
-    from incremental import Engine
+    from livekv.incremental import Engine
     cfg = config_from_arguments(ns)
     try:
         text = open(ns.file, encoding="utf-8").read()
@@ -40,17 +41,17 @@ def _complete(ns) -> int:
 
 
 def _demo(ns) -> int:
-    from bench.demo import run_demo
+    from livekv.bench.demo import run_demo
     return run_demo(config_from_arguments(ns), ns.file)
 
 
 def _lsp(ns) -> int:
-    from lsp_server.server import run_server
+    from livekv.lsp_server.server import run_server
     return run_server(config_from_arguments(ns), tcp=ns.tcp)
 
 
 def _serve(ns) -> int:
-    from lsp_server.ws_server import run_ws_server
+    from livekv.lsp_server.ws_server import run_ws_server
     return run_ws_server(config_from_arguments(ns), ns)
 
 

@@ -17,7 +17,7 @@ from lsprotocol import types as T
 from pygls.exceptions import JsonRpcInvalidParams
 from pygls.uris import to_fs_path
 
-from incremental import Engine
+from livekv.incremental import Engine
 
 from .protocol import Options, error_message, on_arrival, parse_settings, plain, split_settings, work_done_progress
 from .session import Session

@@ -24,8 +24,8 @@ from typing import Callable, Iterator
 
 from pygls.uris import from_fs_path, to_fs_path
 
-from incremental.groups import Workspace
-from incremental.repo import imported_files
+from livekv.incremental.groups import Workspace
+from livekv.incremental.repo import imported_files
 
 log = logging.getLogger("livekv.lsp")
 

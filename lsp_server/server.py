@@ -39,7 +39,8 @@ from lsprotocol import types as T
 from pygls.exceptions import FeatureRequestError, JsonRpcInternalError, JsonRpcInvalidParams
 from pygls.lsp.server import LanguageServer
 
-from incremental import Config
+from livekv import __version__
+from livekv.incremental import Config
 
 from .handlers import FEATURES
 from .protocol import Protocol, describe, error_message, quiet_pygls
@@ -67,7 +68,7 @@ class LivekvServer(LanguageServer):
     Methods run on the event loop unless they say otherwise."""
 
     def __init__(self, config: Config):
-        super().__init__("livekv", "0.1.0", protocol_cls=Protocol,
+        super().__init__("livekv", __version__, protocol_cls=Protocol,
                          text_document_sync_kind=T.TextDocumentSyncKind.Incremental)
         self.base_config = config
         self.worker: Worker | None = None

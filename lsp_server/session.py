@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from incremental import Config, Engine
-from incremental.stops import Brackets, fit_to_line
+from livekv.incremental import Config, Engine
+from livekv.incremental.stops import Brackets, fit_to_line
 
 from .positions import line_span, to_character, to_column
 from .protocol import Options, json_safe, split_settings

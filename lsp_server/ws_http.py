@@ -7,6 +7,7 @@ the user visits could otherwise drive the model and read the files it is given.
 from __future__ import annotations
 
 import importlib
+import importlib.resources
 import json
 import logging
 from http import HTTPStatus
@@ -15,7 +16,7 @@ from urllib.parse import urlsplit
 
 log = logging.getLogger("livekv.ws")
 
-DEMO_PAGE = Path(__file__).resolve().parent.parent / "editor-clients" / "web" / "index.html"
+DEMO_PAGE = importlib.resources.files("livekv.web") / "index.html"  # package data: a wheel has it too
 DEMO_MODULE = "bisect"  # a real, short stdlib file: ~900 tokens, encoded in about a second on a CPU
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 # The content the demo page may touch: itself and this server. Nothing from the internet.
@@ -26,7 +27,7 @@ DEMO_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-i
 def load_demo(demo_file: str | None) -> tuple[str, str]:
     """(the page's html, the JSON of the file it opens); ValueError says what is missing."""
     if not DEMO_PAGE.is_file():
-        raise ValueError(f"--demo needs the page {DEMO_PAGE}, which is missing: run from a livekv checkout")
+        raise ValueError(f"--demo needs the page {DEMO_PAGE}, which is missing: reinstall livekv")
     path = Path(demo_file or importlib.import_module(DEMO_MODULE).__file__)
     try:
         return (DEMO_PAGE.read_text(encoding="utf-8"),

@@ -12,7 +12,7 @@ import json
 import re
 from typing import Any
 
-from incremental.lines import line_starts, to_offset
+from livekv.incremental.lines import line_starts, to_offset
 
 PROTOCOL_VERSION = 1
 MAX_NEW_TOKENS_LIMIT = 256  # one completion may not hold the worker for longer than this

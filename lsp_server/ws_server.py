@@ -242,7 +242,7 @@ class BackgroundServer:
 
 def run_ws_server(config, ns) -> int:
     """`livekv serve`: serve until SIGINT/SIGTERM. Returns the exit code."""
-    from incremental import Engine
+    from livekv.incremental import Engine
     opts = ServeOptions.from_namespace(ns)
     if opts.host not in LOOPBACK and opts.token is None:
         log.warning("listening on %s without --token: anyone who can reach this port can use the model", opts.host)

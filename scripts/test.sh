@@ -17,5 +17,5 @@ if [ -f editor-clients/vscode/package-lock.json ] && command -v npm >/dev/null; 
   (cd editor-clients/vscode && npm ci --silent --no-audit --no-fund && npm run --silent compile)
 fi
 # Convert the embedded model once before the tests start their servers in parallel.
-.venv/bin/python -c "from incremental.models import *; import torch; load_model(None, torch.device('cpu'), torch.float32, __import__('incremental.config', fromlist=['x']).default_cache_dir())"
+.venv/bin/python -c "from livekv import Engine; Engine.load()"
 exec .venv/bin/python -m pytest -q "$@"

@@ -13,7 +13,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from incremental import Config, Engine  # noqa: E402
+from livekv.incremental import Config, Engine  # noqa: E402
 
 
 def stdlib_source(module=difflib) -> str:

@@ -16,7 +16,7 @@ MAX_NEW = 6  # maxNewTokens for completions the tests compare with the engine
 
 def server_command(*args: str) -> list[str]:
     # --encode-chunk 128: a small file's first encode takes several chunks, so progress reports
-    return [sys.executable, "-m", "lsp_server.cli", "lsp", "--max-new-tokens", "8", "--encode-chunk", "128", *args]
+    return [sys.executable, "-m", "livekv", "lsp", "--max-new-tokens", "8", "--encode-chunk", "128", *args]
 
 
 def server_env() -> dict[str, str]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from lsp_server.cli import BENCHES, main
+from livekv.lsp_server.cli import BENCHES, main
 
 
 @pytest.mark.parametrize("name", sorted(BENCHES))
@@ -25,7 +25,7 @@ def test_the_readme_demo_runs():
     import sys
 
     from lsp_helpers import ROOT, server_env
-    out = subprocess.run([sys.executable, "-m", "lsp_server.cli", "demo"], cwd=ROOT, env=server_env(),
+    out = subprocess.run([sys.executable, "-m", "livekv", "demo"], cwd=ROOT, env=server_env(),
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.splitlines()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from incremental.stops import Brackets, Stop, balanced_prefix
-from incremental.syntax import SyntaxTree
+from livekv.incremental.stops import Brackets, Stop, balanced_prefix
+from livekv.incremental.syntax import SyntaxTree
 
 from conftest import excerpt, stdlib_source
 
@@ -82,7 +82,7 @@ def test_syntax_tree_stays_equal_to_a_fresh_parse_across_edits(tiny_engine):
 
 
 def test_block_mode_only_after_a_block_opening_colon(tiny_engine):
-    from incremental.decode import make_stop
+    from livekv.incremental.decode import make_stop
     doc = tiny_engine.open("file:///blk.py", CODE + "d = {1:\n")
     end_def = doc.offset(8, len("    def scale(self, k):"))
     assert make_stop(doc, end_def, "", True).mode == "block"
@@ -168,7 +168,7 @@ def test_prefetch_answers_the_line_after_an_accepted_suggestion(engine):
 
 
 def test_brackets_the_rest_of_the_line_closes_are_left_to_it(engine):
-    from incremental.decode import make_stop
+    from livekv.incremental.decode import make_stop
     doc = engine.open("file:///oc.py", "items = [1, 2]\nprint(len())\nprint(len(\n")
     auto_closed = doc.offset(1, len("print(len("))
     assert make_stop(doc, auto_closed, "", True).context.stack == []

@@ -8,7 +8,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from incremental import Engine
+from livekv.incremental import Engine
 
 from conftest import excerpt, stdlib_source
 

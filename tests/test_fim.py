@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from incremental import Config, Engine
-from incremental.fim import FIM_TOKENS, FimStream
+from livekv.incremental import Config, Engine
+from livekv.incremental.fim import FIM_TOKENS, FimStream
 
 from conftest import excerpt, stdlib_source
 

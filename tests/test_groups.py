@@ -7,7 +7,7 @@ import textwrap
 import numpy as np
 import torch
 
-from incremental.groups import Workspace
+from livekv.incremental.groups import Workspace
 
 from conftest import excerpt, stdlib_source
 
@@ -113,7 +113,7 @@ def test_switching_files_swaps_roles_by_rotation(tiny_engine):
 
 
 def test_imports_resolve_to_workspace_files(tmp_path):
-    from incremental.repo import imported_files
+    from livekv.incremental.repo import imported_files
     pkg = tmp_path / "pkg"
     (pkg / "sub").mkdir(parents=True)
     for f in ("__init__.py", "util.py", "sub/__init__.py", "sub/deep.py"):

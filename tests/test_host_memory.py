@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from hypothesis import given, settings, strategies as st
 
-from incremental.host_memory import keep_freed_memory, move_slots_
+from livekv.incremental.host_memory import keep_freed_memory, move_slots_
 
 
 @settings(max_examples=60, deadline=None)

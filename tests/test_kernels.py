@@ -20,8 +20,8 @@ import pytest  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-import kernels  # noqa: E402
-from kernels.rope import pair_index, rotation_angles  # noqa: E402
+from livekv import kernels  # noqa: E402
+from livekv.kernels.rope import pair_index, rotation_angles  # noqa: E402
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-import kernels
-from incremental.groups import Workspace
-from incremental.lazy import attention_with_deltas, delta_runs
+from livekv import kernels
+from livekv.incremental.groups import Workspace
+from livekv.incremental.lazy import attention_with_deltas, delta_runs
 
 from conftest import excerpt, stdlib_source
 from test_strategies import line_edit, rel

@@ -14,7 +14,7 @@ import pytest_lsp
 from lsprotocol import types as T
 from pytest_lsp import ClientServerConfig, LanguageClient
 
-import incremental.stops
+import livekv.incremental.stops
 from conftest import stdlib_source
 from lsp_helpers import (change, completion_list, configure, eventually, expected_completion, inline, one_thread,
                          open_doc, server_command, server_env, stats)
@@ -334,7 +334,7 @@ async def test_a_suggestion_inside_a_call_closes_no_more_brackets_than_are_open(
         open_doc(client, uri, text)
         [cut] = texts(await inline(client, uri, 2, 8))
         with one_thread(), monkeypatch.context() as m:  # what the model decoded, untrimmed
-            m.setattr(incremental.stops, "balanced_prefix", lambda text, context: text)
+            m.setattr(livekv.incremental.stops, "balanced_prefix", lambda text, context: text)
             raw = expected_completion(engine, text, 2, 8, 3)
         assert raw.count("(") > raw.count(")") and raw.startswith(cut) and len(cut) < len(raw), (raw, cut)
         assert cut.count("(") == cut.count(")"), cut
@@ -344,8 +344,8 @@ async def test_a_suggestion_inside_a_call_closes_no_more_brackets_than_are_open(
 
 async def test_fitting_a_suggestion_to_the_rest_of_the_line():
     # async only to share the module's event loop mark; no server needed
-    from incremental.stops import Brackets
-    from incremental.stops import fit_to_line
+    from livekv.incremental.stops import Brackets
+    from livekv.incremental.stops import fit_to_line
 
     def fit(before: str, text: str, rest: str) -> str:
         context = Brackets()

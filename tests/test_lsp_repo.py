@@ -153,7 +153,7 @@ async def test_a_context_not_encoded_yet_is_hidden_from_the_active_document(engi
     """In process, the state a completion meets when it interrupts the idle job before it has
     encoded a context: that group's cache slots hold nothing yet. Attending to them changes the
     answer (this model says `able` here); hidden, the answer is the file's own."""
-    from lsp_server.repo_context import Grouped
+    from livekv.lsp_server.repo_context import Grouped
     with one_thread():
         g = Grouped(engine, "pie", 200_000, [])
         main = g.open("file:///main.py", MAIN, settle=False)   # the active document, not encoded either

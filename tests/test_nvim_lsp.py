@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from conftest import excerpt, stdlib_source
-from incremental.config import default_cache_dir
+from livekv.incremental.config import default_cache_dir
 from lsp_helpers import ROOT, expected_completion, server_command, server_env, sha
 
 NVIM = shutil.which("nvim")

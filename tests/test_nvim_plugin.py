@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import excerpt, stdlib_source
-from incremental.config import default_cache_dir
+from livekv.incremental.config import default_cache_dir
 from lsp_helpers import ROOT, expected_completion, server_env, sha
 
 NVIM = shutil.which("nvim")
@@ -93,7 +93,7 @@ def test_neovim_ghost_text_and_tab(tmp_path, monkeypatch, engine):
     for name, value in server_env().items():
         monkeypatch.setenv(name, value)
     livekv = Path(sys.executable).with_name("livekv")
-    cmd = [str(livekv)] if livekv.exists() else [sys.executable, "-m", "lsp_server.cli"]
+    cmd = [str(livekv)] if livekv.exists() else [sys.executable, "-m", "livekv"]
     cmd += ["lsp", "--cache-dir", str(default_cache_dir())]
     monkeypatch.setenv("LIVEKV_CMD", json.dumps(cmd))
     monkeypatch.setenv("LIVEKV_NATIVE", "0")  # the plugin's own ghost text, even on a Neovim with its own

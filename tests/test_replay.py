@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from bench import curve, metrics, replay, report, traces
-from bench.hunks import apply_edits
+from livekv.bench import curve, metrics, replay, report, traces
+from livekv.bench.hunks import apply_edits
 
 OLD = '''"""Shapes and their areas."""
 import math
@@ -229,7 +229,7 @@ def test_cli_end_to_end_small(engine, trace, tmp_path):
 
 
 def test_scaling_reports_lazy_and_the_compaction_it_defers(tiny_engine, tmp_path):
-    from bench import scaling
+    from livekv.bench import scaling
     rows = scaling.run(tiny_engine, [128, 256], ["pie", "lazy"], edits=2, max_new_tokens=2, progress=False)
     lazy = [r for r in rows if r["label"] == "lazy" and r.get("kind") != "compact"]
     pie = [r for r in rows if r["label"] == "pie"]

@@ -8,8 +8,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-import kernels
-from incremental.strategies import change_points, plan, reuse_chunks
+from livekv import kernels
+from livekv.incremental.strategies import change_points, plan, reuse_chunks
 
 from conftest import excerpt, stdlib_source
 

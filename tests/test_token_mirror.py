@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from incremental.lines import line_starts, splice_line_starts, to_offset, to_position
-from incremental.token_mirror import TokenMirror
+from livekv.incremental.lines import line_starts, splice_line_starts, to_offset, to_position
+from livekv.incremental.token_mirror import TokenMirror
 
 from conftest import excerpt, stdlib_source
 

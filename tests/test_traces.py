@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from bench import releases, traces
-from bench.hunks import (apply_edit, apply_edits, diff_steps, is_format_only, offset_to_position,
+from livekv.bench import releases, traces
+from livekv.bench.hunks import (apply_edit, apply_edits, diff_steps, is_format_only, offset_to_position,
                          position_to_offset, split_lines, strip_eol)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -337,5 +337,5 @@ def test_download_is_cached(tmp_path, monkeypatch):
 
 
 def test_module_runs_as_script():
-    r = subprocess.run([sys.executable, "-m", "bench.traces", "--help"], cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "livekv", "bench", "traces", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0 and "PACKAGE==OLD:NEW" in r.stdout

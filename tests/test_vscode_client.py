@@ -53,7 +53,7 @@ def test_the_extension_offers_every_strategy():
     """The setting's choices in package.json and requests.ts are the engine's strategies."""
     import json
     import re
-    from incremental import STRATEGIES
+    from livekv.incremental import STRATEGIES
     conf = json.loads((VSCODE / "package.json").read_text())["contributes"]["configuration"]
     enum = conf["properties"]["livekv.strategy"]["enum"]
     ts = re.search(r"STRATEGIES = \[(.*?)\]", (VSCODE / "src" / "requests.ts").read_text()).group(1)

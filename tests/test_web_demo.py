@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from lsp_server.worker import Worker
-from lsp_server.ws_server import DEMO_PAGE, BackgroundServer, ServeOptions
+from livekv.lsp_server.worker import Worker
+from livekv.lsp_server.ws_server import DEMO_PAGE, BackgroundServer, ServeOptions
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # No sandbox as root; the rest keep a closed network quiet (no update checks, sync or QUIC probes).

@@ -16,9 +16,9 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from conftest import stdlib_source
-from lsp_server import ws_protocol as P
-from lsp_server.worker import Worker
-from lsp_server.ws_server import BackgroundServer, ServeOptions
+from livekv.lsp_server import ws_protocol as P
+from livekv.lsp_server.worker import Worker
+from livekv.lsp_server.ws_server import BackgroundServer, ServeOptions
 
 HANG = 300  # seconds: a guard against hangs, not a performance bound
 LINES = stdlib_source().split("\n")
