@@ -15,7 +15,8 @@ import sys
 
 from tqdm import tqdm
 
-from livekv.bench.hunks import offset_to_position, position_to_offset, split_lines
+from livekv.bench.hunks import offset_to_position, position_to_offset
+from livekv.incremental.lines import split_lines
 from livekv.bench.runner import close_forks, n_tokens, open_forks, run_step
 
 LATE = 0.9

@@ -1,76 +1,42 @@
 """
-Text positions, edits and diff hunks for the edit-replay traces.
+Edits and diff hunks for the edit-replay traces.
 
-A document is a str whose lines end in "\n", "\r\n" or "\r" (LSP semantics; no
-form feeds, U+2028 or other str.splitlines extras). Positions are 0-based
-(line, column) pairs, columns counted in code points of that line.
+A document is a str; positions are 0-based (line, column) pairs, columns counted in code points
+of that line, lines as LSP ends them (livekv.incremental.lines, the one converter).
 """
 
 import ast
-import bisect
 import difflib
 import io
 import re
 import token
 import tokenize
 
-_LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+")
-_EOL = re.compile(r"\r\n|\r|\n")
-
-
-def split_lines(text: str) -> list[str]:
-    """Lines of text with their endings kept; "".join(result) == text."""
-    return _LINE.findall(text)
+from livekv.incremental.lines import line_starts, resolve, split_lines, to_offset, to_position
 
 
 def strip_eol(line: str) -> str:
     return line.rstrip("\r\n")
 
 
-def line_starts(text: str) -> list[int]:
-    """Offsets where each line starts; a text ending in a newline has a last, empty line."""
-    return [0] + [m.end() for m in _EOL.finditer(text)]
-
-
 def position_to_offset(text: str, line: int, col: int) -> int:
     """Offset into text of the 0-based (line, col); ValueError if there is no such place."""
-    starts = line_starts(text)
-    if not 0 <= line < len(starts):
-        raise ValueError(f"line {line} is out of range: the document has lines 0..{len(starts) - 1}")
-    start = starts[line]
-    end = starts[line + 1] if line + 1 < len(starts) else len(text)
-    width = len(strip_eol(text[start:end]))
-    if not 0 <= col <= width:
-        raise ValueError(f"column {col} is out of range on line {line}: it has columns 0..{width}")
-    return start + col
+    return to_offset(line_starts(text), text, line, col)
 
 
 def offset_to_position(text: str, offset: int) -> tuple[int, int]:
     """Inverse of position_to_offset; ValueError for an offset inside a "\r\n" or out of range."""
-    if not 0 <= offset <= len(text):
-        raise ValueError(f"offset {offset} is out of range: the document has {len(text)} characters")
-    starts = line_starts(text)
-    line = bisect.bisect_right(starts, offset) - 1
-    col = offset - starts[line]
-    end = starts[line + 1] if line + 1 < len(starts) else len(text)
-    if col > len(strip_eol(text[starts[line]:end])):
-        raise ValueError(f"offset {offset} is inside a line ending; no (line, column) names it")
-    return line, col
-
-
-def apply_edit(text: str, start, end, new_text: str) -> str:
-    """text with the range start..end ((line, col) pairs) replaced by new_text."""
-    a, b = position_to_offset(text, *start), position_to_offset(text, *end)
-    if b < a:
-        raise ValueError(f"edit end {tuple(end)} is before its start {tuple(start)}")
-    return text[:a] + new_text + text[b:]
+    return to_position(line_starts(text), text, offset)
 
 
 def apply_edits(text: str, edits) -> str:
     """Apply edits ({"start", "end", "text"} dicts) one after another, in order."""
-    for e in edits:
-        text = apply_edit(text, e["start"], e["end"], e["text"])
-    return text
+    return resolve(text, [((tuple(e["start"]), tuple(e["end"])), e["text"]) for e in edits])[0]
+
+
+def apply_edit(text: str, start, end, new_text: str) -> str:
+    """text with the range start..end ((line, col) pairs) replaced by new_text."""
+    return apply_edits(text, [{"start": start, "end": end, "text": new_text}])
 
 
 # ---------------------------------------------------------------- hunks

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from livekv.bench.hunks import is_substantive, split_lines
+from livekv.bench.hunks import is_substantive
+from livekv.incremental.lines import split_lines
 from livekv.bench.runner import close_forks, n_tokens, open_forks, run_step
 
 # large, plain-Python stdlib modules; the order fixes the text of every length

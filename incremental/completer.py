@@ -1,10 +1,14 @@
 """The completion entry points of a Document: suggest, stream, complete and prefetch, over
-decode.py's greedy decoder, with typed-ahead reuse and the per-document completion counters."""
+decode.py's greedy decoder, with typed-ahead reuse and the per-document completion counters.
+
+Cursors are (line, column), the column in code units of `encoding` (code points by default,
+"utf-16" as LSP and browsers count, or "utf-8")."""
 from __future__ import annotations
 
 from typing import Callable, Iterator
 
 from .decode import Completion, decode
+from .stops import line_rest, stop_policy
 
 
 class Completer:
@@ -12,23 +16,24 @@ class Completer:
 
     def suggest(self, line: int, col: int, n: int = 1, max_new_tokens: int | None = None,
                 should_stop: Callable[[], bool] | None = None, extra: str = "", reuse: bool = False,
-                on_piece: Callable[[str], None] | None = None, **caps) -> Completion:
+                on_piece: Callable[[str], None] | None = None, encoding: str = "utf-32", **caps) -> Completion:
         """Up to n distinct suggestions at (line, col), from one batched decode.
 
         reuse: answer from the suggestion last shown when the person has been typing it (no
         model call), and remember this one. extra: text taken as typed at the cursor first
         (prefetch). caps: max_prompt_ms, max_predict_ms, multiline (default from the config).
-        on_piece(text) streams candidate 0 as it becomes final."""
-        c = self.offset(line, col)
+        on_piece(text) streams candidate 0 of a decode as it becomes final (a reused answer is
+        not decoded: it comes whole, as the returned text)."""
+        c = self.offset(line, col, encoding)
         if reuse and not extra and n == 1:
             rest = self.typeahead.lookup(self.text, c)
+            if rest is not None and line_rest(self, c).strip():  # fitted as a decode would be (Stop.fit)
+                rest = stop_policy(self, c).fit(rest)
             if rest is not None:
                 comp = Completion(texts=[rest], stop="typed_ahead", reused=True)
                 self._stats["last_completion"] = comp.summary()
-                if on_piece is not None:
-                    on_piece(rest)
                 return comp
-        gen = self._decode(line, col, n, max_new_tokens, should_stop, extra, **caps)
+        gen = self._decode(c, n, max_new_tokens, should_stop, extra, **caps)
         while True:
             try:
                 piece = next(gen)
@@ -47,30 +52,30 @@ class Completer:
         shown = self.typeahead.shown
         if shown is None or not self.text.startswith(shown.before) or not shown.text.strip():
             return None
-        line, col = self.engine.mirror.position(self.state, shown.anchor)
+        line, col = self.position(shown.anchor)
         comp = self.suggest(line, col, extra=shown.text, should_stop=should_stop, record=False, **caps)
         if comp.stop in ("cancelled", "prompt_cap") or not comp.text:
             return None
         return comp.text if self.typeahead.extend(shown.text, comp.text) else None
 
     def stream(self, line: int, col: int, max_new_tokens: int | None = None,
-               should_stop: Callable[[], bool] | None = None, **caps) -> Iterator[str]:
+               should_stop: Callable[[], bool] | None = None, encoding: str = "utf-32", **caps) -> Iterator[str]:
         """Yield the completion at (line, col) piece by piece (one per decoded token at most)."""
-        yield from self._decode(line, col, 1, max_new_tokens, should_stop, "", **caps)
+        yield from self._decode(self.offset(line, col, encoding), 1, max_new_tokens, should_stop, "", **caps)
 
     def complete(self, line: int, col: int, max_new_tokens: int | None = None,
-                 should_stop: Callable[[], bool] | None = None, **caps) -> str:
+                 should_stop: Callable[[], bool] | None = None, encoding: str = "utf-32", **caps) -> str:
         """The text to insert at (line, col): greedy, to the end of the line (or of the block a
         colon just opened)."""
-        return self.suggest(line, col, 1, max_new_tokens, should_stop, **caps).text
+        return self.suggest(line, col, 1, max_new_tokens, should_stop, encoding=encoding, **caps).text
 
-    def _decode(self, line, col, n, max_new_tokens, should_stop, extra, max_prompt_ms=None,
+    def _decode(self, c, n, max_new_tokens, should_stop, extra, max_prompt_ms=None,
                 max_predict_ms=None, multiline=None, max_lines=None, record=True):
         cfg = self.engine.config
-        c = self.offset(line, col)
-        max_new = max_new_tokens or cfg.max_new_tokens
-        if max_new < 1 or n < 1:
-            raise ValueError(f"max_new_tokens and the number of candidates must be at least 1, got {max_new}, {n}")
+        max_new = cfg.max_new_tokens if max_new_tokens is None else max_new_tokens
+        for name, v in (("max_new_tokens", max_new), ("the number of candidates", n)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an integer of at least 1, got {v!r}")
         comp = yield from decode(
             self, c, n, max_new, should_stop, extra,
             max_prompt_ms=cfg.max_prompt_ms if max_prompt_ms is None else max_prompt_ms,

@@ -1,14 +1,23 @@
-"""A live document: its text, its token mirror and its KV cache, updated edit by edit."""
+"""A live document: its text, its token mirror and its cache region, updated edit by edit.
+
+A document is also a position group: its tokens are encoded from pos0, and it attends to the
+groups in `sees` (a shared prefix, context files: groups.py). Its prompt layout (`prompt`, a
+PrefixPrompt or a FimStream) says where each token is encoded and what a completion reads.
+"""
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from typing import Callable, Sequence
 
 import numpy as np
 
-from . import lazy, strategies, update
+from . import encode, strategies
+from .attention import LAZY_COMPACT_TOKENS
 from .completer import Completer
 from .kv_cache import KVCache
+from .prompt import PrefixPrompt
+from .region import Region, slack
 from .syntax import SyntaxTree
 from .token_mirror import MirrorState
 from .typeahead import TypeAhead
@@ -19,50 +28,30 @@ Position = tuple[int, int]
 Change = tuple[Position, Position, str]
 
 
-def slack(n: int) -> int:
-    """Free slots a region gets beyond its n tokens: room for edits and a completion's tokens,
-    so that typing does not regrow (copy) a whole cache on its first insertion."""
-    return 64 + n // 8
-
-
 class Document(Completer):
     """One open file. Create it with Engine.open; every method runs on the caller's thread."""
 
     def __init__(self, engine, uri: str, text: str, strategy: str, kv: KVCache | None = None,
-                 pos0: int = 0, sees: Sequence["Document"] = ()):
+                 pos0: int = 0, sees: Sequence = ()):
         """A document encoded from position pos0, attending to the groups `sees` before it (the
         shared prefix, context files); kv is shared with them, or a private cache when None."""
         self.engine, self.uri, self.strategy = engine, uri, strategy
-        self.kv = kv if kv is not None else engine._new_cache(256)
+        self.kv = kv if kv is not None else engine.new_cache(256)
         self.pos0, self.sees = pos0, list(sees)
-        # FIM: tokens from index `gap` on are the suffix; they sit one position later, after the
-        # suffix marker, and also attend to the groups in `after_gap` (the marker).
-        self.gap: int | None = None
-        self.after_gap: list = []
-        self.fim = None
+        self.prompt = PrefixPrompt()
         self.state: MirrorState = engine.mirror.state(text)
-        self.n = len(self.state.ids)
-        self.slot0 = self.cap = 0
-        # Token i's K/V sit at slot slot0 + i, or at slot0 + order[i] while a lazy layout is live;
-        # `used` region slots hold tokens or the holes deleted ones left.
-        self.order: np.ndarray | None = None
-        self.used = self.n
-        self.kv.alloc(self, self.n + slack(self.n))
+        self.region = Region(self.kv, len(self.state.ids))
+        self.region.place(self.position_of(np.arange(self.n)))
         self.version = 0
-        self.last_keep: np.ndarray | None = None
+        self.last_keep: np.ndarray | None = None  # for tests and tools: the old index of each token
         self.encode_ms_per_token = 1.0  # an estimate, refined by every encode (for maxPromptMs)
         self.python = uri.lower().endswith(PYTHON_SUFFIXES)
         self._syntax: SyntaxTree | None = None
         self._syntax_stale = False
         self.typeahead = TypeAhead()
         self._stats = dict(edits=0, tokens_encoded_last_edit=0, keys_rotated_last_edit=0, edit_ms_last=0.0,
-                           rearrange_ms_last=0.0,
-                           tokens_encoded_total=0, keys_rotated_total=0, completions=0, last_completion={},
-                           last_prefetch={}, prompt_caps=0, predict_caps=0, compactions=0)
-        s0, T = self.slot0, self.n
-        self.kv.pos[s0: s0 + T] = self.position_of(np.arange(T))
-        self.kv.stale[s0: s0 + T] = False
-        self.kv.dirty[s0: s0 + T] = True
+                           rearrange_ms_last=0.0, tokens_encoded_total=0, keys_rotated_total=0, completions=0,
+                           last_completion={}, last_prefetch={}, prompt_caps=0, predict_caps=0)
 
     # -- reading -----------------------------------------------------------------------------
     @property
@@ -73,108 +62,142 @@ class Document(Completer):
     def token_ids(self) -> list[int]:
         return self.state.ids.tolist()
 
-    def index(self, idx: np.ndarray | None = None):
-        """The slots of token indices idx (all tokens when None); a slice when that is a view."""
-        if self.order is None:
-            return slice(self.slot0, self.slot0 + self.n) if idx is None else self.slot0 + idx
-        return self.slot0 + (self.order if idx is None else self.order[idx])
+    @property
+    def n(self) -> int:
+        return self.region.n
 
-    def span(self, j: int):
-        """The slots of tokens [0, j), in token order."""
-        return slice(self.slot0, self.slot0 + j) if self.order is None else self.slot0 + self.order[:j]
+    @property
+    def end(self) -> int:
+        return self.region.end
+
+    @property
+    def slot0(self) -> int:
+        return self.region.slot0
 
     @property
     def stats(self) -> dict:
-        kv, s = self.kv, self.index()
+        r = self.region
         return dict(self._stats, uri=self.uri, strategy=self.strategy, tokens=self.n, version=self.version,
-                    reuse_hits=self.typeahead.hits, position_base=self.pos0, slot_base=self.slot0,
-                    stale_tokens=int(kv.stale[s].sum()), dirty_tokens=int(kv.dirty[s].sum()),
-                    pending_keys=int(np.count_nonzero(kv.delta[s])), pending_segments=lazy.segments(self),
-                    holes=self.used - self.n,
-                    cache_bytes=self.n * kv.bytes_per_token(), full_reencode_tokens=self.n,
+                    reuse_hits=self.typeahead.hits, position_base=self.pos0, slot_base=r.slot0,
+                    stale_tokens=int(r.stale_tokens().sum()), dirty_tokens=int(r.dirty_tokens().sum()),
+                    pending_keys=r.pending_keys(), pending_segments=r.segments(), holes=r.used - r.n,
+                    compactions=r.compactions, cache_bytes=r.bytes(), full_reencode_tokens=self.n,
                     syntax_reparses=self._syntax.reparses if self._syntax is not None else 0)
 
     def cached(self) -> tuple:
         """Views (L, Hkv, n, D) of this document's cached keys and values, in token order, each
         key rotated to its position (a lazy layout is compacted first)."""
         self.compact()
-        s = slice(self.slot0, self.slot0 + self.n)
+        s = self.region.slots()
         return self.kv.k[:, :, s], self.kv.v[:, :, s]
 
     def compact(self) -> int:
         """Apply a lazy layout's pending deltas for real; returns the keys rotated."""
-        return lazy.compact(self)
+        return self.region.compact()
 
     @property
     def positions(self) -> np.ndarray:
-        """The position of each token's key (pending lazy deltas included)."""
-        s = self.index()
-        return self.kv.pos[s] + self.kv.delta[s]
+        """The position each token's key stands for (pending lazy deltas included)."""
+        return self.region.positions()
 
     @property
     def stale(self) -> np.ndarray:
-        """Which tokens' K/V did not see the current text before them (a copy under a lazy
-        layout: change it with mark_stale)."""
-        return self.kv.stale[self.index()]
+        """Which tokens' K/V did not see the current text before them (a copy)."""
+        return self.region.stale_tokens()
 
     @property
     def dirty(self) -> np.ndarray:
         """Which tokens still wait to be encoded (after settle=False edits or an interruption)."""
-        return self.kv.dirty[self.index()]
+        return self.region.dirty_tokens()
 
-    def mark_stale(self, which: np.ndarray | None = None) -> None:
-        """Mark tokens stale (all when which is None; else a bool mask over tokens)."""
-        if which is None:
-            self.kv.stale[self.index()] = True
-        else:
-            self.kv.stale[self.index(np.flatnonzero(which))] = True
+    def encoded(self):
+        """(slots, encoded): this group's slots in token order and which hold K/V; what a
+        document that attends to this group may see (layout.context)."""
+        return self.region.slots(), ~self.region.dirty_tokens()
+
+    def has_stale(self) -> bool:
+        return bool(self.region.stale_tokens().any())
 
     def position_of(self, idx: np.ndarray) -> np.ndarray:
-        """The position token index idx is encoded at: pos0 + idx, one later after a FIM gap."""
-        if self.gap is None:
-            return self.pos0 + idx
-        return self.pos0 + idx + (idx >= self.gap)
+        """The position token index idx is encoded at (pos0 + idx; one later after a FIM gap)."""
+        return self.prompt.position_of(self, idx)
 
-    def on_prefix_changed(self) -> None:
-        """Text before the FIM gap changed: the suffix marker must be encoded again."""
-        if self.fim is not None:
-            self.fim.marker_dirty = True
-            self.fim.suffix_marker.pos0 = self.pos0 + self.gap
+    def offset(self, line: int, col: int, encoding: str = "utf-32") -> int:
+        return self.engine.mirror.offset(self.state, line, col, encoding)
 
-    def offset(self, line: int, col: int) -> int:
-        return self.engine.mirror.offset(self.state, line, col)
+    def position(self, offset: int, encoding: str = "utf-32") -> tuple[int, int]:
+        return self.engine.mirror.position(self.state, offset, encoding)
 
+    # -- the group ---------------------------------------------------------------------------
+    def mark_stale(self, which: np.ndarray | None = None) -> None:
+        """Mark tokens stale (all when which is None; else a bool mask over tokens)."""
+        self.region.mark_stale(which)
+
+    def attend_to(self, groups: Sequence) -> None:
+        """The groups this document's tokens see before themselves, from now on."""
+        self.sees = list(groups)
+
+    @contextmanager
+    def hiding(self, groups: Sequence):
+        """While this document encodes or decodes, these groups it sees are hidden; its tokens
+        encoded meanwhile never saw them, so they are stale."""
+        if not groups:
+            yield self
+            return
+        sees, dirty = self.sees, self.dirty
+        self.sees = [g for g in sees if not any(g is h for h in groups)]
+        try:
+            yield self
+        finally:
+            self.sees = sees
+            self.mark_stale(dirty & ~self.dirty)
+
+    def move_to(self, pos0: int) -> int:
+        """Move the whole group to start at pos0: one rotation of its keys, nothing re-encoded
+        (a lazy layout is compacted first). Returns the keys rotated."""
+        self.compact()
+        rotated = self.region.shift(0, self.n, pos0 - self.pos0)
+        self.pos0 = pos0
+        return rotated
+
+    def rebase(self, pos0: int) -> None:
+        """Start at pos0, every token to be encoded there again (FIM's suffix marker, which moves
+        with the gap)."""
+        self.pos0 = pos0
+        self.region.place(self.position_of(np.arange(self.n)))
+
+    def set_prompt(self, prompt) -> None:
+        """The prompt layout (FimStream.open); set before anything is encoded."""
+        self.prompt = prompt
+
+    # -- memory ------------------------------------------------------------------------------
     def fork(self, uri: str, strategy: str | None = None) -> "Document":
         """An independent copy (text, tokens and cache, in a private cache) registered under uri,
         e.g. to compare strategies from one encoded state without encoding it again."""
-        if self.fim is not None:
-            new = self.fim.fork(uri, strategy or self.strategy)
-            self.engine.documents[uri] = new
-            return new
+        new = self.prompt.fork(self, uri, strategy or self.strategy)
+        self.engine.documents[uri] = new
+        return new
+
+    def copy(self, uri: str, strategy: str, kv: KVCache | None = None, cap: int | None = None) -> "Document":
+        """This group copied into kv (a new private cache when None), not registered anywhere."""
+        r = self.region
+        if kv is None:
+            kv = self.engine.new_cache(r.used + slack(r.used))
         new = Document.__new__(Document)
         new.__dict__.update(self.__dict__)
-        new.uri, new.strategy = uri, strategy or self.strategy
+        new.uri, new.strategy, new.kv, new.sees = uri, strategy, kv, list(self.sees)
+        new.region = r.fork(kv, cap)
         new._syntax, new._syntax_stale, new.typeahead = None, False, TypeAhead()
         new._stats = dict(self._stats)
-        new.kv = self.engine._new_cache(self.used + slack(self.used))
-        new.kv.alloc(new, self.used + slack(self.used))
-        new.kv.restore(self.kv.snapshot(self.slot0, self.used), new.slot0)
-        self.engine.documents[uri] = new
         return new
 
     def scratch(self, need: int) -> int:
         """The first of `need` free slots for a completion's own tokens (the target group)."""
-        kv = self.kv
-        if self.used + need > self.cap and self.slot0 + self.cap == kv.top:
-            kv.grow(self, self.used + need)    # the last region: grow it in place
-        if self.used + need <= self.cap:
-            return self.slot0 + self.used
-        kv.reserve(kv.top + need)              # else past every region
-        return kv.top
+        return self.region.scratch(need)
 
     def close(self) -> None:
         """Give the cache region back (the engine forgets the document too)."""
-        self.kv.free(self)
+        self.region.free()
 
     # -- editing -----------------------------------------------------------------------------
     def edit(self, start: Position, end: Position, text: str, **kw) -> dict:
@@ -182,8 +205,10 @@ class Document(Completer):
         return self.edit_batch([(start, end, text)], **kw)
 
     def edit_batch(self, changes: Sequence[Change], settle: bool = True,
-                   should_stop: Callable[[], bool] | None = None) -> dict:
-        """Apply changes in order, as one batch: each cached key is rotated at most once.
+                   should_stop: Callable[[], bool] | None = None, encoding: str = "utf-32") -> dict:
+        """Apply changes in order, as one batch: each cached key is rotated at most once. Each
+        change's positions refer to the text the changes before it left; columns count code
+        units of `encoding` (code points by default).
 
         Raises ValueError (leaving text, tokens and cache untouched) when any change is invalid.
         With settle=False the new tokens are only marked for encoding; `settle` encodes them.
@@ -196,8 +221,8 @@ class Document(Completer):
             try:
                 start, end, text = ch
                 before = st
-                st, sp = mirror.apply(st, tuple(start), tuple(end), text)
-                spans.append((mirror.offset(before, *start), mirror.offset(before, *end), text))
+                st, sp = mirror.apply(st, tuple(start), tuple(end), text, encoding)
+                spans.append((mirror.offset(before, *start, encoding), mirror.offset(before, *end, encoding), text))
             except ValueError as e:
                 raise ValueError(f"change {i + 1} of {len(changes)}: {e}; the document was left unchanged") from None
             except (TypeError, IndexError) as e:
@@ -205,9 +230,8 @@ class Document(Completer):
                                  "((line, column), (line, column), text); the document was left unchanged") from None
             origin = np.concatenate([origin[: sp.start], np.full(len(sp.inserted), -1, dtype=np.int64),
                                      origin[sp.start + sp.removed:]])
-        old_ids = self.state.ids
         cfg = self.engine.config
-        p = strategies.plan(self.strategy, old_ids, st.ids, origin, cfg.reuse_min_chunk, cfg.refresh_window)
+        p = strategies.plan(self.strategy, self.state.ids, st.ids, origin, cfg.reuse_min_chunk, cfg.refresh_window)
         self.state = st
         self.version += 1
         if self._syntax is not None:
@@ -215,7 +239,7 @@ class Document(Completer):
                 self._syntax.edit(a, b, text)
             self._syntax_stale = True
         t1 = time.perf_counter()
-        rotated = update.rearrange(self, p)
+        rotated = self._rearrange(p)
         s = self._stats
         s["rearrange_ms_last"] = (time.perf_counter() - t1) * 1e3
         s["edits"] += 1
@@ -226,6 +250,16 @@ class Document(Completer):
             self.settle(should_stop)
         s["edit_ms_last"] = (time.perf_counter() - t0) * 1e3
         return self.stats
+
+    def _rearrange(self, p: strategies.Plan) -> int:
+        """Carry out the plan on the region; returns the keys rotated."""
+        self.last_keep = p.keep
+        r, positions = self.region, lambda: self.position_of(np.arange(len(p.keep)))
+        if self.strategy == "lazy" and self.prompt.lazy:
+            return r.splice_lazy(p.keep, positions(), self.engine.config.lazy_segments)
+        rotated = r.compact()  # a fork of a lazy document, or a FIM stream: token order first
+        self.prompt.before_splice(self, p.keep)
+        return rotated + r.splice(p.keep, positions(), p.rotate)
 
     def set_text(self, text: str, **kw) -> dict:
         """Replace the whole text (an LSP full-document change) as one minimal splice."""
@@ -242,21 +276,37 @@ class Document(Completer):
             p -= 1
         while s and 0 < len(old) - s < len(old) and old[len(old) - s - 1] == "\r" and old[len(old) - s] == "\n":
             s -= 1
-        to_pos = self.engine.mirror.position
-        start, end = to_pos(self.state, p), to_pos(self.state, len(old) - s)
-        return self.edit(start, end, text[p: len(text) - s], **kw)
+        return self.edit(self.position(p), self.position(len(old) - s), text[p: len(text) - s], **kw)
 
     def settle(self, should_stop: Callable[[], bool] | None = None, upto: int | None = None,
                progress: Callable[[int, int], None] | None = None) -> bool:
         """Encode dirty tokens (before index `upto`, default all), left to right, in chunks.
         progress(done, total) after each chunk; False when should_stop() interrupted it (the
         rest stays dirty for the next edit or completion)."""
-        return update.settle(self, should_stop, upto, progress)
+        T = self.n if upto is None else min(upto, self.n)
+        total, done = int(self.region.dirty_tokens()[:T].sum()), 0
+        s = self._stats
+        if self.region.order is not None and total >= LAZY_COMPACT_TOKENS:
+            # a paste under lazy: one real rotation now, then plain attention, beats per-run scoring
+            rotated = self.region.compact()
+            s["keys_rotated_last_edit"] += rotated
+            s["keys_rotated_total"] += rotated
+
+        def chunk(k: int, ms_per_token: float | None) -> None:
+            nonlocal done
+            done += k
+            s["tokens_encoded_last_edit"] += k
+            s["tokens_encoded_total"] += k
+            if ms_per_token is not None:  # small runs are dominated by reading the weights once
+                self.encode_ms_per_token = 0.5 * self.encode_ms_per_token + 0.5 * ms_per_token
+            if progress is not None:
+                progress(done, total)
+        return encode.settle(self, T, should_stop, chunk)
 
     def refresh(self, max_tokens: int | None = None, should_stop: Callable[[], bool] | None = None) -> int:
         """Re-encode the stalest region (from the first stale token on), up to max_tokens.
         Returns how many tokens were re-encoded."""
-        return update.refresh(self, max_tokens, should_stop)
+        return encode.refresh(self, max_tokens, should_stop)
 
     # -- syntax ------------------------------------------------------------------------------
     def syntax_tree(self) -> SyntaxTree | None:
@@ -276,7 +326,7 @@ class Document(Completer):
 
     def statement_start(self, c: int) -> int:
         """Where the statement holding the cursor starts (to know which brackets are open)."""
-        line, col = self.engine.mirror.position(self.state, c)
+        line, col = self.position(c)
         tree = self.syntax_tree()
         node = tree.node_before(c) if tree is not None and col > 0 else None
         while node is not None and node.parent is not None and node.parent.type not in ("block", "module"):

@@ -37,7 +37,7 @@ class Engine:
         self._vocab_text: list[str] | None = None
         self._healing: dict[str, torch.Tensor] = {}
         probe = self.mirror.tokenize("def add(a, b):\n    return a + b\n")[0].tolist()[:12]
-        self.model.check_against_hf(self._new_cache, probe)
+        self.model.check_against_hf(self.new_cache, probe)
 
     @classmethod
     def load(cls, model: str | None = None, strategy: str = "pie", device: str | None = None,
@@ -80,9 +80,10 @@ class Engine:
             self._healing[prefix] = mask
         return mask.to(self.model.device)
 
-    def _new_cache(self, capacity: int) -> KVCache:
+    def new_cache(self, capacity: int) -> KVCache:
+        """An empty KV cache for this model, room for `capacity` slots to begin with."""
         m = self.model
-        return KVCache(m.n_layers, m.n_kv_heads, m.head_dim, m.dtype, m.device, capacity=capacity)
+        return KVCache(m.n_layers, m.n_kv_heads, m.head_dim, m.dtype, m.device, m.inv_freq, capacity=capacity)
 
     def open(self, uri: str, text: str, strategy: str | None = None, settle: bool = True,
              progress=None, should_stop=None) -> Document:

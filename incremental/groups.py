@@ -18,11 +18,6 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-import numpy as np
-import torch
-
-from livekv import kernels
-
 from .document import Document
 
 
@@ -33,7 +28,7 @@ class Workspace:
                  strategy: str | None = None):
         self.engine, self.span, self.max_cache_tokens = engine, span, max_cache_tokens
         self.strategy = strategy or engine.config.strategy
-        self.kv = engine._new_cache(1024)
+        self.kv = engine.new_cache(1024)
         self.prefix = Document(engine, "livekv:prefix", prefix, "pie", kv=self.kv, pos0=0)
         self.prefix.settle()
         self.contexts: OrderedDict[str, Document] = OrderedDict()   # least recently used first
@@ -59,23 +54,11 @@ class Workspace:
         that changed or went away are stale from then on."""
         sees = self._sees()
         for doc in self.active.values():
-            doc.sees[:] = sees
+            doc.attend_to(sees)
             if doc.pos0 != self.active_base:  # contexts came or went: one rotation
-                self._move(doc, self.active_base - doc.pos0)
+                doc.move_to(self.active_base)
             if changed:
                 doc.mark_stale()
-
-    def _move(self, doc: Document, delta: int) -> None:
-        """Move a whole group by delta positions: one rotation of its keys, nothing re-encoded."""
-        doc.compact()  # rare (contexts came or went): token order makes it one contiguous rotation
-        s0, n = doc.slot0, doc.n
-        if n and delta:
-            dev = doc.kv.k.device
-            kernels.rerotate_keys_(doc.kv.k[:, :, s0: s0 + n], torch.full((n,), delta, device=dev),
-                                   self.engine.model.inv_freq.to(dev),
-                                   positions=torch.from_numpy(doc.kv.pos[s0: s0 + n].copy()).to(dev))
-            doc.kv.pos[s0: s0 + n] += delta
-        doc.pos0 += delta
 
     def activate(self, uri: str) -> Document:
         """Make a context group the active document (the file being edited): the active ones
@@ -87,11 +70,11 @@ class Workspace:
         del self.contexts[uri]
         for other in list(self.active.values()):
             del self.active[other.uri]
-            self._move(other, self.context_base - other.pos0)
-            other.sees[:] = [self.prefix]
+            other.move_to(self.context_base)
+            other.attend_to([self.prefix])
             other.mark_stale()
             self.contexts[other.uri] = other
-        self._move(doc, self.active_base - doc.pos0)
+        doc.move_to(self.active_base)
         self.active[uri] = doc
         doc.mark_stale()
         self._fit_span()
@@ -106,7 +89,7 @@ class Workspace:
         delta = new_span - self.span
         self.span = new_span
         for doc in self.active.values():
-            self._move(doc, delta)
+            doc.move_to(doc.pos0 + delta)
 
     # -- groups --------------------------------------------------------------------------------
     def open(self, uri: str, text: str, strategy: str | None = None) -> Document:
@@ -199,13 +182,13 @@ class Workspace:
         if changed:
             self._relink(changed=True)
         if self.kv.top > 2 * max(self.tokens(), 1024):
-            self.kv.compact()
+            self.kv.pack()
 
     def stats(self) -> dict:
         """Memory and staleness per group."""
         per = self.kv.bytes_per_token()
         groups = [dict(uri=d.uri, kind=kind, tokens=d.n, bytes=d.n * per, position_base=d.pos0,
-                       stale_tokens=int(np.count_nonzero(d.stale)))
+                       stale_tokens=int(d.stale.sum()))
                   for kind, docs in (("prefix", [self.prefix]), ("context", self.contexts.values()),
                                      ("active", self.active.values())) for d in docs]
         return dict(groups=groups, tokens=self.tokens(), bytes=self.tokens() * per, span=self.span,

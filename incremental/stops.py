@@ -3,16 +3,20 @@ with unbalanced brackets or quotes.
 
 A Stop turns the raw decoded text into (text, done): the suggestion as it would be if decoding
 ended now, and whether decoding can end. `text` only ever grows as tokens arrive, so it can be
-streamed: what was sent is never taken back.
+streamed: what was sent is never taken back. Both trims of brackets an editor auto-closed (the
+context's, and the suggestion's own against the rest of the line) happen here, so every server
+and `livekv complete` answer the same at the same cursor.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
 
+from .lines import BREAK as _NL, line_span
+
 OPEN = {"(": ")", "[": "]", "{": "}"}
 CLOSE = {")": "(", "]": "[", "}": "{"}
-_NL = re.compile(r"\r\n|\r|\n")
+_BLOCK_HEADER = re.compile(r"^\s*(async\s+)?(def|class|if|elif|else|for|while|with|try|except|finally|match|case)\b.*:\s*$")
 
 
 @dataclass
@@ -90,6 +94,8 @@ class Stop:
     max_lines: int = 8
     leading_newline: bool = False      # cursor at the end of a finished line: the suggestion is the next line
     context: Brackets = field(default_factory=Brackets)
+    rest: str = ""                     # the rest of the cursor's line, which the suggestion goes before
+    line_context: Brackets | None = None  # what the statement has open at the cursor (for `fit`)
 
     def cut(self, raw: str) -> tuple[str, bool]:
         """(text, done) for the raw decoded text so far."""
@@ -97,7 +103,13 @@ class Stop:
             text, done = self._block(raw)
         else:
             text, done = self._line(raw)
-        return balanced_prefix(text, self.context), done
+        return self.fit(balanced_prefix(text, self.context)), done
+
+    def fit(self, text: str) -> str:
+        """text fitted to the rest of the line (fit_to_line); as is at the end of a line."""
+        if not self.rest.strip() or self.line_context is None:
+            return text
+        return fit_to_line(self.line_context, text, self.rest)
 
     def _line(self, raw: str) -> tuple[str, bool]:
         start = 0
@@ -152,3 +164,35 @@ def fit_to_line(context: Brackets, text: str, rest: str) -> str:
         if b.feed(text[:i] + rest) is None and b.quote == alone.quote and len(b.stack) <= len(alone.stack):
             return text[:i]
     return ""
+
+
+def stop_policy(doc, c: int, extra: str = "", multiline: bool = True, max_lines: int | None = None) -> Stop:
+    """The stop policy at char offset c of doc: a block suggestion after a block-opening colon
+    with nothing after the cursor, else the rest of the line (the next line when this one is
+    finished). `extra` is text taken as typed at the cursor (a prefetch)."""
+    cfg, text = doc.engine.config, doc.state.text
+    line, col = doc.position(c)
+    line_start = c - col
+    rest = line_rest(doc, c)
+    virtual = _NL.split(text[line_start:c] + extra)[-1]  # the cursor's line so far
+    at_eol = rest.strip() == ""
+    opens = False
+    if multiline and at_eol and virtual.rstrip().endswith(":"):
+        tree = doc.syntax_tree() if not extra else None
+        opens = tree.opens_block(c) if tree is not None else bool(_BLOCK_HEADER.match(virtual))
+    brackets = Brackets()
+    brackets.feed(text[doc.statement_start(c): c] + extra)
+    line_context = brackets.copy()
+    # Brackets the rest of the line closes (an editor's auto-closed ")") are not the suggestion's
+    # to close: with any of them, it may close none of the context's.
+    after = Brackets(list(brackets.stack), brackets.quote)
+    if after.feed(rest) is not None or len(after.stack) < len(brackets.stack):
+        brackets = Brackets(quote=brackets.quote)
+    return Stop(mode="block" if opens else "line", header_indent=indent_width(virtual),
+                max_lines=max_lines or cfg.max_lines, leading_newline=at_eol and virtual.strip() != "" and not opens,
+                context=brackets, rest=rest, line_context=line_context)
+
+
+def line_rest(doc, c: int) -> str:
+    """The text after char offset c on its line, the line break excluded."""
+    return doc.text[c: line_span(doc.state.lines, doc.text, doc.position(c)[0])[1]]

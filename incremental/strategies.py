@@ -1,7 +1,8 @@
 """Update policies: after an edit, which cached tokens are kept (and moved) and which are encoded.
 
-Every strategy answers with a Plan over the new token sequence, and one executor (document.py)
-carries it out, so their costs and their quality are compared on the same code path:
+Every strategy answers with a Plan over the new token sequence, and one executor (the document's
+Region: splice, or splice_lazy) carries it out, so their costs and their quality are compared on
+the same code path:
 
 - full:      re-encode everything. The exact reference.
 - prefix:    keep the longest common token prefix, re-encode the rest (vLLM / SGLang prefix caching).
@@ -13,7 +14,7 @@ carries it out, so their costs and their quality are compared on the same code p
 - pie-window / pie-refresh: pie, plus re-encoding the W kept tokens after each change
              (pie-refresh also refreshes stale regions when idle, see Document.refresh).
 - lazy:      pie's plan, but moved keys are not rotated: attention rotates queries instead
-             (lazy.py), so an edit's K/V work does not grow with the suffix.
+             (attention.py), so an edit's K/V work does not grow with the suffix.
 """
 from __future__ import annotations
 

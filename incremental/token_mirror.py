@@ -51,18 +51,21 @@ class TokenMirror:
         ids, starts, ends = self.tokenize(text)
         return MirrorState(text, ids, starts, ends, line_starts(text))
 
-    def offset(self, st: MirrorState, line: int, col: int) -> int:
-        return to_offset(st.lines, st.text, line, col)
+    def offset(self, st: MirrorState, line: int, col: int, encoding: str = "utf-32") -> int:
+        """The char offset of (line, col), col in code units of encoding (lines.py)."""
+        return to_offset(st.lines, st.text, line, col, encoding)
 
-    def position(self, st: MirrorState, offset: int) -> tuple[int, int]:
-        return to_position(st.lines, offset)
+    def position(self, st: MirrorState, offset: int, encoding: str = "utf-32") -> tuple[int, int]:
+        return to_position(st.lines, st.text, offset, encoding)
 
-    def apply(self, st: MirrorState, start: tuple[int, int], end: tuple[int, int], text: str) -> tuple[MirrorState, Splice]:
-        """Replace the range start..end ((line, column) pairs) with text. Pure: `st` is unchanged."""
+    def apply(self, st: MirrorState, start: tuple[int, int], end: tuple[int, int], text: str,
+              encoding: str = "utf-32") -> tuple[MirrorState, Splice]:
+        """Replace the range start..end ((line, column) pairs, columns in code units of encoding)
+        with text. Pure: `st` is unchanged."""
         if not isinstance(text, str):
             raise ValueError(f"replacement text must be a str, got {type(text).__name__}")
-        a = self.offset(st, *start)
-        b = self.offset(st, *end)
+        a = self.offset(st, *start, encoding)
+        b = self.offset(st, *end, encoding)
         if b < a:
             raise ValueError(f"range end {tuple(end)} is before its start {tuple(start)}")
         new_text = st.text[:a] + text + st.text[b:]

@@ -2,15 +2,16 @@
 
 HF's own forward owns its cache and its masks; livekv needs queries at arbitrary slots with
 arbitrary position ids and an arbitrary visibility mask (a cached suffix hidden from a completion,
-later whole position groups). So this runs the HF modules layer by layer, gpt-fast style, and the
-result is checked against HF's forward when a model is loaded.
+whole position groups): a Layout (layout.py). So this runs the HF modules layer by layer,
+gpt-fast style, and the result is checked against HF's forward when a model is loaded.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from .lazy import LAZY_MAX_QUERIES, PendingDeltas, attention_with_deltas
+from .attention import LAZY_MAX_QUERIES, PendingDeltas, attention_with_deltas
+from .layout import Layout
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -43,16 +44,16 @@ class Transformer:
         self.device, self.dtype = p.device, p.dtype
 
     @torch.inference_mode()
-    def forward(self, kv, ids: torch.Tensor, pos: torch.Tensor, slots, n_keys: int,
-                mask: torch.Tensor | None, logits_at: torch.Tensor | None = None) -> torch.Tensor | None:
+    def forward(self, kv, ids: torch.Tensor, pos: torch.Tensor, slots, layout: Layout,
+                logits_at: torch.Tensor | None = None) -> torch.Tensor | None:
         """Run tokens `ids` at positions `pos`, writing their K/V into `slots` of `kv`.
 
         ids, pos: (n,). slots: an int (the n tokens go to slots [slots, slots + n)) or a (n,) index
-        tensor. Each query attends to kv slots [0, n_keys) where `mask` (n, n_keys) is True (all
-        when None); the new tokens must lie inside that range. Returns logits (len(logits_at), V)
-        for the selected query rows, or None.
+        tensor. Each query attends to kv slots [0, layout.n_keys) where layout.mask (n, n_keys) is
+        True (all when None); the new tokens must lie inside that range, with no delta pending.
+        Returns logits (len(logits_at), V) for the selected query rows, or None.
         """
-        n = ids.shape[0]
+        n, n_keys, mask = ids.shape[0], layout.n_keys, layout.mask
         x = self.embed(ids.to(self.device)[None])                      # (1, n, C)
         cos, sin = self.rotary(x, pos.to(self.device)[None])           # (1, n, D)
         cos, sin = cos[:, None], sin[:, None]                          # (1, 1, n, D)
@@ -61,8 +62,7 @@ class Transformer:
             attn_mask = torch.zeros(mask.shape, dtype=x.dtype, device=self.device)
             attn_mask.masked_fill_(~mask.to(self.device), float("-inf"))  # (n, n_keys)
         contiguous = isinstance(slots, int)
-        kv.delta[slice(slots, slots + n) if contiguous else slots.cpu().numpy()] = 0  # written at `pos` now
-        pending = PendingDeltas(kv, n_keys, mask, n >= LAZY_MAX_QUERIES, self.inv_freq.to(self.device))
+        pending = PendingDeltas(layout, n >= LAZY_MAX_QUERIES, self.inv_freq.to(self.device))
         if pending.runs is not None and attn_mask is not None:
             attn_mask = attn_mask[:, pending.cols]                     # the runs' columns only
         tables = {}
@@ -115,7 +115,7 @@ class Transformer:
         kv = kv_factory(len(tokens))
         n = len(tokens)
         mask = torch.ones(n, n, dtype=torch.bool).tril()
-        ours = self.forward(kv, ids, torch.arange(n), 0, n, mask, torch.arange(n))
+        ours = self.forward(kv, ids, torch.arange(n), 0, Layout(kv, mask), torch.arange(n))
         err = (ours - ref).abs().max().item()
         tol = 1e-2 if self.dtype == torch.float32 else 0.25 * ref.abs().max().item()
         if not err <= tol:

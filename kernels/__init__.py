@@ -1,8 +1,11 @@
-"""Key re-rotation for a live KV cache: the one entry the engine calls.
+"""Key re-rotation for a live KV cache.
 
-rerotate_keys_ picks the implementation from where k lives: the Triton kernel
-for CUDA tensors, vectorised torch ops otherwise. triton is imported only when
-the Triton path is first used, so `import kernels` works on CPU-only installs.
+rerotate_keys_ rotates cached keys in place (the engine calls it from one place,
+incremental.region); rotated_keys returns a rotated copy of some key columns, for
+temporaries. rerotate_keys_ picks the implementation from where k lives: the
+Triton kernel for CUDA tensors, vectorised torch ops otherwise. triton is imported
+only when the Triton path is first used, so `livekv.kernels` imports on CPU-only
+installs.
 """
 
 import importlib.util
@@ -11,7 +14,7 @@ from .rerotate_torch import rerotate_keys_torch_
 from .rope import rerotate_keys_reference, rotation_tables
 
 __all__ = ["rerotate_keys_", "rerotate_keys_triton_", "rerotate_keys_torch_",
-           "rerotate_keys_reference", "rotation_tables"]
+           "rerotate_keys_reference", "rotated_keys", "rotation_tables"]
 
 # a CUDA install without the optional triton extra still works, on the torch path
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -51,3 +54,15 @@ def rerotate_keys_(k, delta, inv_freq, *, positions=None, interleaved=False,
     impl = rerotate_keys_triton_ if k.is_cuda and HAS_TRITON else rerotate_keys_torch_
     return impl(k, delta, inv_freq, positions=positions, interleaved=interleaved,
                 rotary_dim=rotary_dim, slots=slots)
+
+
+def rotated_keys(k, slots, delta, inv_freq, *, positions=None, interleaved=False, rotary_dim=None):
+    """A copy of k's token columns `slots`, each rotated by its delta: (B, Hkv, S, D).
+
+    For temporaries, such as attention over keys whose rotation a lazy layout deferred; the
+    cache's own keys are rotated in place with rerotate_keys_. slots: int64 (S,) indices into
+    k's token axis; delta and positions as for rerotate_keys_, one per slot.
+    """
+    out = k.index_select(2, slots.to(k.device))
+    return rerotate_keys_(out, delta, inv_freq, positions=positions, interleaved=interleaved,
+                          rotary_dim=rotary_dim)

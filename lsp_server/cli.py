@@ -4,18 +4,23 @@
     livekv complete FILE LINE COL           print the completion at (line, column), 0-based
     livekv lsp [--tcp HOST:PORT]            the language server (stdio by default)
     livekv serve [--host H] [--port P]      the websocket streaming server (--demo: browser page)
-    livekv bench traces|replay|edit-cost|kernel|groups|fim ...   benchmarks (see bench/)
+    livekv settings [--json|--markdown W]   every setting: flag, LSP name, type, default
+    livekv bench traces|replay|edit-cost|kernel|groups|fim|report ...   benchmarks (see bench/)
 
-Config flags (--model, --strategy, --device, --dtype, --max-new-tokens, ...) map one to one onto
-incremental.Config. Logs go to stderr: stdout belongs to LSP stdio and to printed results.
+Flags are generated from the settings dataclasses: the engine's Config (--model, --strategy,
+--max-new-tokens, ...) on every command, plus LspOptions on `lsp` and ServeOptions on `serve`.
+Logs go to stderr: stdout belongs to LSP stdio and to printed results.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 
-from livekv.incremental.config import add_config_arguments, config_from_arguments
+from livekv.incremental.config import Config
+
+from .options import LspOptions, ServeOptions, schema, schema_markdown
 
 BENCHES = {"traces": "livekv.bench.traces", "replay": "livekv.bench.replay", "edit-cost": "livekv.bench.edit_cost",
            "kernel": "livekv.bench.kernel", "groups": "livekv.bench.groups", "fim": "livekv.bench.fim",
@@ -24,35 +29,44 @@ BENCHES = {"traces": "livekv.bench.traces", "replay": "livekv.bench.replay", "ed
 
 def _complete(ns) -> int:
     from livekv.incremental import Engine
-    cfg = config_from_arguments(ns)
+
+    from .repo_context import Alone
+    from .session import Session
+    cfg = Config.from_arguments(ns)
     try:
         text = open(ns.file, encoding="utf-8").read()
-    except OSError as e:
-        print(f"livekv: cannot read {ns.file}: {e.strerror}", file=sys.stderr)
+    except (OSError, UnicodeDecodeError) as e:
+        print(f"livekv: cannot read {ns.file}: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
         return 2
-    eng = Engine.from_config(cfg)
-    doc = eng.open(f"file://{ns.file}", text)
-    try:
-        print(doc.complete(ns.line, ns.col))
-    except ValueError as e:
-        print(f"livekv: {e}", file=sys.stderr)
-        return 2
+    # the servers' session, so that the answer is theirs at the same cursor
+    session = Session(Alone(Engine.from_config(cfg), cfg.strategy), encoding="utf-32")
+    session.open(f"file://{ns.file}", text, 0)
+    answer = session.complete(f"file://{ns.file}", ns.line, ns.col)  # ValueError: not a position
+    print(answer.texts[0] if answer.texts else "")
     return 0
 
 
 def _demo(ns) -> int:
     from livekv.bench.demo import run_demo
-    return run_demo(config_from_arguments(ns), ns.file)
+    return run_demo(Config.from_arguments(ns), ns.file)
 
 
 def _lsp(ns) -> int:
-    from livekv.lsp_server.server import run_server
-    return run_server(config_from_arguments(ns), tcp=ns.tcp)
+    from .server import run_server
+    return run_server(Config.from_arguments(ns), LspOptions.from_arguments(ns))
 
 
 def _serve(ns) -> int:
-    from livekv.lsp_server.ws_server import run_ws_server
-    return run_ws_server(config_from_arguments(ns), ns)
+    from .ws_server import run_ws_server
+    return run_ws_server(Config.from_arguments(ns), ServeOptions.from_arguments(ns))
+
+
+def _settings(ns) -> int:
+    if ns.markdown:
+        print(schema_markdown(ns.markdown), end="")
+    else:
+        print(json.dumps(schema(), indent=1))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,26 +84,24 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("complete", help="print the completion at FILE:LINE:COL (0-based)")
     c.add_argument("file")
     c.add_argument("line", type=int)
-    c.add_argument("col", type=int)
+    c.add_argument("col", type=int, help="the column, in code points")
     d = sub.add_parser("demo", help="a completion on a real file, edit cost next to full re-encode")
     d.add_argument("file", nargs="?", default=None, help="a Python file (default: a stdlib module)")
     s = sub.add_parser("lsp", help="the language server over stdio (or --tcp)")
-    s.add_argument("--tcp", default=None, metavar="HOST:PORT")
     w = sub.add_parser("serve", help="the websocket streaming server")
-    w.add_argument("--host", default="127.0.0.1")
-    w.add_argument("--port", type=int, default=8765)
-    w.add_argument("--token", default=None, help="a secret clients must send in their first message")
-    w.add_argument("--allow-origin", action="append", default=[], help="a browser Origin to accept (repeatable)")
-    w.add_argument("--max-message-bytes", type=int, default=4 << 20)
-    w.add_argument("--demo", action="store_true", help="also serve the browser demo page")
+    t = sub.add_parser("settings", help="every setting of every layer, as JSON (or a markdown table)")
+    t.add_argument("--markdown", choices=("lsp", "serve"), default=None,
+                   help="a table: lsp (the editor settings) or serve (the websocket server's flags)")
     for sp in (c, d, s, w):
-        add_config_arguments(sp)
+        Config.add_arguments(sp)
+    LspOptions.add_arguments(s)
+    ServeOptions.add_arguments(w)
     ns = p.parse_args(argv)
     logging.basicConfig(level=ns.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        return {"complete": _complete, "demo": _demo, "lsp": _lsp, "serve": _serve}[ns.cmd](ns)
-    except ValueError as e:  # bad settings: say what was wrong, no traceback
+        return {"complete": _complete, "demo": _demo, "lsp": _lsp, "serve": _serve, "settings": _settings}[ns.cmd](ns)
+    except ValueError as e:  # bad settings or input: say what was wrong, no traceback
         print(f"livekv: {e}", file=sys.stderr)
         return 2
 

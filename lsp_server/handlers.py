@@ -19,8 +19,9 @@ from pygls.uris import to_fs_path
 
 from livekv.incremental import Engine
 
-from .protocol import Options, error_message, on_arrival, parse_settings, plain, split_settings, work_done_progress
-from .session import Session
+from .lsp_session import LspSession
+from .options import split_settings
+from .protocol import error_message, on_arrival, parse_settings, plain, work_done_progress
 from .worker import Worker
 
 if TYPE_CHECKING:
@@ -50,10 +51,10 @@ def workspace_roots(params: T.InitializeParams) -> list[Path]:
 @feature(T.INITIALIZE)
 def initialize(ls: LivekvServer, params: T.InitializeParams):
     ls.loop = asyncio.get_running_loop()
-    config, options = ls.base_config, Options()
+    config, options = ls.base_config, ls.base_options
     try:
         config_changes, option_changes = split_settings(parse_settings(params.initialization_options))
-        config, options = config.updated(**config_changes), Options(**option_changes)
+        config, options = config.updated(**config_changes), options.updated(**option_changes)
     except ValueError as e:
         ls.report(f"livekv: initializationOptions refused ({e}); using {asdict(config)}", show=True)
     encoding = str(getattr(ls.workspace.position_encoding, "value", ls.workspace.position_encoding) or "utf-16")
@@ -73,7 +74,7 @@ def initialize(ls: LivekvServer, params: T.InitializeParams):
                                     f"{cfg.device or 'the default device'}: {e}{then}", T.MessageType.Error, True)
         raise error
 
-    ls.session = Session(config, encoding, options, workspace_roots(params))
+    ls.session = LspSession(config, encoding, options, workspace_roots(params))
     ls.worker = ls.session.worker = Worker(load)  # loads the model on its thread, now
     log.info("initialized: position encoding %s, workspace %s, settings %s", encoding,
              [str(r) for r in ls.session.roots], ls.session.settings())

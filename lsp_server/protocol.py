@@ -10,7 +10,7 @@ and work done progress.
   would wait forever), and logs a traceback for each. Here such requests get InvalidParams and
   stderr gets one line per problem.
 - Settings: LSP setting names (camelCase, under "livekv") -> Config fields and the server's own
-  (Options).
+  (LspOptions, options.py).
 """
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ import asyncio
 import itertools
 import json
 import logging
-from dataclasses import dataclass, fields
 from typing import Any, Callable
 
 from lsprotocol import types as T
@@ -26,40 +25,12 @@ from pygls.exceptions import JsonRpcException, JsonRpcInvalidParams, JsonRpcRequ
 from pygls.protocol import LanguageServerProtocol
 from pygls.protocol.language_server import lsp_method
 
+from livekv.incremental.config import Config
+
+from .options import LspOptions, lsp_setting_names
+
 
 log = logging.getLogger("livekv.lsp")
-
-# LSP setting -> field: of incremental.Config, or of Options (the server's own)
-SETTINGS = {"model": "model", "strategy": "strategy", "maxNewTokens": "max_new_tokens", "device": "device",
-            "dtype": "dtype", "maxPromptMs": "max_prompt_ms", "maxPredictMs": "max_predict_ms",
-            "multiline": "multiline", "maxLines": "max_lines", "prefetch": "prefetch", "candidates": "candidates",
-            "repoContext": "repo_context", "maxCacheTokens": "max_cache_tokens"}
-_INTS = ("maxNewTokens", "maxPromptMs", "maxPredictMs", "maxLines", "candidates", "maxCacheTokens")
-_BOOLS = ("multiline", "prefetch", "repoContext")
-MAX_CANDIDATES = 5
-
-
-@dataclass(frozen=True)
-class Options:
-    """The server's own settings; the rest are incremental.Config's."""
-    prefetch: bool = True   # after a suggestion, decode the next line while idle, as if it were accepted
-    candidates: int = 1     # inline items for a manual trigger, from one batched decode
-    repo_context: bool = True  # open documents and the active one's workspace imports: one Workspace
-    # the Workspace's budget; 200k tokens of the embedded model's fp32 cache are ~9 GiB (fits 24 GiB)
-    max_cache_tokens: int = 200_000
-
-    def __post_init__(self):
-        if not 1 <= self.candidates <= MAX_CANDIDATES:
-            raise ValueError(f"candidates must be 1..{MAX_CANDIDATES}, got {self.candidates}")
-        if self.max_cache_tokens < 1:
-            raise ValueError(f"max_cache_tokens must be at least 1, got {self.max_cache_tokens}")
-
-
-def split_settings(changes: dict) -> tuple[dict, dict]:
-    """(Config changes, Options changes) of parse_settings' result."""
-    own = {f.name for f in fields(Options)}
-    return {k: v for k, v in changes.items() if k not in own}, {k: v for k, v in changes.items() if k in own}
-
 
 ARRIVAL: dict[str, Callable] = {}  # method -> start(server, params), run as the request is read
 _tokens = itertools.count(1)
@@ -132,7 +103,7 @@ def parse_settings(settings: Any) -> dict:
     """Field changes named by LSP settings: `{"livekv": {...}}` or the same keys at top level.
 
     Under "livekv" an unknown key is an error; at top level other keys belong to other tools and
-    are ignored. ValueError says what was wrong; ranges are checked by Config and Options."""
+    are ignored. ValueError says what was wrong (the schema: options.py)."""
     if settings is None:
         return {}
     if not isinstance(settings, dict):
@@ -143,27 +114,11 @@ def parse_settings(settings: Any) -> dict:
         return {}
     if not isinstance(section, dict):
         raise ValueError(f"settings.livekv must be an object, got {type(section).__name__}")
-    unknown = sorted(set(section) - set(SETTINGS))
+    known = lsp_setting_names()
+    unknown = sorted(set(section) - set(known))
     if scoped and unknown:
-        raise ValueError(f"unknown livekv setting(s) {unknown}: known are {sorted(SETTINGS)}")
-    changes = {}
-    for key, field in SETTINGS.items():
-        if key not in section:
-            continue
-        value = section[key]
-        if key in _INTS:
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"{key} must be an integer, got {value!r}")
-        elif key in _BOOLS:
-            if not isinstance(value, bool):
-                raise ValueError(f"{key} must be true or false, got {value!r}")
-        elif key == "strategy":
-            if not isinstance(value, str):
-                raise ValueError(f"strategy must be a string, got {value!r}")
-        elif value is not None and not isinstance(value, str):
-            raise ValueError(f"{key} must be a string or null, got {value!r}")
-        changes[field] = value
-    return changes
+        raise ValueError(f"unknown livekv setting(s) {unknown}: known are {known}")
+    return {**Config.from_lsp(section), **LspOptions.from_lsp(section)}
 
 
 def json_safe(x: Any) -> Any:

@@ -18,7 +18,7 @@ keeps today's completions): each document alone in engine.documents, as before.
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -63,43 +63,48 @@ def rehome(old, new):
 
 
 class Alone:
-    """Each document alone, with its own cache (engine.documents)."""
+    """Each document alone, with its own cache, registered with the engine as prefix + uri (a
+    websocket connection's documents do not meet another's)."""
     active_uri = None
 
-    def __init__(self, engine, strategy: str):
-        self.engine, self.strategy = engine, strategy
+    def __init__(self, engine, strategy: str, prefix: str = ""):
+        self.engine, self.strategy, self.prefix = engine, strategy, prefix
 
     def is_open(self, uri: str) -> bool:
-        return uri in self.engine.documents
+        return self.prefix + uri in self.engine.documents
 
     def text(self, uri: str) -> str:
-        return self.engine.get(uri).text
+        return self.get(uri).text
 
     def open(self, uri: str, text: str, progress=None, should_stop=None, settle: bool = True):
-        return self.engine.open(uri, text, strategy=self.strategy, settle=settle, progress=progress,
+        return self.engine.open(self.prefix + uri, text, strategy=self.strategy, settle=settle, progress=progress,
                                 should_stop=should_stop)
 
     def get(self, uri: str):
-        return self.engine.get(uri)
+        doc = self.engine.documents.get(self.prefix + uri)
+        if doc is None:
+            raise KeyError(f"document {uri!r} is not open; open it first")
+        return doc
 
     activate = get
 
     def close(self, uri: str) -> None:
-        self.engine.get(uri)  # KeyError: closing a document that is not open
-        self.engine.close(uri)
+        self.get(uri)  # KeyError: closing a document that is not open
+        self.engine.close(self.prefix + uri)
 
     def clear(self) -> None:
-        for uri in list(self.engine.documents):
-            self.engine.close(uri)
+        for uri in self.texts():
+            self.close(uri)
 
     def documents(self) -> list:
-        return list(self.engine.documents.values())
+        return [d for u, d in self.engine.documents.items() if u.startswith(self.prefix)]
 
     def texts(self) -> dict[str, str]:
-        return {uri: doc.text for uri, doc in self.engine.documents.items()}
+        n = len(self.prefix)
+        return {u[n:]: d.text for u, d in self.engine.documents.items() if u.startswith(self.prefix)}
 
     def to_encode(self, uri: str | None, should_stop: Callable[[], bool]) -> Iterator:
-        yield from sorted(self.engine.documents.values(), key=lambda d: d.uri != uri)
+        yield from sorted(self.documents(), key=lambda d: d.uri != self.prefix + (uri or ""))
 
     def view(self, doc):
         return nullcontext(doc)
@@ -195,22 +200,10 @@ class Grouped:
         self.update_imports(should_stop)
         yield from reversed(list(self.ws.contexts.values()))
 
-    @contextmanager
     def view(self, doc):
         """While doc encodes or decodes, hide the groups it sees that are not all encoded yet
         (their slots hold nothing). Its tokens encoded meanwhile never saw them: stale."""
-        sees = list(doc.sees)
-        shown = [g for g in sees if not g.dirty.any()]
-        if len(shown) == len(sees):
-            yield doc
-            return
-        dirty = doc.dirty.copy()
-        doc.sees[:] = shown
-        try:
-            yield doc
-        finally:
-            doc.sees[:] = sees
-            doc.mark_stale(dirty & ~doc.dirty)
+        return doc.hiding([g for g in doc.sees if g.dirty.any()])
 
     def set_budget(self, max_cache_tokens: int) -> None:
         self.ws.set_budget(max_cache_tokens)

@@ -14,7 +14,7 @@ they arrive). A completion abandoned because its document changed returns an emp
 some clients (Neovim) print a message on every keystroke.
 
 Idle work: after each edit and each completion the server queues one low-priority job
-(Session.job_idle: prefetch the next line, encode what edits left dirty). Any edit, open, close,
+(LspSession.job_idle: prefetch the next line, encode what edits left dirty). Any edit, open, close,
 settings change or completion request cancels it the moment it arrives, so it only ever runs
 while the person is not waiting for anything; livekv/stats requests wait behind it.
 
@@ -44,7 +44,9 @@ from livekv.incremental import Config
 
 from .handlers import FEATURES
 from .protocol import Protocol, describe, error_message, quiet_pygls
-from .session import Answer, Session
+from .lsp_session import LspSession
+from .options import LspOptions
+from .session import Answer
 from .worker import Ticket, Worker
 
 log = logging.getLogger("livekv.lsp")
@@ -67,12 +69,12 @@ class LivekvServer(LanguageServer):
     """One client's server: the worker, the session, and the book-keeping of requests in flight.
     Methods run on the event loop unless they say otherwise."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, options: LspOptions | None = None):
         super().__init__("livekv", __version__, protocol_cls=Protocol,
                          text_document_sync_kind=T.TextDocumentSyncKind.Incremental)
-        self.base_config = config
+        self.base_config, self.base_options = config, options or LspOptions()
         self.worker: Worker | None = None
-        self.session: Session | None = None
+        self.session: LspSession | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.shutdown_requested = False
         self.inflight: dict[Ticket, float | None] = {}  # completion ticket -> when it was cancelled
@@ -199,23 +201,21 @@ class LivekvServer(LanguageServer):
                     worker_busy_ms=(time.perf_counter() - since) * 1e3 if since else 0.0)
 
 
-def build_server(config: Config) -> LivekvServer:
-    ls = LivekvServer(config)
+def build_server(config: Config, options: LspOptions | None = None) -> LivekvServer:
+    ls = LivekvServer(config, options)
     for name, options, f in FEATURES:
         ls.feature(name, options)(f)
     return ls
 
 
-def run_server(config: Config, tcp: str | None = None) -> int:
-    """Serve LSP over stdio (or tcp "HOST:PORT") until exit. Returns the process exit code:
+def run_server(config: Config, options: LspOptions) -> int:
+    """Serve LSP over stdio (or TCP, options.tcp) until exit. Returns the process exit code:
     0 after shutdown + exit, 1 when the client left without shutdown."""
     quiet_pygls()
-    ls = build_server(config)
+    ls = build_server(config, options)
     try:
-        if tcp:
-            host, _, port = tcp.rpartition(":")
-            if not host or not port.isdigit():
-                raise ValueError(f"--tcp wants HOST:PORT, e.g. 127.0.0.1:2087, got {tcp!r}")
+        if options.tcp:
+            host, _, port = options.tcp.rpartition(":")
             ls.start_tcp(host, int(port))
         else:
             # stdout carries LSP: move anything else that writes there (print, C libraries) to stderr

@@ -1,41 +1,30 @@
-"""The LSP server's state on the worker thread: applied settings, LSP versions, and the jobs.
+"""One editor's session on the worker thread: its documents and their versions, positions in the
+client's encoding, completions and what was shown of them, and stats.
 
-Every `job_*` method runs on the worker thread as `fn(engine, *args)` (Worker.submit), so it may
-touch the engine and the documents (`self.docs`, repo_context.py); nothing here speaks JSON-RPC.
-LSP positions arrive in the negotiated encoding and are converted here, against the text the
-document has when the job runs (after every edit received before it), never on the event loop.
+Both servers are layers over this: the LSP server's LspSession (lsp_session.py) and every
+websocket connection (ws_session.py). So a cursor gets the same answer from either, and from
+`livekv complete`: the engine fits a suggestion to the rest of the line (stops.py), and the
+typed-ahead rest of a suggestion is served here, one part at a time, as it was shown.
 
-Edits only mark new tokens dirty; they are encoded by the completion that needs them (within
-maxPromptMs) or by `job_idle`, the low-priority job the server queues after each edit and each
-completion, which any newer edit or request cancels: it prefetches the line after the
-suggestion just shown, then encodes what is still dirty (the active document first, then the
-context groups), then, under pie-refresh, re-encodes stale tokens, in slices short enough that a
-cancellation is noticed within about maxPromptMs.
+Positions arrive in the client's encoding (utf-16 for LSP by default and for the websocket,
+utf-8 or utf-32 when an LSP client negotiates it) and are converted against the text the
+document has when the job runs, after every edit received before it (lines.py).
 """
 from __future__ import annotations
 
 import hashlib
-import logging
-import re
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from livekv.incremental import Config, Engine
-from livekv.incremental.stops import Brackets, fit_to_line
-
-from .positions import line_span, to_character, to_column
-from .protocol import Options, json_safe, split_settings
-from .idle import encode_idle
-from .repo_context import place, rehome
-
-log = logging.getLogger("livekv.lsp")
-
-_BREAK = re.compile(r"\r|\n")
-RELOAD = ("model", "device", "dtype")
+from livekv.incremental.lines import resolve
+from livekv.incremental.stops import line_rest
 
 # (start (line, character), end (line, character)) in the client's encoding; None: the whole text
 Range = tuple[tuple[int, int], tuple[int, int]] | None
+
+
+class VersionError(ValueError):
+    """An edit whose version is not after the document's: ignored, the document unchanged."""
 
 
 @dataclass
@@ -43,151 +32,100 @@ class Answer:
     texts: list[str]     # distinct, non-empty, best first
     character: int       # the cursor, in the client's encoding
     incomplete: bool     # maxPromptMs fired: nothing yet, ask again
+    stop: str            # why decoding stopped (Completion.stop)
 
 
 @dataclass
 class Shown:
-    """What the server sent of the engine's typed-ahead entry (doc.typeahead.shown)."""
+    """What was sent of the engine's typed-ahead entry (doc.typeahead.shown)."""
     entry: Any           # that entry (compared by identity: the engine makes a new one per suggestion)
     ends: list[int]      # where the suggestion and each prefetched line end in entry.text
-    served: int          # where the last reply ended in entry.text
+    served: int          # where the last reply ended in entry.text; -1: mid-line, no next line
 
 
 class Session:
-    """Owned by the worker thread once the worker runs. `worker` is set right after the Worker
-    is made (its thread reads `config` to load the model)."""
+    """docs: where the documents live (repo_context.Alone or Grouped); encoding: the client's."""
 
-    def __init__(self, config: Config, encoding: str = "utf-16", options: Options | None = None,
-                 roots: Sequence[Path] = ()):
-        self.config, self.encoding = config, encoding
-        self.options = options or Options()
-        self.roots = list(roots)  # the workspace folders: imports resolve inside them
-        self.worker = None
-        self.docs = None  # repo_context.Grouped or Alone, made for the engine by the first job
+    def __init__(self, docs, encoding: str = "utf-16"):
+        self.docs, self.encoding = docs, encoding
         self.versions: dict[str, int] = {}
         self.shown: dict[str, Shown] = {}
-        self.last: dict[str, dict] = {}       # uri -> the last completion answered (not a prefetch)
-        self.prefetched: dict[str, dict] = {}  # uri -> the last prefetch
-        # read by the event loop for livekv/stats (plain ints and bools: no lock needed)
-        self.idle = dict(jobs=0, interrupted=0, prefetches=0, prefetched=0, prefetch_cancelled=0,
-                         tokens_encoded=0, tokens_refreshed=0, running=False, prefetching=False)
+        self.last: dict[str, dict] = {}        # uri -> the last completion answered (not a prefetch)
+        self.prefetched: dict[str, dict | None] = {}  # uri -> the last prefetch
 
     def forget(self, uri: str) -> None:
         for d in (self.versions, self.shown, self.last, self.prefetched):
             d.pop(uri, None)
 
-    def documents(self, engine: Engine):
-        if self.docs is None or self.docs.engine is not engine:
-            self.docs = place(engine, self.config, self.options, self.roots)
-        return self.docs
-
     # -- documents ---------------------------------------------------------------------------
-    def job_open(self, engine: Engine, uri: str, text: str, version: int,
-                 progress: Callable[[int, int], None] | None, should_stop: Callable[[], bool]) -> int:
-        docs = self.documents(engine)
-        if docs.is_open(uri):
-            log.warning("didOpen for %s, which is already open: re-opened with the new text", uri)
+    def open(self, uri: str, text: str, version: int, progress: Callable[[int, int], None] | None = None,
+             should_stop: Callable[[], bool] | None = None, settle: bool = True):
+        """Open (or re-open, replacing) a document; settle: encode it now, interruptibly."""
         self.forget(uri)
-        doc = docs.open(uri, text, progress=progress, should_stop=should_stop)
+        doc = self.docs.open(uri, text, progress=progress, should_stop=should_stop, settle=settle)
         self.versions[uri] = version
-        return len(doc.token_ids)
+        return doc
 
-    def job_change(self, engine: Engine, uri: str, version: int, changes: Sequence[tuple[Range, str]]) -> dict:
-        """Apply one didChange notification's changes, in order, as one engine edit. The new
-        tokens are encoded later (job_idle, or the next completion within maxPromptMs).
+    def change(self, uri: str, version: int, changes: Sequence[tuple[Range, str]], settle: bool = False) -> dict:
+        """Apply one notification's changes, in order, as one engine edit (with settle=False the
+        new tokens are encoded later: the idle job, or the next completion within maxPromptMs).
 
-        Raises ValueError (document unchanged) for a stale version or an invalid change."""
-        docs = self.documents(engine)
-        text = docs.text(uri)  # KeyError: not open
+        Raises VersionError for a version not after the current one, ValueError for an invalid
+        change, KeyError for a document not open; the document is left unchanged."""
+        text = self.docs.text(uri)
         current = self.versions.get(uri)
         if current is not None and version <= current:
-            raise ValueError(f"version {version} is not after its current version {current}: "
-                             "the change was ignored and the document left unchanged")
-        # Each change is relative to the text after the previous ones: convert against that text.
-        edits, full = [], False
-        for i, (rng, new) in enumerate(changes):
-            if rng is None:  # whole document: earlier changes are overwritten
-                text, edits, full = new, [], True
-                continue
-            try:
-                (l1, c1), a = self._locate(text, *rng[0])
-                (l2, c2), b = self._locate(text, *rng[1])
-                if b < a:
-                    raise ValueError(f"range end {rng[1]} is before its start {rng[0]}")
-            except ValueError as e:
-                raise ValueError(f"change {i + 1} of {len(changes)}: {e}; the document was left unchanged") from None
-            edits.append(((l1, c1), (l2, c2), new))
-            text = text[:a] + new + text[b:]
-        doc = docs.activate(uri)  # the document being edited is the active one
-        if full:  # one minimal splice of the final text (its later partial changes included)
-            doc.set_text(text, settle=False)
-        else:
-            doc.edit_batch(edits, settle=False)
+            raise VersionError(f"version {version} is not after its current version {current}: "
+                               "the change was ignored and the document left unchanged")
+        final, edits = resolve(text, changes, self.encoding)
+        doc = self.docs.activate(uri)  # the document being edited is the active one
+        if edits is None:  # one minimal splice of the final text (its later partial changes included)
+            doc.set_text(final, settle=settle)
+        elif edits:
+            doc.edit_batch(edits, settle=settle)
         self.versions[uri] = version
         return doc.stats
 
-    def job_close(self, engine: Engine, uri: str) -> None:
-        self.documents(engine).close(uri)  # KeyError: closing a document that is not open
+    def close(self, uri: str) -> None:
+        self.docs.close(uri)  # KeyError: closing a document that is not open
         self.forget(uri)
 
-    def _locate(self, text: str, line: int, character: int) -> tuple[tuple[int, int], int]:
-        a, b = line_span(text, line)
-        try:
-            col = to_column(text[a:b], character, self.encoding)
-        except ValueError as e:
-            raise ValueError(f"line {line}: {e}") from None
-        return (line, col), a + col
-
     # -- completions -------------------------------------------------------------------------
-    def job_complete(self, engine: Engine, uri: str, line: int, character: int, manual: bool,
-                     should_stop: Callable[[], bool]) -> Answer | None:
-        """The suggestions at the cursor (several for a manual trigger, when `candidates` > 1),
-        or None when abandoned (cancelled, or the document changed since the request: its
-        answer would be for text the client no longer has)."""
-        if should_stop():
+    def complete(self, uri: str, line: int, character: int, n: int = 1, should_stop: Callable[[], bool] | None = None,
+                 on_piece: Callable[[str], None] | None = None, **caps) -> Answer | None:
+        """The suggestions at the cursor (several when n > 1); on_piece(text) streams the first
+        as it is decoded. None when should_stop() before any work (cancelled, or the document
+        changed since the request). caps: as Document.suggest (max_new_tokens, max_prompt_ms...)."""
+        self.docs.text(uri)  # KeyError: not open
+        if should_stop is not None and should_stop():
             return None
-        docs = self.documents(engine)
-        doc = docs.activate(uri)  # the document being completed is the active one
-        a = doc.offset(line, 0)  # ValueError for a line out of range
-        m = _BREAK.search(doc.text, a)
-        line_text = doc.text[a: m.start() if m else len(doc.text)]
-        try:
-            col = to_column(line_text, character, self.encoding)
-        except ValueError as e:
-            raise ValueError(f"line {line}: {e}") from None
-        cfg = self.config
+        doc = self.docs.activate(uri)  # the document being completed is the active one
+        c = doc.offset(line, character, self.encoding)  # ValueError: not a position
+        col = doc.position(c)[1]
         decodes = doc.stats["completions"]
-        with docs.view(doc):
-            comp = doc.suggest(line, col, n=self.options.candidates if manual else 1, reuse=True,
-                               max_new_tokens=cfg.max_new_tokens, should_stop=should_stop,
-                               max_prompt_ms=cfg.max_prompt_ms, max_predict_ms=cfg.max_predict_ms,
-                               multiline=cfg.multiline)
-        texts = self._served(doc, comp)
-        rest = line_text[col:]
-        if rest.strip():
-            context = Brackets()
-            context.feed(doc.text[doc.statement_start(a + col): a + col])
-            texts = [fit_to_line(context, t, rest) for t in texts]
-            if uri in self.shown:  # accepting it ends no line: there is no next line to prefetch
-                self.shown[uri].served = -1
+        with self.docs.view(doc):
+            comp = doc.suggest(line, col, n=n, reuse=True, should_stop=should_stop, on_piece=on_piece, **caps)
+        texts = self._served(uri, doc, comp)
+        if comp.reused and on_piece is not None and texts[0]:
+            on_piece(texts[0])
+        if line_rest(doc, c).strip() and uri in self.shown:
+            self.shown[uri].served = -1  # mid-line: accepting it ends no line, there is no next one
         texts = [t for t in dict.fromkeys(texts) if t]
         self.last[uri] = dict(comp.summary(), text=texts[0] if texts else "", items=len(texts),
                               decodes=doc.stats["completions"] - decodes)
-        if should_stop():
-            return None
-        return Answer(texts, to_character(line_text, col, self.encoding), comp.incomplete)
+        return Answer(texts, character, comp.incomplete, comp.stop)
 
-    def _served(self, doc, comp) -> list[str]:
+    def _served(self, uri: str, doc, comp) -> list[str]:
         """The texts to send. A typed-ahead answer stops where its part ends: the rest of the
         suggestion being typed, else the prefetched line after it (one line at a time, as shown)."""
         entry = doc.typeahead.shown
-        rec = self.shown.get(doc.uri)
+        rec = self.shown.get(uri)
         if rec is not None and rec.entry is not entry:  # dropped (typed past, diverged) or replaced
-            del self.shown[doc.uri]
+            del self.shown[uri]
             rec = None
         if not comp.reused:
             if entry is not None and rec is None:  # the engine remembered this suggestion
-                self.shown[doc.uri] = Shown(entry, [len(entry.text)], len(entry.text))
+                self.shown[uri] = Shown(entry, [len(entry.text)], len(entry.text))
             return comp.texts
         if rec is None:
             return comp.texts
@@ -195,102 +133,44 @@ class Session:
         rec.served = next((e for e in rec.ends if e > typed), len(entry.text))
         return [comp.text[: rec.served - typed]]
 
-    # -- idle work ---------------------------------------------------------------------------
-    def job_idle(self, engine: Engine, uri: str | None, prefetch: bool, should_stop: Callable[[], bool]) -> None:
-        """Low priority: prefetch for uri (after a completion), then encode dirty tokens, uri's
-        first. Stops at the next token step or slice once should_stop() (any newer edit or request)."""
-        idle, docs = self.idle, self.documents(engine)
-        idle["jobs"] += 1
-        idle["running"] = True
-        try:
-            doc = docs.get(uri) if prefetch and self.options.prefetch and docs.is_open(uri) else None
-            if doc is not None:
-                with docs.view(doc):
-                    self._prefetch(doc, should_stop)
-            encode_idle(docs, uri, should_stop, self._encoded, self._refreshed)
-        finally:
-            idle["running"] = False
-            idle["interrupted"] += should_stop()
+    def prefetch_due(self, uri: str) -> bool:
+        """Whether the line after the suggestion last shown for uri is worth decoding now: the
+        person has been shown all that is known of it (one line ahead is enough)."""
+        rec = self.shown.get(uri)
+        doc = self.docs.get(uri) if self.docs.is_open(uri) else None
+        return doc is not None and rec is not None and rec.entry is doc.typeahead.shown and \
+            rec.served >= len(rec.entry.text)
 
-    def _encoded(self, n: int) -> None:  # after each slice: livekv/stats shows the progress
-        self.idle["tokens_encoded"] += n
-
-    def _refreshed(self, n: int) -> None:
-        self.idle["tokens_refreshed"] += n
-
-    def _prefetch(self, doc, should_stop: Callable[[], bool]) -> None:
-        rec = self.shown.get(doc.uri)
-        # only when the person has been shown all that is known: one line ahead is enough
-        if rec is None or rec.entry is not doc.typeahead.shown or rec.served < len(rec.entry.text):
-            return
-        idle, cfg = self.idle, self.config
-        idle["prefetches"] += 1
-        idle["prefetching"] = True
+    def prefetch(self, uri: str, should_stop: Callable[[], bool], **caps) -> bool:
+        """Decode the line after the suggestion last shown, as if it were accepted (prefetch_due
+        first); True when a line came back, to be served when the person gets there."""
+        doc, rec = self.docs.get(uri), self.shown[uri]
         before = doc.stats["last_prefetch"]  # the engine records each prefetch's decode apart
-        try:
-            # no time caps: nobody waits for it, and a capped line would be appended as if whole
-            text = doc.prefetch(should_stop=should_stop, max_new_tokens=cfg.max_new_tokens, multiline=cfg.multiline,
-                                max_prompt_ms=0, max_predict_ms=0)
-        finally:
-            idle["prefetching"] = False
+        with self.docs.view(doc):
+            text = doc.prefetch(should_stop=should_stop, **caps)
         ran = doc.stats["last_prefetch"] is not before
-        self.prefetched[doc.uri] = dict(doc.stats["last_prefetch"], text=text or "") if ran else None
+        self.prefetched[uri] = dict(doc.stats["last_prefetch"], text=text or "") if ran else None
         if text:
             rec.ends.append(len(rec.entry.text))
-            idle["prefetched"] += 1
-        elif should_stop():
-            idle["prefetch_cancelled"] += 1
+        return bool(text)
 
-    def job_stats(self, engine: Engine, uri: str, version: int | None) -> dict:
-        """A document's engine stats and `workspace` (its position groups, null when documents
-        are alone). An evicted document has no cache: its stats say only that."""
-        docs = self.documents(engine)
-        text = docs.text(uri)  # KeyError: not open
+    # -- stats ---------------------------------------------------------------------------------
+    def stats(self, uri: str, version: int | None = None) -> dict:
+        """A document's engine stats, its client version, the digest of its text (a client can
+        check the server holds exactly its text) and `workspace` (its position groups; None when
+        documents are alone). An evicted document has no cache: its stats say only that."""
+        text = self.docs.text(uri)  # KeyError: not open
         current = self.versions.get(uri)
         if version is not None and version != current:
             raise ValueError(f"{uri} is at version {current}, not {version}: "
                              "the client's text does not match the server's")
-        # the digest lets a client check that the server holds exactly its text
-        digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
-        common = dict(uri=uri, lsp_version=current, model=engine.model_name, text_sha256=digest,
-                      workspace=docs.stats())
-        doc = docs.get(uri)
+        common = dict(uri=uri, client_version=current, model=self.docs.engine.model_name,
+                      text_sha256=hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest(),
+                      workspace=self.docs.stats())
+        doc = self.docs.get(uri)
         if doc is None:
-            return json_safe(dict(common, evicted=True))
-        tree = getattr(doc, "_syntax", None)  # not in the engine's stats; None until first needed
-        stats = dict(doc.stats, **common, evicted=False, last_prefetch=self.prefetched.get(uri),
-                     syntax_reparses=tree.reparses if tree else 0)
+            return dict(common, evicted=True)
+        stats = dict(doc.stats, **common, evicted=False, last_prefetch=self.prefetched.get(uri))
         if uri in self.last:  # the engine's last_completion may be a prefetch's
             stats["last_completion"] = self.last[uri]
-        return json_safe(stats)
-
-    # -- settings ----------------------------------------------------------------------------
-    def settings(self) -> dict:
-        return dict(asdict(self.config), **asdict(self.options))
-
-    def job_configure(self, engine: Engine, changes: dict) -> str:
-        """Apply validated setting changes: reload the model (model/device/dtype), re-open the
-        documents (strategy, repoContext: job_idle encodes them) or apply a new budget, as
-        needed. On any error the old settings and engine stay."""
-        config_changes, option_changes = split_settings(changes)
-        new = self.config.updated(**config_changes)  # ValueError: refused
-        options = replace(self.options, **option_changes)
-        old, before = self.config, self.settings()
-        if new == old and options == self.options:
-            return "settings unchanged"
-        docs = self.documents(engine)
-        target = Engine.from_config(new) if any(getattr(new, f) != getattr(old, f) for f in RELOAD) else engine
-        if target is not engine or new.strategy != old.strategy or options.repo_context != self.options.repo_context:
-            self.docs = docs = rehome(docs, place(target, new, options, self.roots))
-        else:
-            docs.set_budget(options.max_cache_tokens)
-        # later jobs get the new engine: Worker passes `worker.engine` to each job
-        self.worker.engine = target
-        target.config = new  # the engine reads max_lines (and the defaults) from its config
-        # suggestions made under the old settings are not what the new ones would show
-        for doc in docs.documents():
-            doc.typeahead.drop()
-        self.shown.clear()
-        self.config, self.options = new, options
-        changed = {k: v for k, v in self.settings().items() if before[k] != v}
-        return f"settings applied: {changed}"
+        return stats

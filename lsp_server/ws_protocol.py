@@ -1,21 +1,17 @@
-"""The websocket protocol's messages: parsing, validation, error codes and column conversion.
+"""The websocket protocol's messages: parsing, validation and error codes.
 
-Pure functions over JSON values and strings, no sockets and no model, so every rule here can be
-read and tested on its own. The wire format is described in docs/protocol.md.
-
-Columns on the wire are UTF-16 code units (as in LSP and in browsers' JS strings); the engine
-counts code points. They differ only on lines holding characters outside the BMP (emoji...).
+Pure functions over JSON values, no sockets and no model, so every rule here can be read and
+tested on its own. The wire format is described in docs/protocol.md. Columns on the wire are
+UTF-16 code units (as in LSP and in browsers' JS strings); the session converts them (lines.py).
 """
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
-from livekv.incremental.lines import line_starts, to_offset
+from livekv.incremental.config import Config
 
 PROTOCOL_VERSION = 1
-MAX_NEW_TOKENS_LIMIT = 256  # one completion may not hold the worker for longer than this
 
 # error codes (docs/protocol.md lists them with their meaning)
 BAD_JSON = "bad_json"
@@ -29,7 +25,6 @@ UNAUTHORIZED = "unauthorized"
 INTERNAL = "internal"
 
 TYPES = ("hello", "open", "edit", "close", "complete", "cancel", "stats")
-_ASTRAL = re.compile("[\U00010000-\U0010ffff]")
 
 
 class ProtocolError(Exception):
@@ -101,8 +96,9 @@ def position(p: Any, where: str) -> tuple[int, int]:
     return p["line"], p["character"]
 
 
-def changes(msg: dict) -> list[tuple[tuple[int, int] | None, tuple[int, int] | None, str]]:
-    """The edit's changes as (start, end, text) in UTF-16 columns; start=end=None replaces all."""
+def changes(msg: dict) -> list[tuple[tuple[tuple[int, int], tuple[int, int]] | None, str]]:
+    """The edit's changes as ((start, end) or None, text), positions in UTF-16 columns; a change
+    without a range replaces the whole text."""
     items = field(msg, "changes", list)
     out = []
     for i, ch in enumerate(items):
@@ -112,68 +108,19 @@ def changes(msg: dict) -> list[tuple[tuple[int, int] | None, tuple[int, int] | N
                                              'and an optional "range" {start, end}')
         r = ch.get("range")
         if r is None:
-            out.append((None, None, ch["text"]))
+            out.append((None, ch["text"]))
             continue
         if not isinstance(r, dict):
             raise ProtocolError(BAD_REQUEST, f"{where}.range must be an object {{start, end}}")
-        out.append((position(r.get("start"), f"{where}.range.start"), position(r.get("end"), f"{where}.range.end"),
+        out.append(((position(r.get("start"), f"{where}.range.start"), position(r.get("end"), f"{where}.range.end")),
                     ch["text"]))
     return out
 
 
-# -- UTF-16 columns <-> code points ---------------------------------------------------------
-def to_code_points(text: str, line: int, col16: int, starts=None) -> int:
-    """The code-point column of UTF-16 column col16 on `line` of text. A line out of range is
-    passed through for the engine to report; a column past the line or inside a surrogate pair
-    raises ValueError in UTF-16 units, the client's."""
-    starts = line_starts(text) if starts is None else starts
-    if not 0 <= line < len(starts):
-        return col16
-    end = int(starts[line + 1]) if line + 1 < len(starts) else len(text)
-    s = text[int(starts[line]): end].rstrip("\r\n")
-    n16 = 0
-    for i, ch in enumerate(s):
-        if n16 == col16:
-            return i
-        n16 += 2 if ord(ch) > 0xFFFF else 1
-        if n16 > col16:
-            raise ValueError(f"character {col16} of line {line} falls inside a surrogate pair (UTF-16); "
-                             "positions must be between characters")
-    if n16 == col16:
-        return len(s)
-    raise ValueError(f"character {col16} is outside line {line} (it has {n16} UTF-16 code units)")
-
-
-def column(text: str, line: int, col16: int) -> int:
-    """to_code_points, skipping the scan when the text has no character outside the BMP."""
-    return to_code_points(text, line, col16) if _ASTRAL.search(text) else col16
-
-
-def resolve_changes(text: str, chs: list) -> tuple[str, Any]:
-    """Protocol changes against the current text -> what to give the engine:
-
-    ("batch", [((line, col), (line, col), text), ...]) in code points, for Document.edit_batch;
-    or ("text", new_text) when some change has no range (replace all), for Document.set_text.
-    Each change's positions refer to the text left by the changes before it (as in LSP).
-    Raises ValueError for a position outside the text.
-    """
-    full = any(s is None for s, _, _ in chs)
-    if not full and not _ASTRAL.search(text) and not any(_ASTRAL.search(t) for _, _, t in chs):
-        return "batch", [(s, e, t) for s, e, t in chs]  # UTF-16 == code points: nothing to convert
-    out, cur = [], text
-    for i, (s, e, t) in enumerate(chs):
-        if s is None:
-            cur = t
-            continue
-        try:
-            starts = line_starts(cur)
-            s_cp = (s[0], to_code_points(cur, s[0], s[1], starts))
-            e_cp = (e[0], to_code_points(cur, e[0], e[1], starts))
-            a, b = to_offset(starts, cur, *s_cp), to_offset(starts, cur, *e_cp)
-        except ValueError as err:
-            raise ValueError(f"change {i + 1} of {len(chs)}: {err}") from None
-        if b < a:
-            raise ValueError(f"change {i + 1} of {len(chs)}: its range ends before it starts")
-        out.append((s_cp, e_cp, t))
-        cur = cur[:a] + t + cur[b:]
-    return ("text", cur) if full else ("batch", out)
+def options(msg: dict, *names: str) -> dict:
+    """The engine settings a request may carry (maxNewTokens...), checked against the one
+    schema the LSP settings use (Config): {field: value} of those present."""
+    try:
+        return Config.from_lsp({k: msg[k] for k in names if msg.get(k) is not None})
+    except ValueError as e:
+        raise ProtocolError(BAD_REQUEST, f'"{msg.get("type")}": {e}') from None

@@ -18,41 +18,19 @@ import json
 import logging
 import signal
 import threading
-from dataclasses import dataclass, field
 
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from . import ws_protocol as P
 from . import ws_session as S
+from .options import ServeOptions
 from .worker import Worker
 from .ws_http import DEMO_PAGE, LOOPBACK, allowed_origins, check_request, load_demo  # noqa: F401 (re-exported)
 
 log = logging.getLogger("livekv.ws")
 
 AUTH_TIMEOUT_S = 30     # with --token: how long a new connection may wait before its hello
-
-
-@dataclass
-class ServeOptions:
-    host: str = "127.0.0.1"
-    port: int = 8765                 # 0: any free port (tests)
-    token: str | None = None         # clients must send it in a first "hello"
-    allow_origins: list[str] = field(default_factory=list)  # browser Origins besides our own; "*": any
-    max_message_bytes: int = 4 << 20
-    demo: bool = False
-    demo_file: str | None = None     # the demo's initial file; None: the stdlib's bisect.py
-
-    def __post_init__(self):
-        if self.max_message_bytes < 1024:
-            raise ValueError(f"--max-message-bytes must be at least 1024, got {self.max_message_bytes}")
-        if self.token is not None and not self.token:
-            raise ValueError("--token must not be empty: leave it out to accept clients without a token")
-
-    @classmethod
-    def from_namespace(cls, ns) -> "ServeOptions":
-        return cls(host=ns.host, port=ns.port, token=ns.token, allow_origins=list(ns.allow_origin or []),
-                   max_message_bytes=ns.max_message_bytes, demo=ns.demo, demo_file=getattr(ns, "demo_file", None))
 
 
 class WsServer:
@@ -74,7 +52,7 @@ class WsServer:
         self.port = self._server.sockets[0].getsockname()[1]
 
     def allowed_origins(self) -> set[str]:
-        return allowed_origins(self.opts.host, self.port, self.opts.allow_origins)
+        return allowed_origins(self.opts.host, self.port, self.opts.allow_origin)
 
     async def stop(self) -> None:
         self._server.close()
@@ -187,9 +165,7 @@ class WsServer:
     def _on_complete(self, conn, msg, id_):
         uri = P.field(msg, "uri", str)
         line, char = P.field(msg, "line", int, at_least=0), P.field(msg, "character", int, at_least=0)
-        n = P.field(msg, "maxNewTokens", int, default=None, at_least=1)  # None: the engine's default
-        if n is not None and n > P.MAX_NEW_TOKENS_LIMIT:
-            raise P.ProtocolError(P.BAD_REQUEST, f"maxNewTokens {n} is over the limit of {P.MAX_NEW_TOKENS_LIMIT}")
+        n = P.options(msg, "maxNewTokens").get("max_new_tokens")  # None: the engine's default
         if id_ in conn.streams:
             raise P.ProtocolError(P.BAD_REQUEST, f"completion {id_!r} is still streaming; give each request a new id")
         ticket = self.worker.ticket(conn.euri(uri))
@@ -240,10 +216,9 @@ class BackgroundServer:
         self.close()
 
 
-def run_ws_server(config, ns) -> int:
+def run_ws_server(config, opts: ServeOptions) -> int:
     """`livekv serve`: serve until SIGINT/SIGTERM. Returns the exit code."""
     from livekv.incremental import Engine
-    opts = ServeOptions.from_namespace(ns)
     if opts.host not in LOOPBACK and opts.token is None:
         log.warning("listening on %s without --token: anyone who can reach this port can use the model", opts.host)
     if log.getEffectiveLevel() > logging.DEBUG:  # websockets logs every connection at INFO

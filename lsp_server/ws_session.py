@@ -1,7 +1,9 @@
-"""One websocket client's session: its send queue, its documents, and the jobs it runs on the worker.
+"""One websocket client: its send queue, its session (documents, versions, what it was shown) and
+the jobs it runs on the worker.
 
-Connection state is split by thread: `streams`/`live` belong to the event loop, `versions` to the
-worker (jobs read and write it in arrival order), so neither needs a lock.
+Connection state is split by thread: `streams`/`live` belong to the event loop, the session to
+the worker (jobs read and write it in arrival order), so neither needs a lock. The session is
+the LSP server's (session.py), over this connection's own documents.
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from . import ws_protocol as P
+from .repo_context import Alone
+from .session import Session, VersionError
 from .worker import Ticket
 
 log = logging.getLogger("livekv.ws")
@@ -32,10 +36,23 @@ class Connection:
         self.closed = False
         self.streams: dict[Any, Ticket] = {}   # completion id -> its ticket (loop thread only)
         self.live: set[Ticket] = set()         # tickets of jobs not yet answered (loop thread only)
-        self.versions: dict[str, int] = {}     # engine uri -> client version (worker thread only)
+        self._session: Session | None = None   # worker thread only
 
     def euri(self, uri: str) -> str:
+        """The engine's name of this connection's document uri."""
         return f"{self.cid}:{uri}"
+
+    def session(self, engine) -> Session:
+        """This connection's session (worker thread; made by its first job)."""
+        if self._session is None or self._session.docs.engine is not engine:
+            self._session = Session(Alone(engine, engine.config.strategy, prefix=self.euri("")), encoding="utf-16")
+        return self._session
+
+    def stats(self, engine, uri: str) -> dict:
+        # the client's uri and version, not the engine's (doc.stats counts edits in "edits")
+        st = self.session(engine).stats(uri)
+        st["version"] = st.pop("client_version")
+        return st
 
     def post(self, msg: dict | None) -> None:
         """Queue a message for this client (loop thread). Never blocks."""
@@ -56,72 +73,51 @@ class Connection:
         except ConnectionClosed:  # the reader sees it too, and cleans up
             pass
 
-    def doc_stats(self, doc, uri: str) -> dict:
-        # the client's uri and version, not the engine's (doc.stats counts edits in "edits")
-        return dict(doc.stats, uri=uri, version=self.versions.get(self.euri(uri), 0))
 
 
 # -- jobs: fn(engine, conn, ...) on the worker thread, in arrival order --------------------------
-def _doc(engine, conn: Connection, uri: str):
-    try:
-        return engine.get(conn.euri(uri))
-    except KeyError:
-        raise P.ProtocolError(P.UNKNOWN_URI,
-                              f'document {uri!r} is not open on this connection; send "open" first') from None
-
-
 def open_job(engine, conn: Connection, id_, uri: str, text: str, version: int, ticket: Ticket):
     if conn.closed:
         return None
-    doc = engine.open(conn.euri(uri), text, should_stop=ticket.should_stop)
-    conn.versions[conn.euri(uri)] = version
-    return {"type": "ok", "id": id_, "version": version, "stats": conn.doc_stats(doc, uri)}
+    conn.session(engine).open(uri, text, version, should_stop=ticket.should_stop)
+    return {"type": "ok", "id": id_, "version": version, "stats": conn.stats(engine, uri)}
 
 
 def edit_job(engine, conn: Connection, id_, uri: str, version: int, changes: list):
     if conn.closed:
         return None
-    doc = _doc(engine, conn, uri)
-    have = conn.versions[conn.euri(uri)]
-    if version <= have:
-        raise P.ProtocolError(P.BAD_VERSION, f"edit version {version} is not newer than the document's version "
-                                             f"{have}; versions must increase with every edit")
-    if changes:
-        kind, arg = P.resolve_changes(doc.text, changes)
-        doc.set_text(arg) if kind == "text" else doc.edit_batch(arg)
-    conn.versions[conn.euri(uri)] = version
-    return {"type": "ok", "id": id_, "version": version, "stats": conn.doc_stats(doc, uri)}
+    try:
+        conn.session(engine).change(uri, version, changes, settle=True)
+    except VersionError as e:
+        raise P.ProtocolError(P.BAD_VERSION, f"edit {e}; versions must increase with every edit") from None
+    return {"type": "ok", "id": id_, "version": version, "stats": conn.stats(engine, uri)}
 
 
 def close_job(engine, conn: Connection, id_, uri: str):
-    _doc(engine, conn, uri)
-    engine.close(conn.euri(uri))
-    conn.versions.pop(conn.euri(uri), None)
+    conn.session(engine).close(uri)
     return {"type": "ok", "id": id_}
 
 
 def stats_job(engine, conn: Connection, id_, uri: str):
-    return {"type": "stats", "id": id_, "stats": conn.doc_stats(_doc(engine, conn, uri), uri)}
+    return {"type": "stats", "id": id_, "stats": conn.stats(engine, uri)}
 
 
 def complete_job(engine, conn: Connection, id_, uri: str, line: int, char16: int, n: int, ticket: Ticket):
-    doc = _doc(engine, conn, uri)
-    if ticket.should_stop():  # cancelled, edited or disconnected while queued: do no model work
-        return {"type": "done", "id": id_, "text": "", "cancelled": True, "stats": conn.doc_stats(doc, uri)}
-    col = P.column(doc.text, line, char16)
     pieces = []
-    for piece in doc.stream(line, col, max_new_tokens=n, should_stop=ticket.should_stop):
-        pieces.append(piece)
-        conn.post_threadsafe({"type": "token", "id": id_, "text": piece})
-    cancelled = doc.stats["last_completion"].get("stop") == "cancelled"
-    return {"type": "done", "id": id_, "text": "".join(pieces), "cancelled": cancelled,
-            "stats": conn.doc_stats(doc, uri)}
+
+    def piece(text: str) -> None:
+        pieces.append(text)
+        conn.post_threadsafe({"type": "token", "id": id_, "text": text})
+    # cancelled, edited or disconnected while queued: no model work (answer None)
+    answer = conn.session(engine).complete(uri, line, char16, should_stop=ticket.should_stop, on_piece=piece,
+                                           max_new_tokens=n)
+    return {"type": "done", "id": id_, "text": "".join(pieces), "cancelled": answer is None or answer.stop == "cancelled",
+            "stats": conn.stats(engine, uri)}
 
 
 def close_all(engine, conn: Connection):
-    for euri in list(conn.versions):
-        engine.close(euri)
-    conn.versions.clear()
+    if conn._session is not None:
+        conn._session.docs.clear()
 
 
 def reply(id_, fut) -> dict | None:
@@ -133,6 +129,8 @@ def reply(id_, fut) -> dict | None:
         return fut.result()
     if isinstance(e, P.ProtocolError):
         return P.error(id_, e.code, e.message)
+    if isinstance(e, KeyError):  # Session: the document is not open
+        return P.error(id_, P.UNKNOWN_URI, f'{e.args[0]} on this connection; send "open" first')
     if isinstance(e, ValueError):
         return P.error(id_, P.BAD_RANGE, str(e))
     log.error("request %r failed", id_, exc_info=e)

@@ -82,13 +82,13 @@ def test_syntax_tree_stays_equal_to_a_fresh_parse_across_edits(tiny_engine):
 
 
 def test_block_mode_only_after_a_block_opening_colon(tiny_engine):
-    from livekv.incremental.decode import make_stop
+    from livekv.incremental.stops import stop_policy
     doc = tiny_engine.open("file:///blk.py", CODE + "d = {1:\n")
     end_def = doc.offset(8, len("    def scale(self, k):"))
-    assert make_stop(doc, end_def, "", True).mode == "block"
-    assert make_stop(doc, end_def, "", False).mode == "line"
-    assert make_stop(doc, doc.offset(9, 7), "", True).mode == "line"
-    s = make_stop(doc, doc.offset(4, len("    return width * height")), "", True)
+    assert stop_policy(doc, end_def, "", True).mode == "block"
+    assert stop_policy(doc, end_def, "", False).mode == "line"
+    assert stop_policy(doc, doc.offset(9, 7), "", True).mode == "line"
+    s = stop_policy(doc, doc.offset(4, len("    return width * height")), "", True)
     assert s.mode == "line" and s.leading_newline
 
 
@@ -168,10 +168,10 @@ def test_prefetch_answers_the_line_after_an_accepted_suggestion(engine):
 
 
 def test_brackets_the_rest_of_the_line_closes_are_left_to_it(engine):
-    from livekv.incremental.decode import make_stop
+    from livekv.incremental.stops import stop_policy
     doc = engine.open("file:///oc.py", "items = [1, 2]\nprint(len())\nprint(len(\n")
     auto_closed = doc.offset(1, len("print(len("))
-    assert make_stop(doc, auto_closed, "", True).context.stack == []
-    assert make_stop(doc, doc.offset(2, len("print(len(")), "", True).context.stack == ["(", "("]
+    assert stop_policy(doc, auto_closed, "", True).context.stack == []
+    assert stop_policy(doc, doc.offset(2, len("print(len(")), "", True).context.stack == ["(", "("]
     suggestion = doc.complete(1, len("print(len("), max_new_tokens=6)
     assert ")" not in suggestion.replace("()", "")  # "items" and not "items))": the line has its ))

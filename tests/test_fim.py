@@ -36,7 +36,7 @@ def psm_ids(eng, doc, g):
 
 def stream_kv(doc):
     """The stream's K/V in PSM order: prefix marker, prefix, suffix marker, suffix."""
-    f, kv, g = doc.fim, doc.kv, doc.gap
+    f, kv, g = doc.prompt, doc.kv, doc.prompt.gap
     slots = [f.prefix_marker.slot0] + list(range(doc.slot0, doc.slot0 + g)) + [f.suffix_marker.slot0] + \
         list(range(doc.slot0 + g, doc.slot0 + doc.n))
     idx = torch.tensor(slots)
@@ -46,8 +46,8 @@ def stream_kv(doc):
 def test_a_rebuilt_stream_is_exactly_the_psm_prompt(fim_engine):
     c = TEXT.index("\n", len(TEXT) // 2) + 1
     doc = FimStream.open(fim_engine, "file:///r.py", TEXT, "pie", gap_at=c)
-    assert 0 < doc.gap < doc.n
-    seq, _ = psm_ids(fim_engine, doc, doc.gap)
+    assert 0 < doc.prompt.gap < doc.n
+    seq, _ = psm_ids(fim_engine, doc, doc.prompt.gap)
     with torch.inference_mode():
         out = fim_engine.model.hf(torch.tensor([seq]), use_cache=True)
     k, v = stream_kv(doc)
@@ -55,30 +55,30 @@ def test_a_rebuilt_stream_is_exactly_the_psm_prompt(fim_engine):
         ref = out.past_key_values.layers[layer]
         assert torch.allclose(k[layer], ref.keys[0], atol=1e-5), layer
         assert torch.allclose(v[layer], ref.values[0], atol=1e-5), layer
-    assert doc.positions.tolist() == [1 + i + (i >= doc.gap) for i in range(doc.n)]
+    assert doc.positions.tolist() == [1 + i + (i >= doc.prompt.gap) for i in range(doc.n)]
 
 
 def test_moving_the_cursor_is_a_splice_not_a_rebuild(fim_engine):
     doc = fim_engine.open("file:///s.py", TEXT)
-    assert doc.fim is not None and doc.gap == doc.n
+    assert isinstance(doc.prompt, FimStream) and doc.prompt.gap == doc.n
     line = TEXT.count("\n") // 2
     c = doc.offset(line, 0)
     encoded = doc.stats["tokens_encoded_total"]
     doc.complete(line, 0)
-    g = doc.gap
+    g = doc.prompt.gap
     w = fim_engine.config.refresh_window   # only the window after the new gap was re-encoded
     assert 0 < doc.stats["tokens_encoded_total"] - encoded <= w
     rebuilt = FimStream.open(fim_engine, "file:///rb.py", doc.text, "pie", gap_at=c)
-    assert rebuilt.gap == g
+    assert rebuilt.prompt.gap == g
     k, _ = stream_kv(doc)
     k_ref, _ = stream_kv(rebuilt)
     assert torch.allclose(k[0], k_ref[0], atol=1e-5)          # layer 0: positions are right
     assert doc.stats["stale_tokens"] == doc.n - g - w          # the rest of the suffix never saw the marker
     # an edit before the gap moves the gap with the text and asks for the marker again
     doc.edit((1, 0), (1, 0), "    extra = 1\n")
-    assert doc.gap > g and doc.fim.marker_dirty
+    assert doc.prompt.gap > g and doc.prompt.marker_dirty
     doc.complete(line + 1, 0)
-    assert not doc.fim.marker_dirty
+    assert not doc.prompt.marker_dirty
     fresh = FimStream.open(fim_engine, "file:///f2.py", doc.text, "pie", gap_at=doc.offset(line + 1, 0))
     assert torch.allclose(stream_kv(doc)[0][0], stream_kv(fresh)[0][0], atol=1e-5)
 
@@ -91,9 +91,9 @@ def test_completion_reads_the_suffix_exactly_as_the_psm_prompt(fim_engine):
     tops = []
     for i, tail in enumerate(["(a, b)\n    return value\n", "_all()\n    raise ValueError('no')\n"]):
         doc = FimStream.open(fim_engine, f"file:///x{i}.py", head + tail, "pie", gap_at=len(head))
-        assert doc.state.ends[doc.gap - 1] == len(head)        # a clean token boundary: nothing forced
+        assert doc.state.ends[doc.prompt.gap - 1] == len(head)        # a clean token boundary: nothing forced
         comp = doc.suggest(line, len("    value = compute"), n=3, multiline=False)
-        seq, mid = psm_ids(fim_engine, doc, doc.gap)
+        seq, mid = psm_ids(fim_engine, doc, doc.prompt.gap)
         with torch.inference_mode():
             ref = fim_engine.model.hf(torch.tensor([seq + [mid]])).logits[0, -1]
         assert comp.first_tokens == ref.topk(3).indices.tolist()

@@ -9,7 +9,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from livekv import kernels
 from livekv.incremental.groups import Workspace
-from livekv.incremental.lazy import attention_with_deltas, delta_runs
+from livekv.incremental.attention import attention_with_deltas, delta_runs
+from livekv.incremental.layout import Layout
 
 from conftest import excerpt, stdlib_source
 from test_strategies import line_edit, rel
@@ -35,10 +36,10 @@ def next_logits(doc, token: int = 13) -> torch.Tensor:
     """Logits of one query after the whole document, attending to every token of it."""
     S = doc.scratch(1)
     vis = torch.zeros(1, S + 1, dtype=torch.bool)
-    vis[0, torch.from_numpy(np.asarray(doc.index(np.arange(doc.n))))] = True
+    vis[0, torch.from_numpy(np.asarray(doc.region.slots(np.arange(doc.n))))] = True
     vis[0, S] = True
-    return doc.engine.model.forward(doc.kv, torch.tensor([token]), torch.tensor([doc.pos0 + doc.n]), S, S + 1,
-                                    vis, logits_at=torch.tensor([0]))[0]
+    return doc.engine.model.forward(doc.kv, torch.tensor([token]), torch.tensor([doc.pos0 + doc.n]), S,
+                                    Layout(doc.kv, vis), logits_at=torch.tensor([0]))[0]
 
 
 @pytest.fixture
@@ -69,7 +70,7 @@ def test_lazy_scores_and_encodes_like_pie(tiny_engine, segments, edits):
     a, b = next_logits(pie), next_logits(lazy)
     assert rel(b, a) < 1e-5
     k, v = lazy.cached()  # compacts
-    assert lazy.order is None and lazy.stats["pending_keys"] == 0
+    assert lazy.region.order is None and lazy.stats["pending_keys"] == 0
     kp, vp = pie.cached()
     assert rel(k, kp) < 1e-5 and rel(v, vp) < 1e-5
     assert rel(next_logits(lazy), a) < 1e-5
@@ -82,10 +83,10 @@ def test_an_edit_leaves_every_kept_key_untouched(tiny_engine, segments):
     s = doc.edit(*INSERT)
     n_new = int((doc.last_keep < 0).sum())
     assert s["keys_rotated_last_edit"] == 0 and s["tokens_encoded_last_edit"] == n_new
-    kept = doc.index(np.flatnonzero(doc.last_keep >= 0))
+    kept = doc.region.slots(np.flatnonzero(doc.last_keep >= 0))
     assert torch.equal(doc.kv.k[:, :, kept], k0[:, :, kept]) and torch.equal(doc.kv.v[:, :, kept], v0[:, :, kept])
     # the suffix waits with a pending delta of exactly the insertion's length
-    assert s["pending_keys"] > 0 and set(np.unique(doc.kv.delta[kept])) == {0, n_new}
+    assert s["pending_keys"] > 0 and set(np.unique(doc.region.delta[kept - doc.slot0])) == {0, n_new}
     assert s["pending_segments"] == 3 and s["holes"] == 0  # prefix, moved suffix, new tokens at the end
 
 
@@ -143,7 +144,7 @@ def test_segments_past_the_threshold_compact(tiny_engine, segments):
     s = doc.edit((5, 0), (5, 0), "    # two\n")
     assert s["compactions"] == 0 and s["pending_segments"] == 5
     s = doc.edit((20, 0), (20, 0), "    # three\n")  # seven runs: over the threshold
-    assert s["compactions"] == 1 and s["keys_rotated_last_edit"] > 0 and doc.order is None
+    assert s["compactions"] == 1 and s["keys_rotated_last_edit"] > 0 and doc.region.order is None
     assert s["pending_keys"] == 0 and doc.positions.tolist() == list(range(doc.n))
     ref = tiny_engine.open("file:///ref.py", doc.text, strategy="full")
     assert rel(doc.kv.k[0, :, :doc.n], ref.kv.k[0, :, :doc.n]) < 1e-5  # layer 0: token and position only
@@ -156,7 +157,7 @@ def test_deletions_leave_holes_until_they_outnumber_the_tokens(tiny_engine, segm
     s = doc.edit((1, 0), (3, 0), "")
     assert s["holes"] > 0 and s["compactions"] == 0
     s = doc.edit((1, 0), (100, 0), "")  # most of the file
-    assert s["compactions"] == 1 and s["holes"] == 0 and doc.used == doc.n
+    assert s["compactions"] == 1 and s["holes"] == 0 and doc.region.used == doc.n
     pie = tiny_engine.open("file:///p.py", text, strategy="pie")
     pie.edit((1, 0), (3, 0), "")
     pie.edit((1, 0), (100, 0), "")
@@ -175,7 +176,7 @@ def test_lazy_completions_equal_pie_on_the_real_model(engine):
     fork = lazy.fork("file:///f.py", strategy="pie")  # a pie fork of a lazy layout: compacted on its next edit
     fork.edit((2, 0), (2, 0), "# x\n")
     pie.edit((2, 0), (2, 0), "# x\n")
-    assert fork.order is None and fork.complete(40, 0) == pie.complete(40, 0)
+    assert fork.region.order is None and fork.complete(40, 0) == pie.complete(40, 0)
     for uri in ("file:///p.py", "file:///l.py", "file:///f.py"):
         engine.close(uri)
 

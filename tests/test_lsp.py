@@ -229,7 +229,7 @@ async def non_ascii_columns(c: LanguageClient, engine, enc: str, n: int = MAX_NE
 
 async def test_position_conversions_agree_with_python_codecs():
     # async only to share the module's event loop mark; no server needed
-    from livekv.lsp_server.positions import to_character, to_column
+    from livekv.incremental.lines import character as to_character, column as to_column
     line = "a😀b你c\u00e9 \U0001F44B"
     for enc in ("utf-16", "utf-8", "utf-32"):
         for col in range(len(line) + 1):

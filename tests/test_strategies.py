@@ -61,7 +61,7 @@ def test_layer0_matches_full_reencode(tiny_engine, edits, strategy):
     assert doc.n == T == len(doc.token_ids)
     assert rel(doc.kv.v[0, :, :T], v[0]) < 1e-6
     if strategy == "conflict":
-        kept = doc.kv.pos[:T] != np.arange(T)
+        kept = doc.positions != np.arange(T)
         if kept.any():
             assert rel(doc.kv.k[0, :, :T], k[0]) > 1e-3
     else:
@@ -127,7 +127,7 @@ def test_pie_window_refreshes_after_the_edit(tiny_engine):
         d.edit((3, 0), (3, 0), "    q = 1\n")
     assert doc.stats["tokens_encoded_last_edit"] == pie.stats["tokens_encoded_last_edit"] + w
     assert doc.stats["stale_tokens"] == pie.stats["stale_tokens"] - w
-    first_stale = int(np.flatnonzero(doc.kv.stale[:doc.n])[0])
+    first_stale = int(np.flatnonzero(doc.stale)[0])
     assert doc.refresh() == doc.stats["tokens"] - first_stale
     assert doc.stats["stale_tokens"] == 0
 
@@ -202,15 +202,15 @@ def test_thousand_edits_do_not_drift(tiny_engine):
 
 def test_bad_input_leaves_document_untouched(tiny_engine):
     doc = tiny_engine.open("file:///bad.py", TEXT)
-    before = (doc.text, doc.token_ids, doc.kv.snapshot(doc.slot0, doc.n), doc.version)
+    before = (doc.text, doc.token_ids, [t.clone() for t in doc.cached()], doc.version)
     bad = [[((0, 0), (9999, 0), "x")], [((3, 5), (3, 1), "x")], [((0, 0), (0, 0), "ok"), ((0, 0), (0, 999), "x")],
            [((0, 0), (0, 0), 5)], [("nonsense",)], [((1, 0), (1, 2))]]
     for changes in bad:
         with pytest.raises(ValueError):
             doc.edit_batch(changes)
-        snap = doc.kv.snapshot(doc.slot0, doc.n)
+        k, v = doc.cached()
         assert (doc.text, doc.token_ids, doc.version) == (before[0], before[1], before[3])
-        assert torch.equal(snap["k"], before[2]["k"]) and torch.equal(snap["v"], before[2]["v"])
+        assert torch.equal(k, before[2][0]) and torch.equal(v, before[2][1])
     with pytest.raises(ValueError, match="line"):
         doc.complete(10_000, 0)
 

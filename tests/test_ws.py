@@ -338,7 +338,7 @@ async def test_token_is_required_first(serve):
 
 
 async def test_browser_origins_are_checked(serve):
-    srv = serve(allow_origins=["https://ide.example"])
+    srv = serve(allow_origin=["https://ide.example"])
     port = srv.server.port
     for origin in (None, f"http://127.0.0.1:{port}", f"http://localhost:{port}", "https://ide.example"):
         async with connect(srv.url, origin=origin) as ws:

@@ -1,0 +1,117 @@
+"""Attention over keys with pending deltas (lazy layouts), and over long stretches of unseen keys.
+
+RoPE scores depend only on the distance between a query and a key: a key rotated to position p
+that belongs at p + d scores against a query at m exactly as the true key would against a query
+at m - d. So a lazy region leaves moved keys where they are and records d per slot (region.py);
+attention rotates each query once per distinct pending delta and scores each run of equal delta
+against its slice of keys (attention_with_deltas). With many queries it is cheaper to attend to
+a rotated copy of those keys through SDPA instead (PendingDeltas.copy).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from livekv import kernels
+
+MAX_SCORES = 1 << 25  # score elements per query block: bounds the memory of one attention call
+# From this many queries on, scoring per run loses to rotating a copy of the keys and running SDPA
+# (measured on this CPU: 5.2 vs 5.6 ms a layer at 32 queries x 4k keys, 199 vs 634 at 512 x 16k).
+LAZY_MAX_QUERIES = 32
+# A document about to encode this many tokens (a paste) compacts first (Document.settle): that
+# rotation is paid once, not by every layer of every pass.
+LAZY_COMPACT_TOKENS = 128
+MIN_SKIP = 256  # key columns nobody sees, in a stretch at least this long, are not read at all
+# With nothing pending, skipping unseen columns pays for leaving SDPA only from about this many
+# (SDPA: 0.09 ms a layer at 1k keys, per-run scoring 0.16; at 16k keys 3.1 against 1.8).
+SKIP_ALONE = 2048
+
+
+def delta_runs(delta: np.ndarray, seen: np.ndarray, min_skip: int = MIN_SKIP) -> list[tuple[int, int, int]]:
+    """(a, b, d) runs of key columns with equal pending delta.
+
+    Columns no query sees are left out when they form a stretch of min_skip or more (a new
+    token near the top of a file does not read the rest of it); shorter stretches (holes,
+    dirty tokens) join their left neighbour's run, so they do not split it."""
+    N = len(delta)
+    d = delta[np.maximum.accumulate(np.where(seen, np.arange(N), 0))]
+    edges = np.flatnonzero(np.diff(np.concatenate([[1], seen.astype(np.int8), [1]])))
+    starts, ends = edges[0::2], edges[1::2]                     # unseen stretches [start, end)
+    short = ends - starts < min_skip
+    fill = np.zeros(N + 1, dtype=np.int64)
+    np.add.at(fill, starts[short], 1)
+    np.add.at(fill, ends[short], -1)
+    keep = seen | (np.cumsum(fill)[:N] > 0)
+    brk = np.flatnonzero((np.diff(d) != 0) | (np.diff(keep) != 0)) + 1
+    bounds = zip(np.concatenate([[0], brk]), np.concatenate([brk, [N]]))
+    return [(int(a), int(b), int(d[a])) for a, b in bounds if keep[a]]
+
+
+class PendingDeltas:
+    """How one forward pass attends, given its Layout: `runs` over the columns some query sees,
+    scored per run (attention_with_deltas), or, for many queries (`copy`), against a copy of
+    those columns rotated for real, then SDPA. runs is None (plain SDPA over every column) when
+    no seen key is pending and few columns are hidden from every query; when many are (a
+    completion's hidden suffix, the tail of a lazy layout), runs skip them all the same."""
+
+    def __init__(self, layout, many_queries: bool, inv_freq: torch.Tensor):
+        self.runs = self.cols = None
+        self.copy = False
+        mask, n_keys, delta = layout.mask, layout.n_keys, layout.delta
+        if mask is None and not delta.any():
+            return
+        seen = np.ones(n_keys, dtype=bool) if mask is None else mask.any(0).cpu().numpy()
+        if not delta[seen].any() and n_keys - np.count_nonzero(seen) < max(SKIP_ALONE, n_keys // 4):
+            return
+        self.runs = delta_runs(delta, seen)
+        dev = inv_freq.device
+        cols = np.concatenate([np.arange(a, b) for a, b, _ in self.runs])
+        self.cols = torch.from_numpy(cols).to(dev)
+        self.copy = many_queries
+        if self.copy:
+            self.delta = torch.from_numpy(np.concatenate([np.full(b - a, d) for a, b, d in self.runs])).to(dev)
+            self.pos, self.inv_freq = torch.from_numpy(layout.pos[cols]).to(dev), inv_freq
+
+    def rotated(self, K, V):
+        """K and V (1, Hkv, N, D) as the copy path attends to them (as they are without runs)."""
+        if self.runs is None:
+            return K, V
+        K = kernels.rotated_keys(K, self.cols, self.delta, self.inv_freq, positions=self.pos)
+        return K, V.index_select(2, self.cols)
+
+
+def attention_with_deltas(q_raw, K, V, rope, runs, attn_mask, scaling: float):
+    """Attention where the keys of each run (a, b, d) belong d positions later than rotated;
+    key columns outside every run are not attended.
+
+    q_raw: (1, H, n, D) queries before RoPE; rope(q, d) rotates them to their positions minus d.
+    K, V: (1, Hkv, N, D). attn_mask: (n, M) additive over the runs' columns, in run order, or
+    None. Returns (1, H, n, D)."""
+    _, H, n, D = q_raw.shape
+    Hkv = K.shape[1]
+    rep = H // Hkv                                              # query heads per kv head (GQA)
+    M = sum(b - a for a, b, _ in runs)
+    qd = {d: rope(q_raw, d).view(1, Hkv, rep, n, D) for d in sorted({r[2] for r in runs})}
+    out = torch.empty(1, Hkv, rep, n, D, dtype=q_raw.dtype, device=q_raw.device)
+    block = max(1, MAX_SCORES // max(1, H * M))
+    for q0 in range(0, n, block):
+        q1 = min(n, q0 + block)
+        m = q1 - q0
+        s = torch.empty(1, Hkv, rep * m, M, dtype=torch.float32, device=q_raw.device)
+        at = 0
+        for a, b, d in runs:
+            q = qd[d][:, :, :, q0:q1].reshape(1, Hkv, rep * m, D)
+            s[..., at: at + b - a] = torch.matmul(q, K[:, :, a:b].transpose(-1, -2)).float()
+            at += b - a
+        s = s.view(1, Hkv, rep, m, M).mul_(scaling)
+        if attn_mask is not None:
+            s += attn_mask[q0:q1].float()
+        p = F.softmax(s, dim=-1).to(V.dtype).view(1, Hkv, rep * m, M)
+        o, at = None, 0
+        for a, b, _ in runs:
+            part = torch.matmul(p[..., at: at + b - a], V[:, :, a:b])   # (1, Hkv, rep * m, D)
+            o = part if o is None else o.add_(part)
+            at += b - a
+        out[:, :, :, q0:q1] = o.view(1, Hkv, rep, m, D)
+    return out.view(1, H, n, D)

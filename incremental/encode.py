@@ -1,0 +1,65 @@
+"""Encoding: the forward passes that give a document's dirty tokens their K/V.
+
+An edit only marks tokens dirty (Region.splice); `settle` encodes them left to right, in chunks
+of config.encode_chunk queries, and can stop between chunks, leaving the rest dirty. `refresh`
+marks the stalest tokens dirty and settles them (pie-refresh's idle work).
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import layout
+
+
+def settle(doc, T: int, should_stop: Callable[[], bool] | None,
+           chunk: Callable[[int, float | None], None]) -> bool:
+    """Encode doc's dirty tokens before index T. chunk(k, ms_per_token) is called after each
+    chunk of k tokens (ms_per_token None for chunks too small to say). Returns False when
+    should_stop() interrupted it; the rest stays dirty for later."""
+    r, model, size = doc.region, doc.engine.model, doc.engine.config.encode_chunk
+    at = r.slots(np.arange(T))                                       # (T,) token -> slot
+    while True:
+        dirty = np.flatnonzero(r.dirty_tokens()[:T])
+        if not len(dirty):
+            return True
+        if should_stop is not None and should_stop():
+            return False
+        idx = dirty[:size]
+        last = int(idx[-1])
+        # a token encoded after a stale one is stale too: it attended to stale K/V
+        own = r.stale_tokens()[: last + 1] & ~r.dirty_tokens()[: last + 1]
+        others = any(g.has_stale() for g in doc.sees)
+        any_before = np.concatenate([[others], others | np.logical_or.accumulate(own)[:-1]])
+        slots = at[idx]
+        pos = doc.position_of(idx)
+        r.writing(idx, pos)
+        lay = layout.encoding(doc, idx, slots)
+        contiguous = bool((np.diff(slots) == 1).all())
+        t0 = time.perf_counter()
+        model.forward(doc.kv, torch.from_numpy(doc.state.ids[idx]), torch.from_numpy(pos),
+                      int(slots[0]) if contiguous else torch.from_numpy(slots), lay)
+        ms = (time.perf_counter() - t0) * 1e3 / len(idx) if len(idx) >= 32 else None
+        r.written(idx, any_before[idx])
+        chunk(len(idx), ms)
+
+
+def refresh(doc, max_tokens: int | None = None, should_stop: Callable[[], bool] | None = None) -> int:
+    """Re-encode the stalest region (from the first stale token on), up to max_tokens.
+    Returns how many tokens were re-encoded."""
+    r = doc.region
+    stale = np.flatnonzero(r.stale_tokens())
+    if not len(stale):
+        return 0
+    a = int(stale[0])
+    b = doc.n if max_tokens is None else min(doc.n, a + max_tokens)
+    marked = r.mark_dirty(np.arange(a, b))
+    before = doc.stats["tokens_encoded_total"]
+    if not doc.settle(should_stop, upto=b):
+        # interrupted: what it did not reach keeps its K/V, stale but whole, rather than leave
+        # encoding work on the next completion's path
+        r.unmark_dirty(marked)
+    return doc.stats["tokens_encoded_total"] - before
