@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from livekv.bench.hunks import offset_to_position, position_to_offset
 from livekv.incremental.lines import split_lines
-from livekv.bench.runner import close_forks, n_tokens, open_forks, run_step
+from livekv.bench.runner import check_texts, close_forks, emit, n_tokens, open_forks, run_step
 
 LATE = 0.9
 
@@ -103,15 +103,9 @@ def run(engine, traces: list[dict], labels: list[str], n_edits: int = 100, max_n
             late = {"line": int(LATE * len(split_lines(text))), "column": 0, "truth": None}
             ch = [(tuple(e["start"]), tuple(e["end"]), e["text"])]
             for probe, changes, pt, idle in (("edit", ch, site, 0), ("late", [], late, idle_refresh_tokens)):
-                for r in run_step(docs, changes, pt, k, max_new_tokens, idle):
-                    r.update(trace=tr["id"], edit=k, probe=probe)
-                    if sink:
-                        sink(r)
-            if load:
-                load.sample()
-            bar.update(1)
-        if any(d.text != text for d in docs.values()):
-            raise RuntimeError(f"bug: the curve's documents differ from the replayed text of {tr['id']}")
+                emit(run_step(docs, changes, pt, k, max_new_tokens, idle), sink, trace=tr["id"], edit=k, probe=probe)
+            emit([], load=load, bar=bar)
+        check_texts(docs, text, tr["id"])
     finally:
         close_forks(engine, docs)
         bar.close()

@@ -45,6 +45,6 @@ def run_demo(config: Config, path: str | None) -> int:
         print(_row(name, doc, *results[name]))
     speed = (results["full"][0] + results["full"][1]) / (results["pie"][0] + results["pie"][1])
     same = results["pie"][2] == results["full"][2]
-    print(f"\npie: edit + first token {speed:.0f}x faster than full re-encode; "
-          f"completions {'agree' if same else 'differ'}.")
+    than = f"{speed:.1f}x faster than" if speed >= 1 else f"{1 / speed:.1f}x slower than"
+    print(f"\npie: edit + first token {than} full re-encode; completions {'agree' if same else 'differ'}.")
     return 0

@@ -34,11 +34,6 @@ def apply_edits(text: str, edits) -> str:
     return resolve(text, [((tuple(e["start"]), tuple(e["end"])), e["text"]) for e in edits])[0]
 
 
-def apply_edit(text: str, start, end, new_text: str) -> str:
-    """text with the range start..end ((line, col) pairs) replaced by new_text."""
-    return apply_edits(text, [{"start": start, "end": end, "text": new_text}])
-
-
 # ---------------------------------------------------------------- hunks
 
 def hunks(old_lines: list[str], new_lines: list[str]) -> list[tuple[int, int, int, int]]:

@@ -2,7 +2,7 @@
 Scores of the edit-replay benchmark: how a prediction compares with the truth and with `full`,
 and the per-strategy summary of results.json / table.md.
 
-Comparison (documented in bench/RESULTS.md): every prediction point of a trace sits at column 0,
+Comparison: every prediction point of a trace sits at column 0,
 so the predicted line is exactly the completion text. Both sides are compared after dropping
 trailing whitespace (and any "\\r"); leading whitespace is kept, since indentation is code.
 

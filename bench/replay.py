@@ -25,7 +25,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from livekv.bench.hunks import apply_edits
-from livekv.bench.runner import LoadMeter, close_forks, log, n_tokens, open_forks, parse_labels, run_step, to_changes
+from livekv.bench.runner import (LoadMeter, check_texts, close_forks, emit, log, n_tokens, open_forks, parse_labels,
+                                 run_step, to_changes)
 from livekv.bench.traces import load_trace_files, quick_traces
 
 QUICK = dict(max_points=3, max_file_tokens=1024, max_new_tokens=8, lengths="256,512", scaling_edits=1,
@@ -97,17 +98,10 @@ def replay(engine, traces: list[dict], labels: list[str], max_new_tokens: int = 
                 turn += 1
                 done += 1
                 expect = apply_edits(expect, step["edits"])
-                for r in recs:
-                    r.update(trace=tr["id"], package=tr.get("package"), path=tr.get("path"), step=i,
-                             hunk=step.get("hunk"), file_tokens=tokens[tr["id"]][0])
+                emit(recs, sink, load, bar, trace=tr["id"], package=tr.get("package"), path=tr.get("path"), step=i,
+                     hunk=step.get("hunk"), file_tokens=tokens[tr["id"]][0])
                 records += recs
-                if sink:
-                    sink(recs)
-                if load:
-                    load.sample()
-                bar.update(1)
-            if any(d.text != expect for d in docs.values()):
-                raise RuntimeError(f"bug: after replaying {tr['id']} a document differs from the trace's text")
+            check_texts(docs, expect, tr["id"])
             info["traces_replayed"] += 1
         except ValueError as e:
             log(f"error: {e}; skipping the rest of this trace")

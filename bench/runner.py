@@ -71,6 +71,24 @@ def close_forks(engine, docs: dict):
         engine.close(d.uri)
 
 
+def emit(recs: list[dict], sink=None, load=None, bar=None, **fields) -> None:
+    """Label one step's records with fields, stream them to sink, and tick the meters."""
+    for r in recs:
+        r.update(fields)
+    if sink:
+        sink(recs)
+    if load:
+        load.sample()
+    if bar is not None:
+        bar.update(1)
+
+
+def check_texts(docs: dict, text: str, what: str) -> None:
+    """Every strategy's document must hold the text the edits make: anything else is a bug."""
+    if any(d.text != text for d in docs.values()):
+        raise RuntimeError(f"bug: after replaying {what} a document differs from the replayed text")
+
+
 def run_step(docs: dict, changes: list, predict: dict | None, turn: int, max_new_tokens: int,
              idle_refresh_tokens: int = 0) -> list[dict]:
     """Apply one step's changes to every doc and, at a prediction point, complete the line.

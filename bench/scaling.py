@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from livekv.bench.hunks import is_substantive
 from livekv.incremental.lines import split_lines
-from livekv.bench.runner import close_forks, n_tokens, open_forks, run_step
+from livekv.bench.runner import close_forks, emit, n_tokens, open_forks, run_step
 
 # large, plain-Python stdlib modules; the order fixes the text of every length
 MODULES = ("difflib", "argparse", "inspect", "typing", "dataclasses", "pathlib", "subprocess", "tarfile",
@@ -80,14 +80,8 @@ def run(engine, lengths: list[int], labels: list[str], edits: int = 2, max_new_t
                                 turn, max_new_tokens)
                 shift += 1
                 turn += 1
-                for r in recs:
-                    r.update(length=n, file_tokens=tokens, edit=e, open_ms=open_ms)
-                    rows.append(r)
-                    if sink:
-                        sink(r)
-                if load:
-                    load.sample()
-                bar.update(1)
+                emit(recs, sink, load, bar, length=n, file_tokens=tokens, edit=e, open_ms=open_ms)
+                rows += recs
             for lab, d in docs.items():
                 if d.strategy == "lazy":  # what lazy defers: paid once per lazy_segments edits or so
                     t0 = time.perf_counter()
@@ -95,8 +89,7 @@ def run(engine, lengths: list[int], labels: list[str], edits: int = 2, max_new_t
                     r = dict(kind="compact", length=n, file_tokens=tokens, label=lab, strategy=d.strategy,
                              compact_ms=(time.perf_counter() - t0) * 1e3, compact_keys=keys)
                     rows.append(r)
-                    if sink:
-                        sink(r)
+                    emit([r], sink)
         finally:
             close_forks(engine, docs)
     bar.close()

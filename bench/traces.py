@@ -18,8 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from livekv.bench.hunks import (apply_edit, apply_edits, diff_steps, is_substantive,  # noqa: F401 (re-exported)
-                         offset_to_position, position_to_offset, split_lines, strip_eol)
+from livekv.bench.hunks import apply_edits, diff_steps, is_substantive, offset_to_position, split_lines, strip_eol
 from livekv.bench.releases import ReleaseError, fetch, read_py_files
 
 KINDS = ("insert", "delete", "multi")

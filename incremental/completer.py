@@ -73,7 +73,8 @@ class Completer:
                 max_predict_ms=None, multiline=None, max_lines=None, record=True):
         cfg = self.engine.config
         max_new = cfg.max_new_tokens if max_new_tokens is None else max_new_tokens
-        for name, v in (("max_new_tokens", max_new), ("the number of candidates", n)):
+        checks = [("max_new_tokens", max_new), ("the number of candidates", n)]
+        for name, v in checks + ([("max_lines", max_lines)] if max_lines is not None else []):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an integer of at least 1, got {v!r}")
         comp = yield from decode(

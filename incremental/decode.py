@@ -62,6 +62,18 @@ def _up_to_date(doc, j: int, comp: Completion, t0: float, should_stop, max_promp
     return not comp.stop
 
 
+def _new_text(tok, context: list[int], ids: list[int], base: str, cur) -> str:
+    """The text a candidate's tokens add after the tail, as far as it is certain."""
+    raw = tok.decode(context + ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)[len(base):]
+    if cur.heal:
+        assert raw.startswith(cur.heal), "a healed token must re-type the text it replaced"
+        raw = raw[len(cur.heal):]
+    soft = cur.soft
+    if soft:  # FIM: indentation the model writes again, which the line already has
+        raw = "" if soft.startswith(raw) else raw[len(soft):] if raw.startswith(soft) else raw
+    return raw.rstrip("\ufffd")  # a character split across tokens: wait for its other bytes
+
+
 def decode(doc, c: int, n: int, max_new: int, should_stop: Callable[[], bool] | None = None, extra: str = "",
            max_prompt_ms: float = 0, max_predict_ms: float = 0, multiline: bool = True,
            max_lines: int | None = None) -> Generator[str, None, Completion]:
@@ -72,7 +84,7 @@ def decode(doc, c: int, n: int, max_new: int, should_stop: Callable[[], bool] | 
     stop_at = stop_policy(doc, c, extra, multiline, max_lines)
     comp = Completion(mode=stop_at.mode)
     cur = doc.prompt.cursor(doc, c, extra, eng.config.token_healing)
-    tail, heal, soft, phi = cur.tail, cur.heal, cur.soft, cur.phi
+    tail, heal, phi = cur.tail, cur.heal, cur.phi
     comp.prefix_tokens, comp.tail_tokens = cur.j, len(tail)
     if not _up_to_date(doc, cur.j, comp, t0, should_stop, max_prompt_ms):
         comp.texts = [""]
@@ -103,15 +115,7 @@ def decode(doc, c: int, n: int, max_new: int, should_stop: Callable[[], bool] | 
                 comp.stop = comp.stop or "eos"
                 continue
             ids[cand].append(t)
-            raw = tok.decode(context + ids[cand], skip_special_tokens=False, clean_up_tokenization_spaces=False)[len(base):]
-            if heal:
-                assert raw.startswith(heal), "a healed token must re-type the text it replaced"
-                raw = raw[len(heal):]
-            if soft:  # FIM: indentation the model writes again, which the line already has
-                raw = "" if soft.startswith(raw) else raw[len(soft):] if raw.startswith(soft) else raw
-            if raw.endswith("\ufffd"):
-                raw = raw.rstrip("\ufffd")  # a character split across tokens: wait for its other bytes
-            texts[cand], done = stop_at.cut(raw)
+            texts[cand], done = stop_at.cut(_new_text(tok, context, ids[cand], base, cur))
             if cand == 0 and len(texts[0]) > len(emitted):
                 piece, emitted = texts[0][len(emitted):], texts[0]
                 yield piece

@@ -7,7 +7,6 @@ PrefixPrompt or a FimStream) says where each token is encoded and what a complet
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 from typing import Callable, Sequence
 
 import numpy as np
@@ -15,9 +14,9 @@ import numpy as np
 from . import encode, strategies
 from .attention import LAZY_COMPACT_TOKENS
 from .completer import Completer
+from .group import PositionGroup
 from .kv_cache import KVCache
-from .prompt import PrefixPrompt
-from .region import Region, slack
+from .region import slack
 from .syntax import SyntaxTree
 from .token_mirror import MirrorState
 from .typeahead import TypeAhead
@@ -28,7 +27,7 @@ Position = tuple[int, int]
 Change = tuple[Position, Position, str]
 
 
-class Document(Completer):
+class Document(PositionGroup, Completer):
     """One open file. Create it with Engine.open; every method runs on the caller's thread."""
 
     def __init__(self, engine, uri: str, text: str, strategy: str, kv: KVCache | None = None,
@@ -36,12 +35,8 @@ class Document(Completer):
         """A document encoded from position pos0, attending to the groups `sees` before it (the
         shared prefix, context files); kv is shared with them, or a private cache when None."""
         self.engine, self.uri, self.strategy = engine, uri, strategy
-        self.kv = kv if kv is not None else engine.new_cache(256)
-        self.pos0, self.sees = pos0, list(sees)
-        self.prompt = PrefixPrompt()
         self.state: MirrorState = engine.mirror.state(text)
-        self.region = Region(self.kv, len(self.state.ids))
-        self.region.place(self.position_of(np.arange(self.n)))
+        super().__init__(kv if kv is not None else engine.new_cache(256), pos0, sees, len(self.state.ids))
         self.version = 0
         self.last_keep: np.ndarray | None = None  # for tests and tools: the old index of each token
         self.encode_ms_per_token = 1.0  # an estimate, refined by every encode (for maxPromptMs)
@@ -63,64 +58,14 @@ class Document(Completer):
         return self.state.ids.tolist()
 
     @property
-    def n(self) -> int:
-        return self.region.n
-
-    @property
-    def end(self) -> int:
-        return self.region.end
-
-    @property
-    def slot0(self) -> int:
-        return self.region.slot0
-
-    @property
     def stats(self) -> dict:
         r = self.region
         return dict(self._stats, uri=self.uri, strategy=self.strategy, tokens=self.n, version=self.version,
                     reuse_hits=self.typeahead.hits, position_base=self.pos0, slot_base=r.slot0,
                     stale_tokens=int(r.stale_tokens().sum()), dirty_tokens=int(r.dirty_tokens().sum()),
                     pending_keys=r.pending_keys(), pending_segments=r.segments(), holes=r.used - r.n,
-                    compactions=r.compactions, cache_bytes=r.bytes(), full_reencode_tokens=self.n,
+                    compactions=r.compactions, cache_bytes=r.n * self.kv.bytes_per_token(), full_reencode_tokens=self.n,
                     syntax_reparses=self._syntax.reparses if self._syntax is not None else 0)
-
-    def cached(self) -> tuple:
-        """Views (L, Hkv, n, D) of this document's cached keys and values, in token order, each
-        key rotated to its position (a lazy layout is compacted first)."""
-        self.compact()
-        s = self.region.slots()
-        return self.kv.k[:, :, s], self.kv.v[:, :, s]
-
-    def compact(self) -> int:
-        """Apply a lazy layout's pending deltas for real; returns the keys rotated."""
-        return self.region.compact()
-
-    @property
-    def positions(self) -> np.ndarray:
-        """The position each token's key stands for (pending lazy deltas included)."""
-        return self.region.positions()
-
-    @property
-    def stale(self) -> np.ndarray:
-        """Which tokens' K/V did not see the current text before them (a copy)."""
-        return self.region.stale_tokens()
-
-    @property
-    def dirty(self) -> np.ndarray:
-        """Which tokens still wait to be encoded (after settle=False edits or an interruption)."""
-        return self.region.dirty_tokens()
-
-    def encoded(self):
-        """(slots, encoded): this group's slots in token order and which hold K/V; what a
-        document that attends to this group may see (layout.context)."""
-        return self.region.slots(), ~self.region.dirty_tokens()
-
-    def has_stale(self) -> bool:
-        return bool(self.region.stale_tokens().any())
-
-    def position_of(self, idx: np.ndarray) -> np.ndarray:
-        """The position token index idx is encoded at (pos0 + idx; one later after a FIM gap)."""
-        return self.prompt.position_of(self, idx)
 
     def offset(self, line: int, col: int, encoding: str = "utf-32") -> int:
         return self.engine.mirror.offset(self.state, line, col, encoding)
@@ -128,53 +73,11 @@ class Document(Completer):
     def position(self, offset: int, encoding: str = "utf-32") -> tuple[int, int]:
         return self.engine.mirror.position(self.state, offset, encoding)
 
-    # -- the group ---------------------------------------------------------------------------
-    def mark_stale(self, which: np.ndarray | None = None) -> None:
-        """Mark tokens stale (all when which is None; else a bool mask over tokens)."""
-        self.region.mark_stale(which)
-
-    def attend_to(self, groups: Sequence) -> None:
-        """The groups this document's tokens see before themselves, from now on."""
-        self.sees = list(groups)
-
-    @contextmanager
-    def hiding(self, groups: Sequence):
-        """While this document encodes or decodes, these groups it sees are hidden; its tokens
-        encoded meanwhile never saw them, so they are stale."""
-        if not groups:
-            yield self
-            return
-        sees, dirty = self.sees, self.dirty
-        self.sees = [g for g in sees if not any(g is h for h in groups)]
-        try:
-            yield self
-        finally:
-            self.sees = sees
-            self.mark_stale(dirty & ~self.dirty)
-
-    def move_to(self, pos0: int) -> int:
-        """Move the whole group to start at pos0: one rotation of its keys, nothing re-encoded
-        (a lazy layout is compacted first). Returns the keys rotated."""
-        self.compact()
-        rotated = self.region.shift(0, self.n, pos0 - self.pos0)
-        self.pos0 = pos0
-        return rotated
-
-    def rebase(self, pos0: int) -> None:
-        """Start at pos0, every token to be encoded there again (FIM's suffix marker, which moves
-        with the gap)."""
-        self.pos0 = pos0
-        self.region.place(self.position_of(np.arange(self.n)))
-
-    def set_prompt(self, prompt) -> None:
-        """The prompt layout (FimStream.open); set before anything is encoded."""
-        self.prompt = prompt
-
     # -- memory ------------------------------------------------------------------------------
     def fork(self, uri: str, strategy: str | None = None) -> "Document":
         """An independent copy (text, tokens and cache, in a private cache) registered under uri,
         e.g. to compare strategies from one encoded state without encoding it again."""
-        new = self.prompt.fork(self, uri, strategy or self.strategy)
+        new = self.prompt.fork(self, uri, strategies.check(self.strategy if strategy is None else strategy))
         self.engine.documents[uri] = new
         return new
 
@@ -190,14 +93,6 @@ class Document(Completer):
         new._syntax, new._syntax_stale, new.typeahead = None, False, TypeAhead()
         new._stats = dict(self._stats)
         return new
-
-    def scratch(self, need: int) -> int:
-        """The first of `need` free slots for a completion's own tokens (the target group)."""
-        return self.region.scratch(need)
-
-    def close(self) -> None:
-        """Give the cache region back (the engine forgets the document too)."""
-        self.region.free()
 
     # -- editing -----------------------------------------------------------------------------
     def edit(self, start: Position, end: Position, text: str, **kw) -> dict:

@@ -6,13 +6,14 @@ import time
 
 import torch
 
-from .config import STRATEGIES, Config
+from .config import Config
 from .document import Document
 from .fim import FimStream, fim_ids
 from .host_memory import keep_freed_memory
 from .kv_cache import KVCache
 from .models import load_model, resolve_device_dtype
 from .token_mirror import TokenMirror
+from .strategies import check
 from .transformer import Transformer
 
 log = logging.getLogger("livekv")
@@ -91,9 +92,7 @@ class Engine:
 
         progress(done, total) reports the encoding; should_stop() may interrupt it, leaving the
         rest to be encoded by the next edit or completion (Document.settle)."""
-        strategy = strategy or self.config.strategy
-        if strategy not in STRATEGIES:
-            raise ValueError(f"unknown strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
+        strategy = check(self.config.strategy if strategy is None else strategy)
         if not isinstance(text, str):
             raise ValueError(f"document text must be a str, got {type(text).__name__}")
         if self.fim_ids is not None and self.config.fim != "off":

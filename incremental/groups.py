@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from .document import Document
+from .strategies import check
 
 
 class Workspace:
@@ -27,7 +28,7 @@ class Workspace:
     def __init__(self, engine, prefix: str = "", span: int = 1024, max_cache_tokens: int = 200_000,
                  strategy: str | None = None):
         self.engine, self.span, self.max_cache_tokens = engine, span, max_cache_tokens
-        self.strategy = strategy or engine.config.strategy
+        self.strategy = check(engine.config.strategy if strategy is None else strategy)
         self.kv = engine.new_cache(1024)
         self.prefix = Document(engine, "livekv:prefix", prefix, "pie", kv=self.kv, pos0=0)
         self.prefix.settle()
@@ -97,8 +98,8 @@ class Workspace:
         registered with the engine (engine.get(uri)), like Engine.open's documents."""
         if uri in self.active:
             self.close(uri)
-        doc = Document(self.engine, uri, text, strategy or self.strategy, kv=self.kv, pos0=self.active_base,
-                       sees=self._sees())
+        strategy = check(self.strategy if strategy is None else strategy)
+        doc = Document(self.engine, uri, text, strategy, kv=self.kv, pos0=self.active_base, sees=self._sees())
         self.active[uri] = doc
         self.engine.documents[uri] = doc
         self._budget()

@@ -4,16 +4,14 @@ A region is `cap` slots from `slot0`; the first `used` hold the group's `n` toke
 deleted tokens left under `lazy`. Token i's K/V sit at local slot i, or at order[i] while a lazy
 layout is live (new tokens go to fresh slots after the used ones). Per slot the region knows:
 
-    pos     the position the key is rotated to (`conflict` leaves moved keys at their old ones:
-            exactly its defect)
+    pos     the position the key is rotated to (`conflict` leaves moved ones where they were)
     delta   a pending delta: the key belongs at pos + delta (lazy; attention rotates the query)
     stale   its K/V were computed without seeing the current text before the token
     dirty   no K/V yet: an encode still to run, or one interrupted
 
-Every change to the layout is a method here, and `_rotate` is the one place cached keys are
-rotated (kernels.rerotate_keys_): splice (an edit's plan, keys moved and rotated at once),
-splice_lazy (deltas recorded instead), shift (a run of tokens moved in position), compact (the
-pending deltas applied), grow, relocate, fork and free.
+Every change to them is a method here, and `_rotate` is the one caller of rerotate_keys_: splice
+(an edit's plan: keys moved and rotated), splice_lazy (deltas recorded instead), shift (a run of
+tokens moved in position), compact (pending deltas applied), grow, relocate, fork and free.
 """
 from __future__ import annotations
 
@@ -38,10 +36,8 @@ class Region:
         self.kv, self.cap = kv, cap
         self.n = self.used = n
         self.order: np.ndarray | None = None
-        self.pos = np.zeros(cap, dtype=np.int64)
-        self.delta = np.zeros(cap, dtype=np.int64)
-        self.stale = np.zeros(cap, dtype=bool)
-        self.dirty = np.zeros(cap, dtype=bool)
+        self.pos, self.delta = np.zeros(cap, dtype=np.int64), np.zeros(cap, dtype=np.int64)
+        self.stale, self.dirty = np.zeros(cap, dtype=bool), np.zeros(cap, dtype=bool)
         self.compactions = 0
         self.slot0 = kv.alloc(self, cap)
 
@@ -54,9 +50,8 @@ class Region:
 
     def slots(self, idx: np.ndarray | None = None):
         """The cache slots of token indices idx (all tokens when None; a slice when contiguous)."""
-        if self.order is None:
-            return slice(self.slot0, self.slot0 + self.n) if idx is None else self.slot0 + idx
-        return self.slot0 + (self.order if idx is None else self.order[idx])
+        s = self.local(idx)
+        return slice(self.slot0 + s.start, self.slot0 + s.stop) if isinstance(s, slice) else self.slot0 + s
 
     def span(self, j: int):
         """The cache slots of tokens [0, j), in token order."""
@@ -94,9 +89,6 @@ class Region:
         d = self.delta[: self.used][self.token_of_slot() >= 0]
         return 1 + int(np.count_nonzero(np.diff(d)))
 
-    def bytes(self) -> int:
-        return self.n * self.kv.bytes_per_token()
-
     # -- marks ----------------------------------------------------------------------------------
     def place(self, positions: np.ndarray) -> None:
         """Every token to be encoded at these positions (a new group)."""
@@ -107,11 +99,8 @@ class Region:
     def mark_stale(self, which: np.ndarray | None = None) -> None:
         """Tokens whose K/V did not see the current text before them (all when None; else a
         bool mask over tokens, or token indices)."""
-        if which is None:
-            self.stale[self.local()] = True
-        else:
-            idx = np.flatnonzero(which) if which.dtype == bool else which
-            self.stale[self.local(idx)] = True
+        idx = None if which is None else np.flatnonzero(which) if which.dtype == bool else which
+        self.stale[self.local(idx)] = True
 
     def mark_dirty(self, idx: np.ndarray) -> np.ndarray:
         """Tokens idx to be encoded again; returns the local slots that were not dirty yet."""
@@ -262,27 +251,28 @@ class Region:
         if need <= self.cap:
             return
         new_cap = max(need, 2 * self.cap)
-        if not self.kv.extend(self.slot0, self.cap, new_cap):
-            dst = self.kv.alloc(self, new_cap)
-            self.kv.move(self.slot0, dst, self.used)
-            self.slot0 = dst
-        self._resize(new_cap)
+        if self.kv.extend(self.slot0, self.cap, new_cap):
+            self._resize(new_cap)
+        else:
+            self.relocate(self.kv.alloc(self, new_cap), new_cap)
 
-    def relocate(self, dst: int) -> int:
-        """Move down to slot dst with a trimmed capacity (KVCache.pack); returns the new capacity."""
-        keep = max(self.used + 64, min(self.cap, 2 * self.used + 64))
+    def relocate(self, dst: int, cap: int | None = None) -> int:
+        """Move to slot dst with cap slots, by default trimmed (KVCache.pack); returns the cap."""
+        cap = max(self.used + 64, min(self.cap, 2 * self.used + 64)) if cap is None else cap
         self.kv.move(self.slot0, dst, self.used)
         self.slot0 = dst
-        self._resize(keep)
-        return keep
+        self._resize(cap)
+        return cap
 
-    def _resize(self, cap: int) -> None:
+    def _resize(self, cap: int, into: "Region | None" = None) -> None:
+        """The per-slot arrays at cap slots (the used ones kept), here or copied into `into`."""
+        into = self if into is None else into
         for name in ("pos", "delta", "stale", "dirty"):
             old = getattr(self, name)
             new = np.zeros(cap, dtype=old.dtype)
             new[: min(cap, self.used)] = old[: min(cap, self.used)]
-            setattr(self, name, new)
-        self.cap = cap
+            setattr(into, name, new)
+        into.cap = cap
 
     def scratch(self, need: int) -> int:
         """The first of `need` free slots for a completion's own tokens (the target group): after
@@ -298,12 +288,9 @@ class Region:
         """An independent copy in kv (another cache, or this one): layout, K/V and marks."""
         cap = self.used + slack(self.used) if cap is None else cap
         new = Region.__new__(Region)
-        new.kv, new.cap, new.n, new.used, new.compactions = kv, cap, self.n, self.used, self.compactions
+        new.kv, new.n, new.used, new.compactions = kv, self.n, self.used, self.compactions
         new.order = None if self.order is None else self.order.copy()
-        for name in ("pos", "delta", "stale", "dirty"):
-            arr = np.zeros(cap, dtype=getattr(self, name).dtype)
-            arr[: self.used] = getattr(self, name)[: self.used]
-            setattr(new, name, arr)
+        self._resize(cap, into=new)
         new.slot0 = kv.alloc(new, cap)
         s, d = slice(self.slot0, self.end), slice(new.slot0, new.end)
         kv.k[:, :, d], kv.v[:, :, d] = self.kv.k[:, :, s], self.kv.v[:, :, s]

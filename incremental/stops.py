@@ -189,7 +189,7 @@ def stop_policy(doc, c: int, extra: str = "", multiline: bool = True, max_lines:
     if after.feed(rest) is not None or len(after.stack) < len(brackets.stack):
         brackets = Brackets(quote=brackets.quote)
     return Stop(mode="block" if opens else "line", header_indent=indent_width(virtual),
-                max_lines=max_lines or cfg.max_lines, leading_newline=at_eol and virtual.strip() != "" and not opens,
+                max_lines=cfg.max_lines if max_lines is None else max_lines, leading_newline=at_eol and virtual.strip() != "" and not opens,
                 context=brackets, rest=rest, line_context=line_context)
 
 

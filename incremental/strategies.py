@@ -63,6 +63,14 @@ def change_points(keep: np.ndarray) -> np.ndarray:
     return np.flatnonzero(run_start | removed_before)
 
 
+def check(strategy) -> str:
+    """strategy, or ValueError naming the choices."""
+    from .config import STRATEGIES
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
+    return strategy
+
+
 def plan(strategy: str, old_ids: np.ndarray, new_ids: np.ndarray, origin: np.ndarray,
          reuse_min_chunk: int = 64, window: int = 0) -> Plan:
     """The plan of `strategy` for the edit old_ids -> new_ids; origin[i] is the old index of new

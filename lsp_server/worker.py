@@ -27,7 +27,6 @@ class Ticket:
         self.generation = worker.generation(uri) if uri else 0
         self.event = threading.Event()
         self.started_at: float | None = None
-        self.stopped_at: float | None = None
 
     def cancel(self) -> None:
         self.event.set()
@@ -37,10 +36,7 @@ class Ticket:
         return self.uri is not None and self.worker.generation(self.uri) != self.generation
 
     def should_stop(self) -> bool:
-        stop = self.event.is_set() or self.worker.closing or self.stale
-        if stop and self.stopped_at is None:
-            self.stopped_at = time.perf_counter()
-        return stop
+        return self.event.is_set() or self.worker.closing or self.stale
 
 
 class Worker:

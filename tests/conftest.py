@@ -30,13 +30,39 @@ def engine() -> Engine:
     return Engine.load(verify_tokens=True, max_new_tokens=8)
 
 
-@pytest.fixture(scope="session")
-def tiny_engine(engine) -> Engine:
-    """A randomly initialised 2-layer Llama with the real tokenizer: fast, for unit tests."""
+def train_tokenizer(special: tuple[str, ...] = ()):
+    """A byte-level BPE tokenizer trained on stdlib code: the embedded model's kind (GPT-2 style,
+    offsets included), so unit tests need no model wheel. Deterministic for the same input."""
+    import argparse
+    import inspect
+    import typing
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=6000, special_tokens=["<|endoftext|>", *special], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator([stdlib_source(m) for m in (difflib, argparse, inspect, typing)], trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    if special:
+        tok.add_special_tokens({"additional_special_tokens": list(special)})
+    return tok
+
+
+def tiny_llama(tokenizer, seed: int = 0, **config) -> Engine:
+    """A randomly initialised 2-layer Llama over `tokenizer`: fast, for unit tests."""
     from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(engine.tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=32768,
                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=True)
     hf = LlamaForCausalLM(cfg).eval()
-    return Engine(Config(verify_tokens=True, max_new_tokens=8), hf, engine.tokenizer, "tiny-llama")
+    return Engine(Config(verify_tokens=True, **config), hf, tokenizer, "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_engine() -> Engine:
+    """A tiny random Llama with a stdlib-trained tokenizer: no model wheel needed."""
+    return tiny_llama(train_tokenizer(), max_new_tokens=8)

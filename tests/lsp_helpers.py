@@ -190,3 +190,32 @@ async def eventually(pred, what: str, timeout: float = 60.0):
         assert time.monotonic() < end, f"gave up waiting for {what}"
         await asyncio.sleep(0.02)
     return got
+
+
+# -- starting servers and asking them ----------------------------------------------------------
+def init_params(encodings=None, options=None):
+    from lsprotocol import types as T
+    general = T.GeneralClientCapabilities(position_encodings=encodings) if encodings else None
+    caps = T.ClientCapabilities(general=general, window=T.WindowClientCapabilities(work_done_progress=True))
+    return T.InitializeParams(capabilities=caps, initialization_options=options)
+
+
+async def start_server(encodings=None, options=None):
+    """A real `livekv lsp` of its own, initialized: (client, InitializeResult)."""
+    from pytest_lsp.client import make_test_lsp_client
+    c = make_test_lsp_client()
+    await c.start_io(*server_command(), env=server_env())
+    return c, await c.initialize_session(init_params(encodings, options))
+
+
+async def completion(c, uri: str, line: int, character: int):
+    return (await completion_list(c, uri, line, character)).items
+
+
+def errors(c) -> list[str]:
+    from lsprotocol import types as T
+    return [m.message for m in c.log_messages if m.type == T.MessageType.Error]
+
+
+async def worker_busy(c) -> bool:
+    return (await stats(c))["server"]["worker_busy_ms"] > 0

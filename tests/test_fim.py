@@ -5,25 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from livekv.incremental import Config, Engine
 from livekv.incremental.fim import FIM_TOKENS, FimStream
 
-from conftest import excerpt, stdlib_source
+from conftest import excerpt, stdlib_source, tiny_llama, train_tokenizer
 
 TEXT = excerpt(stdlib_source(), 100, 24)
 
 
 @pytest.fixture(scope="module")
-def fim_engine(engine):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-    tok = AutoTokenizer.from_pretrained(engine.tokenizer.name_or_path)  # a copy we may extend
-    tok.add_special_tokens({"additional_special_tokens": list(FIM_TOKENS)})
-    torch.manual_seed(1)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=32768,
-                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=True)
-    hf = LlamaForCausalLM(cfg).eval()
-    eng = Engine(Config(verify_tokens=True, max_new_tokens=6), hf, tok, "tiny-fim")
+def fim_engine():
+    eng = tiny_llama(train_tokenizer(FIM_TOKENS), seed=1, max_new_tokens=6)
     assert eng.fim_ids is not None
     return eng
 

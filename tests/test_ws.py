@@ -1,111 +1,19 @@
 """The websocket server (`livekv serve`) end to end: a real websockets client, the real model.
 
 The server runs in-process on its own thread and loop, with its own Worker around the session's
-engine. Reference completions go through that same worker, so the engine is only ever driven by
-one thread. Model work is kept small: ~350-token documents, a few tokens per completion.
+engine (ws_helpers.py). Model work is kept small: ~350-token documents, a few tokens per
+completion. Tokens, origins and the demo's HTTP side: test_ws_access.py.
 """
 from __future__ import annotations
 
 import asyncio
 import json
-import urllib.error
-import urllib.request
 
-import pytest
 from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from conftest import stdlib_source
 from livekv.lsp_server import ws_protocol as P
-from livekv.lsp_server.worker import Worker
-from livekv.lsp_server.ws_server import BackgroundServer, ServeOptions
-
-HANG = 300  # seconds: a guard against hangs, not a performance bound
-LINES = stdlib_source().split("\n")
-_i = LINES.index("    def get_matching_blocks(self):") + 19
-TEXT = "\n".join(LINES[_i: _i + 30]) + "\n"   # ~350 tokens of difflib.py: real code, no docstring
-INSERT_AT = TEXT.split("\n").index("        matching_blocks = []") + 1
-NEW_LINE = "        i, j, k = self.find_longest_match("
-NUMBERS = "x = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, "   # the model goes on counting for ~30 tokens
-URI = "file:///work/matcher.py"
-
-
-def rng(l0, c0, l1=None, c1=None) -> dict:
-    l1, c1 = (l0, c0) if l1 is None else (l1, c1)
-    return {"start": {"line": l0, "character": c0}, "end": {"line": l1, "character": c1}}
-
-
-@pytest.fixture(scope="module")
-def worker(engine):
-    w = Worker(lambda: engine)
-    yield w
-    w.close(timeout=HANG)  # let a running job finish: the next module's worker shares the engine
-
-
-@pytest.fixture
-def serve(worker):
-    servers = []
-
-    def start(**opts) -> BackgroundServer:
-        servers.append(BackgroundServer(worker, ServeOptions(port=0, **opts)))
-        return servers[-1]
-
-    yield start
-    for s in servers:
-        s.close()
-
-
-async def on_worker(worker, fn):
-    return await asyncio.wrap_future(worker.submit(fn))
-
-
-async def reference(worker, text: str, line: int, col: int, n: int) -> str:
-    """The engine's own completion on a freshly opened `text` (col in code points)."""
-    def run(eng):
-        try:
-            return eng.open("file:///reference.py", text).complete(line, col, max_new_tokens=n)
-        finally:
-            eng.close("file:///reference.py")
-    return await on_worker(worker, run)
-
-
-async def server_texts(worker, uri: str) -> list[str]:
-    """The texts of every connection's document `uri`, as the engine holds them."""
-    return await on_worker(worker, lambda eng: sorted(d.text for u, d in eng.documents.items()
-                                                      if u.endswith(":" + uri)))
-
-
-class Client:
-    """A protocol client that keeps every message it gets, to check their order."""
-
-    def __init__(self, ws):
-        self.ws, self.n, self.got = ws, 0, []
-
-    async def send(self, type_: str, id_=None, **fields) -> int | str:
-        if id_ is None:
-            self.n += 1
-            id_ = self.n
-        await self.ws.send(json.dumps({"type": type_, "id": id_, **fields}))
-        return id_
-
-    async def recv(self) -> dict:
-        msg = json.loads(await asyncio.wait_for(self.ws.recv(), HANG))
-        self.got.append(msg)
-        return msg
-
-    async def reply(self, id_, types=("ok", "done", "stats", "error")) -> dict:
-        while True:
-            msg = await self.recv()
-            if msg["id"] == id_ and msg["type"] in types:
-                return msg
-            assert not (msg["id"] == id_ and msg["type"] == "error"), msg  # fail now, not at the timeout
-
-    async def call(self, type_: str, **fields) -> dict:
-        return await self.reply(await self.send(type_, **fields))
-
-    def tokens(self, id_) -> list[str]:
-        return [m["text"] for m in self.got if m["type"] == "token" and m["id"] == id_]
-
+from ws_helpers import (HANG, INSERT_AT, NEW_LINE, NUMBERS, TEXT, URI, Client, long_stream, reference, rng,  # noqa: F401
+                        server_texts, serve, u16, worker)
 
 async def test_open_edit_and_stream_a_completion(serve, worker):
     srv = serve()
@@ -143,10 +51,6 @@ async def test_open_edit_and_stream_a_completion(serve, worker):
         assert await server_texts(worker, URI) == []
 
 
-def u16(s: str) -> int:
-    return len(s.encode("utf-16-le")) // 2
-
-
 async def test_columns_are_utf16_code_units(serve, worker):
     srv = serve()
     line1 = '    s = "😀 héllo 😀"'
@@ -182,9 +86,7 @@ async def test_cancel_stops_the_stream(serve, worker):
     srv = serve()
     async with connect(srv.url) as ws:
         c = Client(ws)
-        await c.call("open", uri=URI, text=NUMBERS)
-        cid = await c.send("complete", uri=URI, line=0, character=len(NUMBERS), maxNewTokens=32)
-        first = await c.reply(cid, types=("token",))
+        cid, first = await long_stream(c)
         await c.send("cancel", id_=cid)           # a cancel carries the id of the completion
         ok = await c.reply(cid, types=("ok",))     # its ok and the completion's done: either order
         done = next((m for m in c.got if m["type"] == "done"), None) or await c.reply(cid, types=("done",))
@@ -204,9 +106,7 @@ async def test_an_edit_during_a_stream_cancels_it_and_is_applied(serve, worker):
     srv = serve()
     async with connect(srv.url) as ws:
         c = Client(ws)
-        await c.call("open", uri=URI, text=NUMBERS)
-        cid = await c.send("complete", uri=URI, line=0, character=len(NUMBERS), maxNewTokens=32)
-        await c.reply(cid, types=("token",))
+        cid, _ = await long_stream(c)
         eid = await c.send("edit", uri=URI, version=1, changes=[{"range": rng(0, 0, 0, 1), "text": "y"}])
         edited = await c.reply(eid)
         done = next(m for m in c.got if m["type"] == "done")
@@ -319,57 +219,3 @@ async def test_a_stuck_client_does_not_block_another(serve, worker):
             assert (await b.call("edit", uri=URI, version=1, changes=[{"text": NUMBERS + "13"}]))["type"] == "ok"
             done = await b.reply(await b.send("complete", uri=URI, line=0, character=len(NUMBERS) + 2, maxNewTokens=2))
             assert done["type"] == "done"
-
-
-async def test_token_is_required_first(serve):
-    srv = serve(token="s3cret")
-    for first in ({"type": "hello", "id": 1, "token": "wrong"}, {"type": "stats", "id": 1, "uri": URI}):
-        async with connect(srv.url) as ws:
-            await ws.send(json.dumps(first))
-            m = json.loads(await asyncio.wait_for(ws.recv(), HANG))
-            assert m["type"] == "error" and m["code"] == P.UNAUTHORIZED and m["id"] == 1 and "token" in m["message"]
-            with pytest.raises(ConnectionClosed) as e:
-                await asyncio.wait_for(ws.recv(), HANG)
-            assert e.value.rcvd.code == 1008
-    async with connect(srv.url) as ws:
-        c = Client(ws)
-        assert (await c.call("hello", token="s3cret"))["type"] == "ok"
-        assert (await c.call("stats", uri=URI))["code"] == P.UNKNOWN_URI   # in, and served
-
-
-async def test_browser_origins_are_checked(serve):
-    srv = serve(allow_origin=["https://ide.example"])
-    port = srv.server.port
-    for origin in (None, f"http://127.0.0.1:{port}", f"http://localhost:{port}", "https://ide.example"):
-        async with connect(srv.url, origin=origin) as ws:
-            c = Client(ws)
-            assert (await c.call("hello"))["type"] == "ok"
-    for origin in ("https://evil.example", f"http://127.0.0.1:{port + 1}", "null"):
-        with pytest.raises(InvalidStatus) as e:
-            async with connect(srv.url, origin=origin):
-                pass
-        assert e.value.response.status_code == 403 and b"--allow-origin" in e.value.response.body
-
-
-def http_get(url: str, **headers) -> tuple[int, dict, bytes]:
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=HANG) as r:
-            return r.status, r.headers, r.read()
-    except urllib.error.HTTPError as e:
-        with e:  # closing it lets the server close the connection at once
-            return e.code, e.headers, e.read()
-
-
-def test_http_serves_the_demo_only_with_demo(serve):
-    status, _, body = http_get(f"{serve().url.replace('ws:', 'http:')}")
-    assert status == 404 and b"--demo" in body
-    url = serve(demo=True).url.replace("ws:", "http:")
-    status, headers, body = http_get(url)
-    assert status == 200 and headers["Content-Type"].startswith("text/html") and b"<textarea" in body
-    assert "connect-src 'self'" in headers["Content-Security-Policy"]
-    status, headers, body = http_get(url + "demo-file.json")
-    f = json.loads(body)
-    assert status == 200 and f["uri"].endswith("/bisect.py") and "def bisect_right" in f["text"]
-    # a page of another site whose name was made to resolve here (DNS rebinding) reads nothing
-    status, _, body = http_get(url + "demo-file.json", Host="evil.example:" + url.rsplit(":", 1)[1].strip("/"))
-    assert status == 403 and b"Host" in body
