@@ -114,7 +114,7 @@ class Stop:
     def _line(self, raw: str) -> tuple[str, bool]:
         start = 0
         if self.leading_newline:
-            m = re.match(r"[ \t]*(\r\n|\r|\n)", raw)
+            m = _NL.match(raw, len(raw) - len(raw.lstrip(" \t")))  # blanks, then a line break
             if m is None and raw.strip(" \t") == "":
                 return "", False     # only blanks so far: the line has not started
             if m is not None:

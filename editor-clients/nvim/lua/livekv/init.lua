@@ -12,8 +12,10 @@
 -- cancelled ($/cancelRequest).
 local M = {}
 
+local ghost = require("livekv.ghost")
+local stats = require("livekv.stats")
 local api, fn = vim.api, vim.fn
-local ns = api.nvim_create_namespace("livekv")
+local ns, call = ghost.ns, ghost.call
 
 local config = {
   cmd = { "livekv", "lsp" },
@@ -35,14 +37,6 @@ local function native()
   return config.native and vim.lsp.inline_completion ~= nil
 end
 
--- 0.11 made client methods take self (client:request); 0.7-0.10 have plain functions
-local function call(client, method, ...)
-  if fn.has("nvim-0.11") == 1 then
-    return client[method](client, ...)
-  end
-  return client[method](...)
-end
-
 local function client()
   local c = client_id and vim.lsp.get_client_by_id(client_id)
   if c and c.initialized and not call(c, "is_stopped") then
@@ -57,13 +51,7 @@ local function here(buf)
 end
 
 local function dismiss(buf)
-  local b = buffers[buf]
-  if b then
-    b.shown = nil
-  end
-  if api.nvim_buf_is_valid(buf) then
-    api.nvim_buf_clear_namespace(buf, ns, 0, -1)
-  end
+  ghost.clear(buf, buffers[buf])
 end
 
 local function cancel(buf)
@@ -79,36 +67,6 @@ local function cancel(buf)
     call(c, "cancel_request", p.id)
     b.cancels = b.cancels + 1
   end
-end
-
-local function show(buf, text, tick, row, col)
-  local lines = vim.split(text, "\n", { plain = true })
-  -- virtual text draws a tab as ^I: show the spaces it would take (the buffer gets the tab)
-  local spaces = string.rep(" ", vim.bo[buf].tabstop)
-  local function chunk(s)
-    return { { (s:gsub("\t", spaces)), "LivekvGhost" } }
-  end
-  local opts = { hl_mode = "combine" }
-  if lines[1] ~= "" then
-    opts.virt_text = chunk(lines[1])
-    if fn.has("nvim-0.10") == 1 then
-      opts.virt_text_pos = "inline"
-    else
-      -- at the end of the line, overlay draws right at the cursor; mid-line it would hide the
-      -- rest of the line, so the suggestion goes after it
-      local line = api.nvim_buf_get_lines(buf, row, row + 1, true)[1]
-      opts.virt_text_pos = col >= #line and "overlay" or "eol"
-    end
-  end
-  if #lines > 1 then
-    opts.virt_lines = {}
-    for i = 2, #lines do
-      opts.virt_lines[#opts.virt_lines + 1] = chunk(lines[i])
-    end
-  end
-  dismiss(buf)
-  api.nvim_buf_set_extmark(buf, ns, row, col, opts)
-  buffers[buf].shown = { text = text, tick = tick, row = row, col = col }
 end
 
 local function insert_mode(buf)
@@ -136,7 +94,7 @@ local function request(buf)
     end
     local t, r, col2 = here(buf)
     if t == tick and r == row and col2 == col then
-      show(buf, text, tick, row, col)
+      ghost.show(buf, buffers[buf], text, tick, row, col)
     end
   end, buf)
   if ok then
@@ -289,19 +247,12 @@ local function attach(buf)
   })
 end
 
+--- For tests and bug reports: what the plugin holds for buf.
 --- The server's stats for buf (tokens, tokens_encoded_last_edit, edit_ms_last, ...) to cb(stats, err).
 function M.stats(buf, cb)
-  buf = (buf == nil or buf == 0) and api.nvim_get_current_buf() or buf
-  local c = client()
-  if not c then
-    return cb(nil, "livekv is not running")
-  end
-  call(c, "request", "livekv/stats", { textDocument = { uri = vim.uri_from_bufnr(buf) } }, function(err, result)
-    cb(result, err and err.message)
-  end, buf)
+  return stats.stats(client, call, buf, cb)
 end
 
---- For tests and bug reports: what the plugin holds for buf.
 function M.state(buf)
   buf = (buf == nil or buf == 0) and api.nvim_get_current_buf() or buf
   local b = buffers[buf]
@@ -336,17 +287,7 @@ function M.setup(opts)
       end
     end
   end, ns)
-  api.nvim_create_user_command("LivekvStats", function()
-    M.stats(0, function(s, err)
-      if not s then
-        return vim.notify("livekv: " .. tostring(err), vim.log.levels.WARN)
-      end
-      local ms = tonumber(s.edit_ms_last)
-      print(("livekv: %s tokens; last edit: %s encoded, %s keys rotated, %s ms (a full re-encode: %s tokens)")
-        :format(s.tokens, s.tokens_encoded_last_edit, s.keys_rotated_last_edit, ms and ("%.1f"):format(ms) or "?",
-                s.full_reencode_tokens))
-    end)
-  end, { desc = "livekv: the last edit's cost" })
+  stats.command(client, call)
   for _, buf in ipairs(api.nvim_list_bufs()) do
     if api.nvim_buf_is_loaded(buf) and vim.tbl_contains(config.filetypes, vim.bo[buf].filetype) then
       attach(buf)
