@@ -48,11 +48,14 @@ def line_edits(text: str, edits: list[dict]) -> list[dict]:
     return out
 
 
-def pick(engine, traces: list[dict], max_tokens: int, trace_id: str | None) -> tuple[dict, list[dict]]:
-    """The trace for the curve and its line edits: trace_id, or the file with the most line edits
-    among those within max_tokens (ties: the shorter file)."""
+def pick(engine, traces: list[dict], max_tokens: int, trace_id: str | None) -> tuple[dict, list[list[dict]]]:
+    """The trace for the curve and its steps, each a batch of edits: trace_id, or the file with
+    the most line edits among those within max_tokens (ties: the shorter file). A release diff's
+    edits are split into line edits, one a step; a typing session's steps are its batches."""
     def edits_of(tr):
-        return line_edits(tr["old_text"], [e for s in tr["steps"] for e in s["edits"]])
+        if tr.get("session"):
+            return [s["edits"] for s in tr["steps"]]
+        return [[e] for e in line_edits(tr["old_text"], [e for s in tr["steps"] for e in s["edits"]])]
 
     if trace_id is not None:
         tr = next((t for t in traces if t["id"] == trace_id), None)
@@ -88,7 +91,7 @@ def run(engine, traces: list[dict], labels: list[str], n_edits: int = 100, max_n
     if "full" not in labels:
         raise ValueError("the agreement curve compares with full: put full in --curve-strategies")
     tr, edits = pick(engine, traces, max_file_tokens, trace_id)
-    edits = edits[:n_edits]
+    edits = edits[:n_edits]  # steps
     info = {"trace": tr["id"], "edits": len(edits), "file_tokens": n_tokens(engine, tr["old_text"])}
     print(f"[curve] {tr['id']}: {len(edits)} line edits, {info['file_tokens']} tokens, {len(labels)} strategies",
           file=sys.stderr, flush=True)
@@ -96,12 +99,13 @@ def run(engine, traces: list[dict], labels: list[str], n_edits: int = 100, max_n
     text = tr["old_text"]
     bar = tqdm(total=len(edits), desc="curve", unit="edit", file=sys.stderr, disable=not progress)
     try:
-        for k, e in enumerate(edits):
-            a = position_to_offset(text, *e["start"])
-            text = text[:a] + e["text"] + text[position_to_offset(text, *e["end"]):]
-            site = probe_at(text, a + len(e["text"]))
+        for k, step in enumerate(edits):
+            for e in step:
+                a = position_to_offset(text, *e["start"])
+                text = text[:a] + e["text"] + text[position_to_offset(text, *e["end"]):]
+            site = probe_at(text, a + len(step[-1]["text"]))
             late = {"line": int(LATE * len(split_lines(text))), "column": 0, "truth": None}
-            ch = [(tuple(e["start"]), tuple(e["end"]), e["text"])]
+            ch = [(tuple(e["start"]), tuple(e["end"]), e["text"]) for e in step]
             for probe, changes, pt, idle in (("edit", ch, site, 0), ("late", [], late, idle_refresh_tokens)):
                 emit(run_step(docs, changes, pt, k, max_new_tokens, idle), sink, trace=tr["id"], edit=k, probe=probe)
             emit([], load=load, bar=bar)

@@ -62,6 +62,17 @@ def mean(xs) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
+def divergence(ref, lp, forced: list[int]) -> tuple[float, float | None]:
+    """(KL(ref || lp) of the first rows' distributions, lp's teacher-forced top-1 agreement with
+    the forced tokens): ref and lp are (len(forced) + 1, V) log-probabilities."""
+    import torch
+    p = ref[0].exp()
+    kl = float(torch.where(p > 0, p * (ref[0] - lp[0]), torch.zeros_like(p)).sum().clamp_min(0))
+    if not forced:
+        return kl, None
+    return kl, float((lp[: len(forced)].argmax(-1) == torch.tensor(forced)).float().mean())
+
+
 def score_point(recs: list[dict]) -> None:
     """Fill agree_full, and exact/edit_similarity where there is a truth, into the records of one
     prediction point (one record per strategy label, all at the same place of the same document)."""
@@ -98,6 +109,8 @@ def summarize(records: list[dict], labels: list[str]) -> dict:
             "edit_similarity": mean(r.get("edit_similarity") for r in rs),
             "agreement_with_full": mean(r["agree_full"] for r in rs),
             "agreement_nonempty": mean(r["agree_full"] for r in rs if _point(r) in said),
+            "kl_mean": mean(r.get("kl_full") for r in rs),
+            "top1_mean": mean(r.get("top1_full") for r in rs),
             "points_nonempty": sum(_point(r) in said for r in rs),
             "apply_ms_p50": percentile([r["apply_ms"] for r in rs], 50),
             "apply_ms_p95": percentile([r["apply_ms"] for r in rs], 95),
@@ -145,11 +158,15 @@ def summarize_curve(rows: list[dict], buckets: int = 4) -> dict:
     how many times below full's it is, and the median idle refresh time (off the critical path)."""
     labels = list(dict.fromkeys(r["label"] for r in rows))
     n = max((r["edit"] for r in rows), default=-1) + 1
-    per_edit, stale = {}, {}
+    per_edit, stale, kl, top1, probes = {}, {}, {}, {}, {}
     for lab in labels:
         rs = [r for r in rows if r["label"] == lab]
         per_edit[lab] = [mean(r["agree_full"] for r in rs if r["edit"] == k) for k in range(n)]
         stale[lab] = [max((r["stale_tokens"] for r in rs if r["edit"] == k), default=0) for k in range(n)]
+        kl[lab] = [mean(r.get("kl_full") for r in rs if r["edit"] == k) for k in range(n)]
+        top1[lab] = mean(r.get("top1_full") for r in rs)
+        probes[lab] = {p: mean(r["agree_full"] for r in rs if r.get("probe") == p)
+                       for p in dict.fromkeys(r.get("probe") for r in rs) if p}
     buckets = max(1, min(buckets, n))
     edges = [round(i * n / buckets) for i in range(buckets + 1)]
     by_bucket = {lab: [mean(v[a:b]) for a, b in zip(edges, edges[1:])] for lab, v in per_edit.items()}
@@ -159,6 +176,8 @@ def summarize_curve(rows: list[dict], buckets: int = 4) -> dict:
     idle = {lab: percentile([r["idle_refresh_ms"] for r in rows if r["label"] == lab and "idle_refresh_ms" in r], 50)
             for lab in labels}
     return {"edits": n, "overall": {lab: mean(v) for lab, v in per_edit.items()}, "buckets": edges,
-            "by_bucket": by_bucket, "per_edit": per_edit, "stale_tokens": stale, "apply_ms_p50": apply,
+            "by_bucket": by_bucket, "per_edit": per_edit, "stale_tokens": stale, "by_probe": probes,
+            "kl_mean": {lab: mean(v) for lab, v in kl.items()}, "kl_per_edit": kl, "top1_mean": top1,
+            "apply_ms_p50": apply,
             "apply_below_full": {lab: (ref / a if ref and a else None) for lab, a in apply.items()},
             "idle_refresh_ms_p50": idle}

@@ -145,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also: agreement with full after each of N sequential real edits to one file")
     ap.add_argument("--curve-edits", type=int, default=100, help="edits in the agreement curve (default %(default)s)")
     ap.add_argument("--curve-trace", default=None, help="trace id for the curve (default: the one with most edits)")
+    ap.add_argument("--curve-session", default=None, metavar="FILE",
+                    help="the curve replays a typing session on FILE (retyped lines, deletions, renames: "
+                    "bench/session.py) instead of a trace")
     ap.add_argument("--curve-strategies", default="full,pie,pie-window,pie-refresh")
     ap.add_argument("--quick", action="store_true",
                     help="CI smoke: synthetic traces from a stdlib file (unless TRACES), tiny caps, small scaling and curve")
@@ -180,15 +183,20 @@ def main(argv: list[str] | None = None, engine=None) -> int:
             ap.error(f"--{name.replace('_', '-')} must be at least 1")
     if not lengths or min(lengths) < 64:
         ap.error("--lengths: give token counts of at least 64, e.g. 1024,2048,4096")
-    if not args.traces and not args.quick and not args.scaling:
-        ap.error("give TRACES (from `livekv bench traces`), or --scaling, or --quick")
+    if not args.traces and not args.quick and not args.scaling and not args.curve_session:
+        ap.error("give TRACES (from `livekv bench traces`), or --scaling, --curve-session or --quick")
     if args.no_replay and not (args.agreement_curve or args.scaling):
         ap.error("--no-replay leaves nothing to run: add --agreement-curve or --scaling")
-    if args.agreement_curve and not args.traces and not args.quick:
-        ap.error("--agreement-curve needs TRACES: it replays real edits of one of their files")
+    if args.agreement_curve and not args.traces and not args.quick and not args.curve_session:
+        ap.error("--agreement-curve needs TRACES (it replays real edits of one of their files) or --curve-session")
     try:
         traces = load_trace_files(args.traces) if args.traces else (quick_traces() if args.quick else [])
-    except ValueError as e:
+        if args.curve_session:
+            from livekv.bench.session import session_trace
+            text = Path(args.curve_session).read_text(encoding="utf-8")
+            session = session_trace(text, Path(args.curve_session).name, args.curve_edits)
+            traces, args.curve_trace = traces + [session], session["id"]
+    except (ValueError, OSError, UnicodeDecodeError) as e:
         log(f"error: {e}")
         return 2
     out = Path(args.out or Path("bench/out") / time.strftime("%Y%m%d-%H%M%S"))

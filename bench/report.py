@@ -62,12 +62,13 @@ def build(out: Path) -> dict:
 def _fmt(x, kind: str) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "–"
-    return {"frac": f"{x:.3f}", "ms": f"{x:,.0f}", "x": f"{x:.2f}×", "n": f"{x:,.0f}"}[kind]
+    return {"frac": f"{x:.3f}", "ms": f"{x:,.0f}", "x": f"{x:.2f}×", "n": f"{x:,.0f}", "kl": f"{x:.4f}"}[kind]
 
 
 COLUMNS = [("exact_match", "EM", "frac"), ("edit_similarity", "ES", "frac"),
            ("agreement_with_full", "agree w/ full", "frac"),
-           ("agreement_nonempty", "agree w/ full (full non-empty)", "frac"), ("apply_ms_p50", "apply p50 ms", "ms"),
+           ("agreement_nonempty", "agree w/ full (full non-empty)", "frac"), ("kl_mean", "KL from full", "kl"),
+           ("top1_mean", "top-1 w/ full (8 forced)", "frac"), ("apply_ms_p50", "apply p50 ms", "ms"),
            ("apply_ms_p95", "apply p95 ms", "ms"), ("ttft_ms_p50", "TTFT p50 ms", "ms"),
            ("ttft_ms_p95", "TTFT p95 ms", "ms"), ("speedup_vs_full", "speed-up vs full", "x"),
            ("tokens_encoded_mean", "tokens encoded (mean)", "n")]
@@ -109,11 +110,17 @@ def curve_table(c: dict) -> str:
     e = c["buckets"]
     spans = [f"edits {a + 1}–{b}" for a, b in zip(e, e[1:])]
     cost = "apply_ms_p50" in c
-    extra = " edit p50 ms | × below full | idle refresh p50 ms |" if cost else ""
-    rows = ["| strategy | all edits | " + " | ".join(spans) + " |" + extra, "|" + "---|" * (len(spans) + 2 + 3 * cost)]
+    probes = sorted({p for v in c.get("by_probe", {}).values() for p in v})
+    extra = "".join(f" probe: {p} |" for p in probes) + " KL from full | top-1 (8 forced) |" * ("kl_mean" in c)
+    extra += " edit p50 ms | × below full | idle refresh p50 ms |" if cost else ""
+    n_cols = len(spans) + 2 + len(probes) + 2 * ("kl_mean" in c) + 3 * cost
+    rows = ["| strategy | all edits | " + " | ".join(spans) + " |" + extra, "|" + "---|" * n_cols]
     for lab, v in c["overall"].items():
-        tail = (f" {_fmt(c['apply_ms_p50'][lab], 'ms')} | {_fmt(c['apply_below_full'][lab], 'x')} | "
-                f"{_fmt(c['idle_refresh_ms_p50'][lab], 'ms')} |") if cost else ""
+        tail = "".join(f" {_fmt(c['by_probe'][lab].get(p), 'frac')} |" for p in probes)
+        if "kl_mean" in c:
+            tail += f" {_fmt(c['kl_mean'][lab], 'kl')} | {_fmt(c['top1_mean'][lab], 'frac')} |"
+        tail += (f" {_fmt(c['apply_ms_p50'][lab], 'ms')} | {_fmt(c['apply_below_full'][lab], 'x')} | "
+                 f"{_fmt(c['idle_refresh_ms_p50'][lab], 'ms')} |") if cost else ""
         rows.append(f"| {lab} | {_fmt(v, 'frac')} | " + " | ".join(_fmt(x, 'frac') for x in c["by_bucket"][lab]) + " |"
                     + tail)
     return "\n".join(rows) + "\n"

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterator
 
-from .decode import Completion, decode
+from .decode import Completion, decode, teacher_forced
 from .stops import line_rest, stop_policy
 
 
@@ -68,6 +68,12 @@ class Completer:
         """The text to insert at (line, col): greedy, to the end of the line (or of the block a
         colon just opened)."""
         return self.suggest(line, col, 1, max_new_tokens, should_stop, encoding=encoding, **caps).text
+
+    def teacher_forced(self, line: int, col: int, forced: list[int], encoding: str = "utf-32"):
+        """Log-probabilities (len(forced) + 1, V) at (line, col): of the first token and of each
+        next one after the forced tokens (decode.teacher_forced). No counter or cache of the
+        completion machinery changes; dirty tokens before the cursor get encoded."""
+        return teacher_forced(self, self.offset(line, col, encoding), forced)
 
     def _decode(self, c, n, max_new_tokens, should_stop, extra, max_prompt_ms=None,
                 max_predict_ms=None, multiline=None, max_lines=None, record=True):

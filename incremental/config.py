@@ -8,7 +8,8 @@ from pathlib import Path
 from .settings import Settings, setting
 
 # Update policies, all on the same code path (see strategies.py).
-STRATEGIES = ("full", "prefix", "reuse", "conflict", "pie", "pie-window", "pie-refresh", "lazy")
+STRATEGIES = ("full", "prefix", "reuse", "conflict", "pie", "pie-window", "pie-refresh", "pie-blend", "lazy")
+BLEND_RULES = ("window", "age", "structure", "deviation", "window+age", "window+structure", "age+structure")
 DTYPES = ("float32", "float16", "bfloat16")
 MAX_NEW_TOKENS = 256  # one completion may not hold the model for longer than this
 
@@ -29,6 +30,12 @@ class Config(Settings):
     max_new_tokens: int = setting(48, "the most tokens one suggestion decodes", min=1, max=MAX_NEW_TOKENS, lsp=True)
     reuse_min_chunk: int = setting(64, "strategy reuse: llama.cpp's --cache-reuse N", min=1)
     refresh_window: int = setting(32, "tokens pie-window and pie-refresh re-encode after an edit", min=0)
+    blend_rule: str = setting("window+age", "pie-blend: which stale tokens an edit recomputes (blend.py)",
+                              choices=BLEND_RULES)
+    blend_ratio: float = setting(0.15, "pie-blend: the share of the stale tail an edit may recompute", min=0, max=1)
+    blend_cap: int = setting(64, "pie-blend: the most stale tokens an edit recomputes", min=0)
+    blend_cursor: int = setting(0, "pie-blend: of the tokens just before the cursor, how many a completion "
+                                "recomputes when stale", min=0)
     encode_chunk: int = setting(512, "queries per forward pass when (re-)encoding long runs", min=1)
     lazy_segments: int = setting(16, "strategy lazy: compact (really rotate) past this many pending-delta runs",
                                  min=1)

@@ -11,9 +11,10 @@ generated tokens, through the attention mask. One pass per step reads the weight
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Generator
 
+import numpy as np
 import torch
 
 from . import layout
@@ -35,6 +36,7 @@ class Completion:
     capped: bool = False          # maxPredictMs fired: the text is cut at a token boundary
     reused: bool = False          # answered from the suggestion being typed, no model call
     first_tokens: list = field(default_factory=list)  # each candidate's first token id
+    ids: list = field(default_factory=list)           # candidate 0's decoded token ids
 
     @property
     def text(self) -> str:
@@ -62,6 +64,28 @@ def _up_to_date(doc, j: int, comp: Completion, t0: float, should_stop, max_promp
     return not comp.stop
 
 
+def teacher_forced(doc, c: int, forced: list[int]) -> torch.Tensor:
+    """(len(forced) + 1, V) log-probabilities at char offset c: of the first token, then of the
+    token after each forced one, as decoding there would have them (one forward pass; the first
+    row healed like a decode's). For measuring a cache against another, teacher-forced on the
+    same tokens."""
+    eng = doc.engine
+    cur = doc.prompt.cursor(doc, c, "", eng.config.token_healing)
+    doc.before_completion(cur.j)
+    if not _up_to_date(doc, cur.j, Completion(), time.perf_counter(), None, 0):
+        raise RuntimeError("the cache could not be brought up to date")
+    n_tail = len(cur.tail)
+    seq = np.concatenate([cur.tail, np.asarray(forced, dtype=np.int64)])
+    run = replace(cur, tail=seq)
+    lay = layout.Completion(doc, run, len(seq) + 1)
+    logits = eng.model.forward(doc.kv, torch.from_numpy(seq), torch.arange(cur.phi, cur.phi + len(seq)), lay.S,
+                               lay.tail(), logits_at=torch.arange(n_tail - 1, len(seq)))
+    if cur.heal:
+        first = logits[:1].masked_fill(~eng.healing_mask(cur.heal)[None], float("-inf"))
+        logits = torch.cat([first, logits[1:]])
+    return torch.log_softmax(logits, dim=-1)
+
+
 def _new_text(tok, context: list[int], ids: list[int], base: str, cur) -> str:
     """The text a candidate's tokens add after the tail, as far as it is certain."""
     raw = tok.decode(context + ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)[len(base):]
@@ -86,6 +110,7 @@ def decode(doc, c: int, n: int, max_new: int, should_stop: Callable[[], bool] | 
     cur = doc.prompt.cursor(doc, c, extra, eng.config.token_healing)
     tail, heal, phi = cur.tail, cur.heal, cur.phi
     comp.prefix_tokens, comp.tail_tokens = cur.j, len(tail)
+    doc.before_completion(cur.j)
     if not _up_to_date(doc, cur.j, comp, t0, should_stop, max_prompt_ms):
         comp.texts = [""]
         comp.total_ms = (time.perf_counter() - t0) * 1e3
@@ -147,7 +172,7 @@ def decode(doc, c: int, n: int, max_new: int, should_stop: Callable[[], bool] | 
                                logits_at=torch.arange(len(active)))
         nexts = logits.argmax(-1).tolist()
         step += 1
-    comp.texts = list(dict.fromkeys(texts))  # distinct, best first
+    comp.texts, comp.ids = list(dict.fromkeys(texts)), ids[0]  # distinct, best first
     if emitted != comp.texts[0]:
         assert comp.texts[0].startswith(emitted), "streamed text was taken back"
         yield comp.texts[0][len(emitted):]

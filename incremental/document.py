@@ -11,12 +11,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from . import encode, strategies
+from . import blend, encode, strategies
 from .attention import LAZY_COMPACT_TOKENS
 from .completer import Completer
 from .group import PositionGroup
-from .kv_cache import KVCache
-from .region import slack
+from .kv_cache import KVCache, slack
 from .syntax import SyntaxTree
 from .token_mirror import MirrorState
 from .typeahead import TypeAhead
@@ -44,9 +43,11 @@ class Document(PositionGroup, Completer):
         self._syntax: SyntaxTree | None = None
         self._syntax_stale = False
         self.typeahead = TypeAhead()
+        self.overrides: dict = {}  # Config fields this document sets apart from its engine's
         self._stats = dict(edits=0, tokens_encoded_last_edit=0, keys_rotated_last_edit=0, edit_ms_last=0.0,
                            rearrange_ms_last=0.0, tokens_encoded_total=0, keys_rotated_total=0, completions=0,
-                           last_completion={}, last_prefetch={}, prompt_caps=0, predict_caps=0)
+                           last_completion={}, last_prefetch={}, prompt_caps=0, predict_caps=0,
+                           repaired_last_edit=0, repaired_total=0, tokens_new_last_edit=0)
 
     # -- reading -----------------------------------------------------------------------------
     @property
@@ -63,7 +64,7 @@ class Document(PositionGroup, Completer):
         return dict(self._stats, uri=self.uri, strategy=self.strategy, tokens=self.n, version=self.version,
                     reuse_hits=self.typeahead.hits, position_base=self.pos0, slot_base=r.slot0,
                     stale_tokens=int(r.stale_tokens().sum()), dirty_tokens=int(r.dirty_tokens().sum()),
-                    pending_keys=r.pending_keys(), pending_segments=r.segments(), holes=r.used - r.n,
+                    pending_keys=int(np.count_nonzero(r.delta[r.local()])), pending_segments=r.segments(), holes=r.used - r.n,
                     compactions=r.compactions, cache_bytes=r.n * self.kv.bytes_per_token(), full_reencode_tokens=self.n,
                     syntax_reparses=self._syntax.reparses if self._syntax is not None else 0)
 
@@ -93,6 +94,17 @@ class Document(PositionGroup, Completer):
         new._syntax, new._syntax_stale, new.typeahead = None, False, TypeAhead()
         new._stats = dict(self._stats)
         return new
+
+    @property
+    def config(self):
+        """The engine's Config, with this document's overrides (configure) applied."""
+        cfg = self.engine.config
+        return cfg.updated(**self.overrides) if self.overrides else cfg
+
+    def configure(self, **overrides) -> None:
+        """Settings of this document's own (say blend_cap, for a benchmark's sweep); validated."""
+        self.engine.config.updated(**overrides)
+        self.overrides = dict(overrides)
 
     # -- editing -----------------------------------------------------------------------------
     def edit(self, start: Position, end: Position, text: str, **kw) -> dict:
@@ -125,7 +137,7 @@ class Document(PositionGroup, Completer):
                                  "((line, column), (line, column), text); the document was left unchanged") from None
             origin = np.concatenate([origin[: sp.start], np.full(len(sp.inserted), -1, dtype=np.int64),
                                      origin[sp.start + sp.removed:]])
-        cfg = self.engine.config
+        cfg = self.config
         p = strategies.plan(self.strategy, self.state.ids, st.ids, origin, cfg.reuse_min_chunk, cfg.refresh_window)
         self.state = st
         self.version += 1
@@ -140,7 +152,10 @@ class Document(PositionGroup, Completer):
         s["edits"] += 1
         s["keys_rotated_last_edit"] = rotated
         s["keys_rotated_total"] += rotated
-        s["tokens_encoded_last_edit"] = 0
+        s["tokens_encoded_last_edit"], s["tokens_new_last_edit"] = 0, int((origin < 0).sum())
+        if self.strategy == "pie-blend":
+            s["repaired_last_edit"] = blend.repair_edit(self, p.keep)
+            s["repaired_total"] += s["repaired_last_edit"]
         if settle:
             self.settle(should_stop)
         s["edit_ms_last"] = (time.perf_counter() - t0) * 1e3
@@ -151,7 +166,7 @@ class Document(PositionGroup, Completer):
         self.last_keep = p.keep
         r, positions = self.region, lambda: self.position_of(np.arange(len(p.keep)))
         if self.strategy == "lazy" and self.prompt.lazy:
-            return r.splice_lazy(p.keep, positions(), self.engine.config.lazy_segments)
+            return r.splice_lazy(p.keep, positions(), self.config.lazy_segments)
         rotated = r.compact()  # a fork of a lazy document, or a FIM stream: token order first
         self.prompt.before_splice(self, p.keep)
         return rotated + r.splice(p.keep, positions(), p.rotate)
@@ -198,10 +213,20 @@ class Document(PositionGroup, Completer):
                 progress(done, total)
         return encode.settle(self, T, should_stop, chunk)
 
-    def refresh(self, max_tokens: int | None = None, should_stop: Callable[[], bool] | None = None) -> int:
-        """Re-encode the stalest region (from the first stale token on), up to max_tokens.
+    def refresh(self, max_tokens: int | None = None, should_stop: Callable[[], bool] | None = None,
+                ranked: bool = False) -> int:
+        """Re-encode the stalest region (from the first stale token on), up to max_tokens; ranked:
+        the stale tokens blend_rule ranks highest first, none of them twice between edits.
         Returns how many tokens were re-encoded."""
+        if ranked:
+            return encode.recompute(self, blend.ranked(self, max_tokens or self.n), should_stop)
         return encode.refresh(self, max_tokens, should_stop)
+
+    def before_completion(self, j: int) -> None:
+        """A completion will read tokens [0, j): pie-blend recomputes the stale ones nearest it."""
+        if self.strategy == "pie-blend":
+            n = blend.repair_cursor(self, j)
+            self._stats["repaired_total"] += n
 
     # -- syntax ------------------------------------------------------------------------------
     def syntax_tree(self) -> SyntaxTree | None:

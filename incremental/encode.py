@@ -2,7 +2,8 @@
 
 An edit only marks tokens dirty (Region.splice); `settle` encodes them left to right, in chunks
 of config.encode_chunk queries, and can stop between chunks, leaving the rest dirty. `refresh`
-marks the stalest tokens dirty and settles them (pie-refresh's idle work).
+marks the stalest tokens dirty and settles them (pie-refresh's idle work); `recompute` does it for
+any chosen tokens (blend.py's).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ def settle(doc, T: int, should_stop: Callable[[], bool] | None,
     """Encode doc's dirty tokens before index T. chunk(k, ms_per_token) is called after each
     chunk of k tokens (ms_per_token None for chunks too small to say). Returns False when
     should_stop() interrupted it; the rest stays dirty for later."""
-    r, model, size = doc.region, doc.engine.model, doc.engine.config.encode_chunk
+    r, model, size = doc.region, doc.engine.model, doc.config.encode_chunk
     at = r.slots(np.arange(T))                                       # (T,) token -> slot
     while True:
         dirty = np.flatnonzero(r.dirty_tokens()[:T])
@@ -47,6 +48,18 @@ def settle(doc, T: int, should_stop: Callable[[], bool] | None,
         chunk(len(idx), ms)
 
 
+def recompute(doc, idx: np.ndarray, should_stop: Callable[[], bool] | None = None) -> int:
+    """Re-encode tokens idx (and anything dirty before them). Returns how many tokens were
+    encoded; when interrupted, those not reached keep their K/V."""
+    if not len(idx):
+        return 0
+    marked = doc.region.mark_dirty(idx)
+    before = doc.stats["tokens_encoded_total"]
+    if not doc.settle(should_stop, upto=int(idx[-1]) + 1):
+        doc.region.unmark_dirty(marked)
+    return doc.stats["tokens_encoded_total"] - before
+
+
 def refresh(doc, max_tokens: int | None = None, should_stop: Callable[[], bool] | None = None) -> int:
     """Re-encode the stalest region (from the first stale token on), up to max_tokens.
     Returns how many tokens were re-encoded."""
@@ -56,10 +69,6 @@ def refresh(doc, max_tokens: int | None = None, should_stop: Callable[[], bool] 
         return 0
     a = int(stale[0])
     b = doc.n if max_tokens is None else min(doc.n, a + max_tokens)
-    marked = r.mark_dirty(np.arange(a, b))
-    before = doc.stats["tokens_encoded_total"]
-    if not doc.settle(should_stop, upto=b):
-        # interrupted: what it did not reach keeps its K/V, stale but whole, rather than leave
-        # encoding work on the next completion's path
-        r.unmark_dirty(marked)
-    return doc.stats["tokens_encoded_total"] - before
+    # interrupted, what it did not reach keeps its K/V, stale but whole, rather than leave
+    # encoding work on the next completion's path
+    return recompute(doc, np.arange(a, b), should_stop)

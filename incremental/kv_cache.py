@@ -19,6 +19,12 @@ import torch
 from .host_memory import move_slots_
 
 
+def slack(n: int) -> int:
+    """Free slots a region of n tokens gets beyond them: room for edits and a completion's
+    tokens, so that typing does not regrow (copy) a whole cache on its first insertion."""
+    return 64 + n // 8
+
+
 class KVCache:
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device, inv_freq: torch.Tensor, capacity: int = 256):

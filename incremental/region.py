@@ -8,6 +8,7 @@ layout is live (new tokens go to fresh slots after the used ones). Per slot the 
     delta   a pending delta: the key belongs at pos + delta (lazy; attention rotates the query)
     stale   its K/V were computed without seeing the current text before the token
     dirty   no K/V yet: an encode still to run, or one interrupted
+    epoch   the edit (clock) at which its K/V were computed: how old they are
 
 Every change to them is a method here, and `_rotate` is the one caller of rerotate_keys_: splice
 (an edit's plan: keys moved and rotated), splice_lazy (deltas recorded instead), shift (a run of
@@ -20,13 +21,10 @@ import torch
 
 from livekv import kernels
 
+from .kv_cache import slack
 from .strategies import change_points
 
-
-def slack(n: int) -> int:
-    """Free slots a region gets beyond its n tokens: room for edits and a completion's tokens,
-    so that typing does not regrow (copy) a whole cache on its first insertion."""
-    return 64 + n // 8
+ARRAYS = ("pos", "delta", "stale", "dirty", "epoch")  # what is known of each slot
 
 
 class Region:
@@ -36,9 +34,9 @@ class Region:
         self.kv, self.cap = kv, cap
         self.n = self.used = n
         self.order: np.ndarray | None = None
-        self.pos, self.delta = np.zeros(cap, dtype=np.int64), np.zeros(cap, dtype=np.int64)
+        self.pos, self.delta, self.epoch = (np.zeros(cap, dtype=np.int64) for _ in range(3))
         self.stale, self.dirty = np.zeros(cap, dtype=bool), np.zeros(cap, dtype=bool)
-        self.compactions = 0
+        self.compactions = self.clock = 0  # clock: splices so far
         self.slot0 = kv.alloc(self, cap)
 
     # -- reading -----------------------------------------------------------------------------
@@ -67,6 +65,10 @@ class Region:
         s = self.local()
         return self.pos[s] + self.delta[s]
 
+    def ages(self) -> np.ndarray:
+        """(n,) how many splices ago each token's K/V were computed."""
+        return self.clock - self.epoch[self.local()]
+
     def stale_tokens(self) -> np.ndarray:
         return self.stale[self.local()].copy()
 
@@ -78,9 +80,6 @@ class Region:
         tok = np.full(self.used, -1, dtype=np.int64)
         tok[self.local()] = np.arange(self.n)
         return tok
-
-    def pending_keys(self) -> int:
-        return int(np.count_nonzero(self.delta[self.local()]))
 
     def segments(self) -> int:
         """Runs of equal pending delta among the live slots, in slot order."""
@@ -121,7 +120,7 @@ class Region:
     def written(self, idx: np.ndarray, stale: np.ndarray) -> None:
         """Tokens idx hold their new K/V; stale says which of them attended to stale K/V."""
         at = self.local(idx)
-        self.dirty[at], self.stale[at] = False, stale
+        self.dirty[at], self.stale[at], self.epoch[at] = False, stale, self.clock
 
     # -- layout changes ---------------------------------------------------------------------------
     def splice(self, keep: np.ndarray, positions: np.ndarray, rotate: bool) -> int:
@@ -129,6 +128,7 @@ class Region:
         encoded), at positions[i]. Kept K/V move to their new slots in one pass per run and,
         with rotate, their keys are rotated to the new positions. Returns keys rotated."""
         rotated = self.compact()
+        self.clock += 1
         T = len(keep)
         new_idx = np.flatnonzero(keep >= 0)
         old_idx = keep[new_idx]
@@ -163,8 +163,9 @@ class Region:
 
     def splice_lazy(self, keep: np.ndarray, positions: np.ndarray, max_segments: int) -> int:
         """An edit's plan without touching kept K/V: kept tokens keep their slots and get a pending
-        delta, new tokens get fresh slots after the used ones. Compacts past max_segments runs,
-        or when holes outnumber half the tokens. Returns keys rotated (0 unless it compacted)."""
+        delta, new tokens fresh slots after the used ones. Compacts past max_segments runs, or when
+        holes outnumber half the tokens. Returns keys rotated (0 unless it compacted)."""
+        self.clock += 1
         T = len(keep)
         new_idx = np.flatnonzero(keep >= 0)
         enc_idx = np.flatnonzero(keep < 0)
@@ -186,9 +187,8 @@ class Region:
         return 0
 
     def shift(self, a: int, b: int, delta) -> int:
-        """Move tokens [a, b) in position by delta (an int, or one per token): their keys are
-        rotated and their positions updated. Token order is slot order here (not lazy). Returns
-        keys rotated."""
+        """Move tokens [a, b) in position by delta (an int, or one per token): keys rotated and
+        positions updated; token order is slot order here (not lazy). Returns keys rotated."""
         assert self.order is None and 0 <= a <= b <= self.n, (a, b, self.n)
         d = np.array(np.broadcast_to(np.asarray(delta, dtype=np.int64), (b - a,)))
         moved = int(np.count_nonzero(d))
@@ -210,17 +210,17 @@ class Region:
         rotated = int(np.count_nonzero(delta))
         if f < n:
             self._rotate(self.slot0 + f, delta, self.pos[src], src=self.slot0 + src)
-            pos, stale, dirty = self.pos[src] + delta, self.stale[src], self.dirty[src]
-            self.pos[f:n], self.stale[f:n], self.dirty[f:n] = pos, stale, dirty
+            for name in ARRAYS[2:]:
+                getattr(self, name)[f:n] = getattr(self, name)[src]
+            self.pos[f:n] = self.pos[src] + delta
         self.delta[: self.used] = 0
         self.order, self.used = None, n
         self.compactions += 1
         return rotated
 
     def _rotate(self, dst: int, delta: np.ndarray, positions: np.ndarray, src: np.ndarray | None = None) -> None:
-        """Rotate the keys of slots [dst, dst + len(delta)) by delta, from positions; with src,
-        first gather K/V from the slots src into that range (a compaction), layer by layer so
-        the gathered copy stays small."""
+        """Rotate the keys of slots [dst, dst + len(delta)) by delta, from positions; with src, first
+        gather K/V from slots src into them (a compaction), layer by layer: the copy stays small."""
         kv = self.kv
         dev = kv.k.device
         delta_t = torch.from_numpy(np.array(delta, dtype=np.int64)).to(dev)
@@ -241,7 +241,8 @@ class Region:
     def _move(self, src: int, dst: int, n: int) -> None:
         """Move n local slots from src to dst (the ranges may overlap): K/V and what is known."""
         self.kv.move(self.slot0 + src, self.slot0 + dst, n)
-        for arr in (self.pos, self.stale, self.dirty, self.delta):
+        for name in ARRAYS:
+            arr = getattr(self, name)
             arr[dst: dst + n] = arr[src: src + n].copy()
 
     # -- memory -----------------------------------------------------------------------------------
@@ -267,7 +268,7 @@ class Region:
     def _resize(self, cap: int, into: "Region | None" = None) -> None:
         """The per-slot arrays at cap slots (the used ones kept), here or copied into `into`."""
         into = self if into is None else into
-        for name in ("pos", "delta", "stale", "dirty"):
+        for name in ARRAYS:
             old = getattr(self, name)
             new = np.zeros(cap, dtype=old.dtype)
             new[: min(cap, self.used)] = old[: min(cap, self.used)]
@@ -275,9 +276,8 @@ class Region:
         into.cap = cap
 
     def scratch(self, need: int) -> int:
-        """The first of `need` free slots for a completion's own tokens (the target group): after
-        the used ones when they fit (growing in place when this is the last region), else past
-        every region."""
+        """The first of `need` free slots for a completion's own tokens: after the used ones when
+        they fit (growing in place when this is the last region), else past every region."""
         if self.used + need > self.cap and self.slot0 + self.cap == self.kv.top:
             self.grow(self.used + need)
         if self.used + need <= self.cap:
@@ -288,7 +288,7 @@ class Region:
         """An independent copy in kv (another cache, or this one): layout, K/V and marks."""
         cap = self.used + slack(self.used) if cap is None else cap
         new = Region.__new__(Region)
-        new.kv, new.n, new.used, new.compactions = kv, self.n, self.used, self.compactions
+        new.kv, new.n, new.used, new.compactions, new.clock = kv, self.n, self.used, self.compactions, self.clock
         new.order = None if self.order is None else self.order.copy()
         self._resize(cap, into=new)
         new.slot0 = kv.alloc(new, cap)

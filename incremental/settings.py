@@ -6,7 +6,7 @@ the documentation tables.
     class Options(Settings):
         candidates: int = setting(1, "inline items for a manual trigger", min=1, max=5)
 
-A field's type is its annotation: int, bool, str, or those `| None`, or list[str]. `lsp=True`
+A field's type is its annotation: int, float, bool, str, or those `| None`, or list[str]. `lsp=True`
 makes it an LSP setting (camelCase: maxNewTokens for max_new_tokens) and a websocket option.
 Invalid values raise ValueError saying what was wrong; nothing falls back to a default.
 """
@@ -17,7 +17,7 @@ import re
 from dataclasses import MISSING, field, fields, replace
 from typing import Any
 
-_TYPES = {"int": int, "bool": bool, "str": str}
+_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
 
 
 def setting(default: Any, help: str, *, min: int | None = None, max: int | None = None,
@@ -59,9 +59,9 @@ def check(name: str, f, value) -> None:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ValueError(f"{name} must be a list of strings, got {value!r}")
         return
-    want = _TYPES[base]
-    if isinstance(value, bool) != (want is bool) or not isinstance(value, want):
-        what = {"int": "an integer", "bool": "true or false", "str": "a string"}[base]
+    want = (int, float) if base == "float" else _TYPES[base]  # an integer is a fine float
+    if isinstance(value, bool) != (base == "bool") or not isinstance(value, want):
+        what = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}[base]
         raise ValueError(f"{name} must be {what}{' or null' if optional else ''}, got {value!r}")
     if m.get("choices") is not None and value not in m["choices"]:
         raise ValueError(f"{name} {value!r} is not one of {', '.join(map(str, m['choices']))}")

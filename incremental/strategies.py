@@ -13,6 +13,8 @@ the same code path:
 - pie:       encode only the new tokens and rotate every moved key by its delta.
 - pie-window / pie-refresh: pie, plus re-encoding the W kept tokens after each change
              (pie-refresh also refreshes stale regions when idle, see Document.refresh).
+- pie-blend: pie, plus recomputing a budget of chosen stale tokens after each edit and before
+             each completion (blend.py).
 - lazy:      pie's plan, but moved keys are not rotated: attention rotates queries instead
              (attention.py), so an edit's K/V work does not grow with the suffix.
 """
@@ -88,7 +90,7 @@ def plan(strategy: str, old_ids: np.ndarray, new_ids: np.ndarray, origin: np.nda
         return Plan(keep, rotate=True)
     if strategy == "conflict":
         return Plan(origin.copy(), rotate=False)
-    if strategy in ("pie", "pie-window", "pie-refresh", "lazy"):
+    if strategy in ("pie", "pie-window", "pie-refresh", "pie-blend", "lazy"):
         keep = origin.copy()
         if strategy in ("pie-window", "pie-refresh") and window > 0:
             for c in change_points(origin):

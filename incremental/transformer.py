@@ -45,14 +45,15 @@ class Transformer:
 
     @torch.inference_mode()
     def forward(self, kv, ids: torch.Tensor, pos: torch.Tensor, slots, layout: Layout,
-                logits_at: torch.Tensor | None = None) -> torch.Tensor | None:
+                logits_at: torch.Tensor | None = None, probe: int | None = None):
         """Run tokens `ids` at positions `pos`, writing their K/V into `slots` of `kv`.
 
         ids, pos: (n,). slots: an int (the n tokens go to slots [slots, slots + n)) or a (n,) index
         tensor. Each query attends to kv slots [0, layout.n_keys) where layout.mask (n, n_keys) is
         True (all when None); the new tokens must lie inside that range, with no delta pending.
-        Returns logits (len(logits_at), V) for the selected query rows, or None.
-        """
+        Returns logits (len(logits_at), V) for the selected query rows, or None. With `probe`,
+        nothing is written: cached tokens are run again through the layers before `probe` and
+        their fresh (K, V) at layer `probe`, each (1, Hkv, n, D), are returned (blend.py)."""
         n, n_keys, mask = ids.shape[0], layout.n_keys, layout.mask
         x = self.embed(ids.to(self.device)[None])                      # (1, n, C)
         cos, sin = self.rotary(x, pos.to(self.device)[None])           # (1, n, D)
@@ -86,7 +87,11 @@ class Transformer:
                 q, k = a.q_norm(q), a.k_norm(k)
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (1, H|Hkv, n, D)
             k = k * cos + _rotate_half(k) * sin
-            if contiguous:
+            if i == probe:
+                return k, v
+            if probe is not None:
+                pass  # a probe attends to the cache as it is
+            elif contiguous:
                 kv.k[i, :, slots: slots + n] = k[0]
                 kv.v[i, :, slots: slots + n] = v[0]
             else:

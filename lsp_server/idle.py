@@ -35,11 +35,20 @@ def settle_slices(doc, should_stop: Callable[[], bool], encoded: Callable[[int],
 
 
 def refresh_slices(doc, should_stop: Callable[[], bool], refreshed: Callable[[int], None]) -> bool:
-    """pie-refresh while idle: re-encode doc's stale tokens, stalest region first, slice by
-    slice, calling refreshed(n) after each. False when stopped (the tokens of an unfinished
-    slice keep their stale K/V: nothing is left for a completion to encode)."""
+    """pie-refresh while idle: re-encode doc's stale tokens slice by slice, calling refreshed(n)
+    after each: first those the blend rule ranks highest (blend.ranked), then from the first stale
+    token on, which also fixes what the first pass encoded before its predecessors were fresh.
+    False when stopped (the tokens of an unfinished slice keep their stale K/V: nothing is left
+    for a completion to encode)."""
     if doc.strategy != "pie-refresh":
         return True
+    while True:
+        if should_stop():
+            return False
+        n = doc.refresh(max_tokens=slice_tokens(doc), should_stop=should_stop, ranked=True)
+        if not n:
+            break
+        refreshed(n)
     first = -1
     while True:
         stale = np.flatnonzero(doc.stale)

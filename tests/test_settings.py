@@ -38,7 +38,7 @@ def test_the_documented_tables_are_the_schema(path):
 def test_the_vscode_extension_declares_every_lsp_setting_as_the_schema_does():
     props = json.loads((ROOT / "editor-clients/vscode/package.json").read_text())["contributes"]["configuration"][
         "properties"]
-    json_type = {"int": "integer", "bool": "boolean", "str": "string"}
+    json_type = {"int": "integer", "float": "number", "bool": "boolean", "str": "string"}
     rows = [r for cls in (Config, LspOptions) for r in cls.schema() if r["lsp"]]
     assert rows and {f"livekv.{r['lsp']}" for r in rows} <= set(props)
     for r in rows:

@@ -13,7 +13,7 @@ export const STATS = 'livekv/stats';
 // pass-through of whatever livekv.* holds. model, strategy and maxNewTokens always go; the
 // optional ones only when set (null: the server's own default), so an older server that lacks
 // one still starts for everyone who left it alone.
-export const STRATEGIES = ['full', 'prefix', 'reuse', 'conflict', 'pie', 'pie-window', 'pie-refresh', 'lazy'] as const;
+export const STRATEGIES = ['full', 'prefix', 'reuse', 'conflict', 'pie', 'pie-window', 'pie-refresh', 'pie-blend', 'lazy'] as const;
 export const OPTIONAL = {
   device: 'string', dtype: 'string', maxPromptMs: 'integer', maxPredictMs: 'integer', maxLines: 'integer',
   multiline: 'boolean', prefetch: 'boolean', candidates: 'integer', repoContext: 'boolean', maxCacheTokens: 'integer',

@@ -1,0 +1,122 @@
+"""pie-blend on a tiny random Llama: with the whole budget it is full, with none it is pie, and
+in between it recomputes only stale tokens after the edit, within the budget, whatever the rule;
+it composes with groups, lazy layouts, FIM streams and batched candidates."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from livekv.incremental import blend
+from livekv.incremental.config import BLEND_RULES
+from livekv.incremental.groups import Workspace
+from livekv.incremental.strategies import change_points
+
+from conftest import excerpt, stdlib_source
+from test_strategies import line_edit, rel
+
+TEXT = excerpt(stdlib_source(), 100, 40)
+FAST = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@pytest.fixture
+def configured(tiny_engine):
+    """Set the engine's blend settings for one test."""
+    old = tiny_engine.config
+
+    def set_(**kw):
+        tiny_engine.config = old.updated(**kw)
+        return tiny_engine
+    yield set_
+    tiny_engine.config = old
+
+
+def edit_all(docs, e) -> bool:
+    lines = docs[0].text.splitlines()
+    if e[0][0] >= len(lines) - 1:
+        return False
+    if e[0] == e[1] and e[0][1]:
+        col = min(e[0][1], len(lines[e[0][0]]))
+        e = ((e[0][0], col), (e[0][0], col), e[2])
+    for d in docs:
+        d.edit(*e)
+    return True
+
+
+@settings(max_examples=15, **FAST)
+@given(st.lists(line_edit(40), min_size=1, max_size=4), st.sampled_from(BLEND_RULES))
+def test_the_whole_budget_is_full_and_none_is_pie(configured, edits, rule):
+    eng = configured(blend_rule=rule, blend_ratio=1.0, blend_cap=100_000, blend_cursor=0)
+    full = eng.open("file:///f.py", TEXT, strategy="full")
+    whole = eng.open("file:///w.py", TEXT, strategy="pie-blend")
+    for e in edits:
+        edit_all([full, whole], e)
+    k, v = whole.cached()
+    kf, vf = full.cached()
+    assert rel(k, kf) < 1e-5 and rel(v, vf) < 1e-5 and not whole.stale.any()
+    line = whole.text.count("\n") - 1
+    assert whole.complete(line, 0) == full.complete(line, 0)
+    eng = configured(blend_rule=rule, blend_ratio=0.0, blend_cursor=0)
+    pie = eng.open("file:///p.py", TEXT, strategy="pie")
+    none = eng.open("file:///n.py", TEXT, strategy="pie-blend")
+    for e in edits:
+        edit_all([pie, none], e)
+    assert torch.equal(none.cached()[0], pie.cached()[0]) and torch.equal(none.cached()[1], pie.cached()[1])
+    assert none.stats["repaired_total"] == 0 and none.complete(line, 0) == pie.complete(line, 0)
+
+
+@settings(max_examples=25, **FAST)
+@given(st.lists(line_edit(40), min_size=1, max_size=3), st.sampled_from(BLEND_RULES), st.floats(0.0, 0.5),
+       st.integers(0, 40))
+def test_the_selection_is_after_the_edit_stale_and_within_the_budget(configured, edits, rule, ratio, cap):
+    eng = configured(blend_rule=rule, blend_ratio=ratio, blend_cap=cap)
+    doc = eng.open("file:///s.py", TEXT, strategy="pie")
+    first_edit = None
+    for e in edits:
+        if not edit_all([doc], e):
+            continue
+        keep = doc.last_keep
+        ch = change_points(keep)
+        here = int(ch[0]) if len(ch) else len(keep)
+        first_edit = here if first_edit is None else min(first_edit, here)
+        n = blend.budget(doc)
+        assert n <= cap and n <= np.ceil(ratio * doc.stale.sum())
+        picked = blend.select(doc, keep, rule, n)
+        assert len(picked) <= n and len(set(picked.tolist())) == len(picked)
+        # stale ones only: after some edit, never before the first (those are exact)
+        assert doc.stale[picked].all() and (picked >= first_edit).all()
+
+
+def test_an_edit_recomputes_its_budget_and_a_completion_the_tokens_before_the_cursor(configured):
+    eng = configured(blend_rule="window+age", blend_ratio=0.15, blend_cap=24, blend_cursor=8)
+    pie = eng.open("file:///p.py", TEXT, strategy="pie")
+    doc = eng.open("file:///b.py", TEXT, strategy="pie-blend")
+    for d in (pie, doc):
+        d.edit((3, 0), (3, 0), "    q = compute(alpha)\n")
+    s = doc.stats
+    assert s["repaired_last_edit"] == min(24, int(np.ceil(0.15 * pie.stats["stale_tokens"])))
+    assert s["tokens_encoded_last_edit"] == pie.stats["tokens_encoded_last_edit"] + s["repaired_last_edit"]
+    before = doc.stats["tokens_encoded_total"]
+    doc.complete(30, 0)
+    assert doc.stats["tokens_encoded_total"] - before == 8 and doc.stats["repaired_total"] == s["repaired_last_edit"] + 8
+    doc.complete(30, 0)  # those are recomputed since the edit: not again
+    assert doc.stats["repaired_total"] == s["repaired_last_edit"] + 8
+
+
+def test_pie_blend_composes_with_groups_lazy_forks_and_candidates(configured):
+    eng = configured(blend_ratio=1.0, blend_cap=100_000, blend_cursor=0)
+    ws = Workspace(eng, prefix="# repo\n", span=256, strategy="pie-blend")
+    ctx = ws.set_context("file:///c.py", excerpt(stdlib_source(), 300, 20))
+    doc = ws.open("file:///m.py", TEXT)
+    ws.edit_context("file:///c.py", [((2, 0), (2, 0), "    y = 2\n")])
+    assert not ctx.stale.any()  # the context group repaired itself: only its own tokens moved
+    doc.edit((5, 0), (5, 0), "    z = 3\n")
+    assert doc.stats["repaired_last_edit"] > 0
+    lazy = eng.open("file:///l.py", TEXT, strategy="lazy")
+    lazy.edit((5, 0), (5, 0), "    z = 3\n")
+    fork = lazy.fork("file:///lf.py", strategy="pie-blend")  # a lazy layout compacts, then blends
+    fork.edit((8, 0), (8, 0), "    w = 4\n")
+    first = int(np.flatnonzero(fork.last_keep < 0)[0])
+    assert fork.region.order is None and (fork.region.ages()[first:] == 0).all()  # all recomputed
+    assert len(fork.suggest(20, 0, n=3, max_new_tokens=3).texts) >= 1
