@@ -33,34 +33,47 @@ def test_a_strided_buffer_takes_the_copying_path():
     assert torch.equal(buf, want) and torch.equal(base[..., 8:], rest)  # the other columns untouched
 
 
-FAULTS = """
+FOOTPRINT = """
 import json, resource, torch
 from livekv.incremental.host_memory import keep_freed_memory
+def resident():  # bytes of this process in RAM
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
 applied = [keep_freed_memory(), keep_freed_memory()]
-faults = []
-for _ in range(5):  # a 64 MiB temporary, every page written, then freed: an edit's big temporaries
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+kept, faults, where = [], [], []
+for _ in range(8):  # a 64 MiB temporary, every page written, then freed: an edit's big temporaries
+    base, before = resident(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t = torch.empty(16 << 20, dtype=torch.float32)
     t.fill_(1.0)
+    where.append(t.data_ptr())
     del t
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(json.dumps([applied, faults]))
+    kept.append(resident() - base)
+print(json.dumps([applied, kept, faults, where]))
 """
 
 
-def page_faults(env: dict) -> tuple[list, list]:
-    out = subprocess.run([sys.executable, "-c", FAULTS], env=env, capture_output=True, text=True, timeout=120)
+def footprint(env: dict) -> tuple[list, list, list, list]:
+    out = subprocess.run([sys.executable, "-c", FOOTPRINT], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    applied, faults = json.loads(out.stdout)
-    return applied, faults
+    return tuple(json.loads(out.stdout))
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning is Linux-only")
-def test_freed_memory_is_reused_without_page_faults():
-    """With the tuning, a temporary the size of an edit's is served from pages already mapped;
-    without it (LIVEKV_MALLOC=default, which must turn it off), every one faults them in again."""
-    tuned_applied, tuned = page_faults(dict(os.environ))
-    plain_applied, plain = page_faults(dict(os.environ, LIVEKV_MALLOC="default"))
+def test_freed_memory_stays_mapped_for_the_next_temporary():
+    """With the tuning, a freed temporary the size of an edit's keeps its pages mapped and later
+    ones take the same block; without it (LIVEKV_MALLOC=default, which must turn it off), free
+    hands the pages back to the kernel and every temporary faults them in again. Page faults are
+    only a loose check: a host with NUMA balancing faults mapped pages too."""
+    tuned_applied, tuned_kept, tuned_faults, tuned_where = footprint(dict(os.environ))
+    plain_applied, plain_kept, plain_faults, _ = footprint(dict(os.environ, LIVEKV_MALLOC="default"))
     assert tuned_applied == [True, True] and plain_applied == [False, False]  # once per process, then a no-op
-    assert min(plain[-2:]) > 8_000, plain   # 64 MiB of 4 KiB pages, faulted in each time
-    assert max(tuned[-2:]) < min(plain[-2:]) / 8, (tuned, plain)
+    mib = 1 << 20
+    assert all(k < 8 * mib for k in plain_kept), plain_kept      # unmapped on free
+    assert min(plain_faults[-2:]) > 8_000, plain_faults          # 64 MiB of 4 KiB pages, faulted in each time
+    assert tuned_kept[0] > 56 * mib, tuned_kept                  # the first one's pages stay resident...
+    # ...and the block is reused: glibc may place the second beside the first (an aligned request
+    # does not fit the freed chunk exactly), after which those two serve every later one.
+    assert sum(tuned_kept) < 2.5 * 64 * mib, tuned_kept
+    assert all(abs(k) < 8 * mib for k in tuned_kept[-4:]), tuned_kept
+    assert len(set(tuned_where)) <= 2, tuned_where                # alternating between the two at most
