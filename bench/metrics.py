@@ -175,7 +175,10 @@ def summarize_curve(rows: list[dict], buckets: int = 4) -> dict:
     ref = apply.get("full")
     idle = {lab: percentile([r["idle_refresh_ms"] for r in rows if r["label"] == lab and "idle_refresh_ms" in r], 50)
             for lab in labels}
+    edits = {lab: [r for r in rows if r["label"] == lab and r.get("changes")] for lab in labels}
     return {"edits": n, "overall": {lab: mean(v) for lab, v in per_edit.items()}, "buckets": edges,
+            "recomputed_mean": {lab: mean(r.get("recomputed") for r in rs) for lab, rs in edits.items()},
+            "recomputed_share": {lab: mean(r.get("recomputed_share") for r in rs) for lab, rs in edits.items()},
             "by_bucket": by_bucket, "per_edit": per_edit, "stale_tokens": stale, "by_probe": probes,
             "kl_mean": {lab: mean(v) for lab, v in kl.items()}, "kl_per_edit": kl, "top1_mean": top1,
             "apply_ms_p50": apply,

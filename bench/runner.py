@@ -138,6 +138,7 @@ def run_step(docs: dict, changes: list, predict: dict | None, turn: int, max_new
                "tokens_encoded": st["tokens_encoded_last_edit"] if changes else 0,
                # stale tokens encoded again: by the plan (pie-window), the blend, or all of them (full)
                "recomputed": st["tokens_encoded_last_edit"] - st["tokens_new_last_edit"] if changes else 0,
+               "recomputed_share": st["repaired_share_last_edit"] if changes and d.strategy == "pie-blend" else None,
                "keys_rotated": st["keys_rotated_last_edit"] if changes else 0,
                "stale_tokens": st["stale_tokens"], "pred": None}
         if predict is not None:

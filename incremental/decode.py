@@ -17,7 +17,7 @@ from typing import Callable, Generator
 import numpy as np
 import torch
 
-from . import layout
+from . import encode, layout
 from .stops import stop_policy
 
 
@@ -49,9 +49,11 @@ class Completion:
                     reused=self.reused)
 
 
-def _up_to_date(doc, j: int, comp: Completion, t0: float, should_stop, max_prompt_ms: float) -> bool:
+def _up_to_date(doc, j: int, comp: Completion, t0: float, should_stop, max_prompt_ms: float,
+                rider: encode.Rider | None = None) -> bool:
     """Encode what is dirty before the cursor (after it, nothing is attended now), within
-    max_prompt_ms. False, with comp.stop saying why, when that did not happen."""
+    max_prompt_ms; the rider (the completion's tail) joins the last pass. False, with comp.stop
+    saying why, when that did not happen."""
     dirty = int(doc.region.dirty[doc.region.local()][:j].sum())
     if not dirty:
         return True
@@ -59,7 +61,7 @@ def _up_to_date(doc, j: int, comp: Completion, t0: float, should_stop, max_promp
     late = lambda: bool(max_prompt_ms) and (time.perf_counter() - t0) * 1e3 > max_prompt_ms  # noqa: E731
     if max_prompt_ms and dirty * doc.encode_ms_per_token > max_prompt_ms:
         comp.incomplete, comp.stop = True, "prompt_cap"   # would not fit: do not even start
-    elif not doc.settle(upto=j, should_stop=lambda: cancelled() or late()):
+    elif not doc.settle(upto=j, should_stop=lambda: cancelled() or late(), rider=rider):
         comp.incomplete, comp.stop = (False, "cancelled") if cancelled() else (True, "prompt_cap")
     return not comp.stop
 
@@ -79,7 +81,7 @@ def teacher_forced(doc, c: int, forced: list[int]) -> torch.Tensor:
     run = replace(cur, tail=seq)
     lay = layout.Completion(doc, run, len(seq) + 1)
     logits = eng.model.forward(doc.kv, torch.from_numpy(seq), torch.arange(cur.phi, cur.phi + len(seq)), lay.S,
-                               lay.tail(), logits_at=torch.arange(n_tail - 1, len(seq)))
+                               lay.tail(), logits_at=torch.arange(n_tail - 1, len(seq)), precision=doc.config.precision)
     if cur.heal:
         first = logits[:1].masked_fill(~eng.healing_mask(cur.heal)[None], float("-inf"))
         logits = torch.cat([first, logits[1:]])
@@ -111,14 +113,22 @@ def decode(doc, c: int, n: int, max_new: int, should_stop: Callable[[], bool] | 
     tail, heal, phi = cur.tail, cur.heal, cur.phi
     comp.prefix_tokens, comp.tail_tokens = cur.j, len(tail)
     doc.before_completion(cur.j)
-    if not _up_to_date(doc, cur.j, comp, t0, should_stop, max_prompt_ms):
+    n_tail, need = len(tail), len(tail) + max_new * n + 1
+    # the tail rides with the encode of what an edit left dirty (one pass, not two); not under a
+    # lazy layout, which a big encode compacts first
+    lay = layout.Completion(doc, cur, need) if doc.region.order is None else None
+    rider = None if lay is None else encode.Rider(tail, np.arange(phi, phi + n_tail), lay.S, lay.tail())
+    if not _up_to_date(doc, cur.j, comp, t0, should_stop, max_prompt_ms, rider):
         comp.texts = [""]
         comp.total_ms = (time.perf_counter() - t0) * 1e3
         return comp
-    n_tail = len(tail)
-    lay = layout.Completion(doc, cur, n_tail + max_new * n + 1)
-    logits = model.forward(kv, torch.from_numpy(tail), torch.arange(phi, phi + n_tail), lay.S, lay.tail(),
-                           logits_at=torch.tensor([n_tail - 1]))             # (1, V)
+    precision = doc.config.precision
+    if rider is not None and rider.logits is not None:
+        logits = rider.logits                                                 # (1, V)
+    else:
+        lay = lay or layout.Completion(doc, cur, need)
+        logits = model.forward(kv, torch.from_numpy(tail), torch.arange(phi, phi + n_tail), lay.S, lay.tail(),
+                               logits_at=torch.tensor([n_tail - 1]), precision=precision)  # (1, V)
     comp.ttft_ms = (time.perf_counter() - t0) * 1e3
     t_decode = time.perf_counter()
     context = tail.tolist()
@@ -169,7 +179,7 @@ def decode(doc, c: int, n: int, max_new: int, should_stop: Callable[[], bool] | 
         q_ids = torch.tensor([ids[cand][-1] for cand in active])
         pos = torch.full((len(active),), phi + n_tail + step)
         logits = model.forward(kv, q_ids, pos, int(slots[0]) if len(active) == 1 else slots, lay.step(step, active, n),
-                               logits_at=torch.arange(len(active)))
+                               logits_at=torch.arange(len(active)), precision=precision)
         nexts = logits.argmax(-1).tolist()
         step += 1
     comp.texts, comp.ids = list(dict.fromkeys(texts)), ids[0]  # distinct, best first

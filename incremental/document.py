@@ -47,7 +47,8 @@ class Document(PositionGroup, Completer):
         self._stats = dict(edits=0, tokens_encoded_last_edit=0, keys_rotated_last_edit=0, edit_ms_last=0.0,
                            rearrange_ms_last=0.0, tokens_encoded_total=0, keys_rotated_total=0, completions=0,
                            last_completion={}, last_prefetch={}, prompt_caps=0, predict_caps=0,
-                           repaired_last_edit=0, repaired_total=0, tokens_new_last_edit=0)
+                           repaired_last_edit=0, repaired_total=0, tokens_new_last_edit=0,
+                           repaired_share_last_edit=0.0)
 
     # -- reading -----------------------------------------------------------------------------
     @property
@@ -68,8 +69,9 @@ class Document(PositionGroup, Completer):
                     compactions=r.compactions, cache_bytes=r.n * self.kv.bytes_per_token(), full_reencode_tokens=self.n,
                     syntax_reparses=self._syntax.reparses if self._syntax is not None else 0)
 
-    def offset(self, line: int, col: int, encoding: str = "utf-32") -> int:
-        return self.engine.mirror.offset(self.state, line, col, encoding)
+    def offset(self, line: int, col: int, encoding: str = "utf-32", clamp: bool = False) -> int:
+        """(line, col) -> char offset; clamp: a col past the line's end is its end (lines.to_offset)."""
+        return self.engine.mirror.offset(self.state, line, col, encoding, clamp)
 
     def position(self, offset: int, encoding: str = "utf-32") -> tuple[int, int]:
         return self.engine.mirror.position(self.state, offset, encoding)
@@ -154,7 +156,9 @@ class Document(PositionGroup, Completer):
         s["keys_rotated_total"] += rotated
         s["tokens_encoded_last_edit"], s["tokens_new_last_edit"] = 0, int((origin < 0).sum())
         if self.strategy == "pie-blend":
+            stale = int(self.stale.sum())
             s["repaired_last_edit"] = blend.repair_edit(self, p.keep)
+            s["repaired_share_last_edit"] = s["repaired_last_edit"] / stale if stale else 0.0
             s["repaired_total"] += s["repaired_last_edit"]
         if settle:
             self.settle(should_stop)
@@ -189,10 +193,11 @@ class Document(PositionGroup, Completer):
         return self.edit(self.position(p), self.position(len(old) - s), text[p: len(text) - s], **kw)
 
     def settle(self, should_stop: Callable[[], bool] | None = None, upto: int | None = None,
-               progress: Callable[[int, int], None] | None = None) -> bool:
+               progress: Callable[[int, int], None] | None = None, rider: encode.Rider | None = None) -> bool:
         """Encode dirty tokens (before index `upto`, default all), left to right, in chunks.
         progress(done, total) after each chunk; False when should_stop() interrupted it (the
-        rest stays dirty for the next edit or completion)."""
+        rest stays dirty for the next edit or completion). rider: a completion's tail to run
+        in the last chunk's pass (encode.Rider)."""
         T = self.n if upto is None else min(upto, self.n)
         total, done = int(self.region.dirty_tokens()[:T].sum()), 0
         s = self._stats
@@ -211,7 +216,7 @@ class Document(PositionGroup, Completer):
                 self.encode_ms_per_token = 0.5 * self.encode_ms_per_token + 0.5 * ms_per_token
             if progress is not None:
                 progress(done, total)
-        return encode.settle(self, T, should_stop, chunk)
+        return encode.settle(self, T, should_stop, chunk, rider)
 
     def refresh(self, max_tokens: int | None = None, should_stop: Callable[[], bool] | None = None,
                 ranked: bool = False) -> int:

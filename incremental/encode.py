@@ -8,6 +8,7 @@ any chosen tokens (blend.py's).
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -16,11 +17,24 @@ import torch
 from . import layout
 
 
+@dataclass
+class Rider:
+    """Queries that ride along with an encode's last forward pass: a completion's tail, so that
+    an edit followed by a completion costs one pass of the weights, not two. `logits` is set
+    (the last row's, (1, V)) when it rode."""
+    ids: np.ndarray            # (n,) the tail
+    pos: np.ndarray            # (n,) its positions
+    slot: int                  # its first scratch slot
+    layout: layout.Layout      # its rows
+    logits: torch.Tensor | None = None
+
+
 def settle(doc, T: int, should_stop: Callable[[], bool] | None,
-           chunk: Callable[[int, float | None], None]) -> bool:
+           chunk: Callable[[int, float | None], None], rider: Rider | None = None) -> bool:
     """Encode doc's dirty tokens before index T. chunk(k, ms_per_token) is called after each
     chunk of k tokens (ms_per_token None for chunks too small to say). Returns False when
-    should_stop() interrupted it; the rest stays dirty for later."""
+    should_stop() interrupted it; the rest stays dirty for later. A rider joins the last chunk
+    (not under a lazy layout, whose columns an encode may move)."""
     r, model, size = doc.region, doc.engine.model, doc.config.encode_chunk
     at = r.slots(np.arange(T))                                       # (T,) token -> slot
     while True:
@@ -39,11 +53,21 @@ def settle(doc, T: int, should_stop: Callable[[], bool] | None,
         pos = doc.position_of(idx)
         r.writing(idx, pos)
         lay = layout.encoding(doc, idx, slots)
+        ids = doc.state.ids[idx]
+        rides = rider is not None and len(dirty) <= size and r.order is None
+        if rides:  # the tail after the chunk, in the same pass
+            n = len(rider.ids)
+            lay = layout.stack(lay, rider.layout)
+            ids, pos = np.concatenate([ids, rider.ids]), np.concatenate([pos, rider.pos])
+            slots = np.concatenate([slots, rider.slot + np.arange(n)])
         contiguous = bool((np.diff(slots) == 1).all())
         t0 = time.perf_counter()
-        model.forward(doc.kv, torch.from_numpy(doc.state.ids[idx]), torch.from_numpy(pos),
-                      int(slots[0]) if contiguous else torch.from_numpy(slots), lay)
-        ms = (time.perf_counter() - t0) * 1e3 / len(idx) if len(idx) >= 32 else None
+        out = model.forward(doc.kv, torch.from_numpy(ids), torch.from_numpy(pos),
+                            int(slots[0]) if contiguous else torch.from_numpy(slots), lay,
+                            logits_at=torch.tensor([len(ids) - 1]) if rides else None, precision=doc.config.precision)
+        if rides:
+            rider.logits = out
+        ms = (time.perf_counter() - t0) * 1e3 / len(idx) if len(idx) >= 32 and not rides else None
         r.written(idx, any_before[idx])
         chunk(len(idx), ms)
 

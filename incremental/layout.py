@@ -25,6 +25,19 @@ class Layout:
         self.delta, self.pos = delta[: self.n_keys], pos[: self.n_keys]
 
 
+def stack(a: Layout, b: Layout) -> Layout:
+    """One forward pass for the queries of a, then those of b (an encode and a completion's
+    tail): masks side by side over the wider one's columns."""
+    n = max(a.n_keys, b.n_keys)
+    wide = a if a.n_keys >= b.n_keys else b
+    mask = torch.zeros(a.mask.shape[0] + b.mask.shape[0], n, dtype=torch.bool)
+    mask[: a.mask.shape[0], : a.n_keys] = a.mask
+    mask[a.mask.shape[0]:, : b.n_keys] = b.mask
+    out = Layout.__new__(Layout)
+    out.mask, out.n_keys, out.delta, out.pos = mask, n, wide.delta, wide.pos
+    return out
+
+
 def context(doc, width: int) -> torch.Tensor:
     """(width,) bool: the encoded tokens of the groups doc attends to besides itself."""
     vis = torch.zeros(width, dtype=torch.bool)

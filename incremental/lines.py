@@ -8,9 +8,12 @@ the benchmark convert through this module only.
 """
 from __future__ import annotations
 
+import logging
 import re
 
 import numpy as np
+
+log = logging.getLogger("livekv.lines")
 
 BREAK = re.compile(r"\r\n|\r|\n")
 _LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+")
@@ -126,12 +129,17 @@ def character(line: str, col: int, encoding: str = "utf-32") -> int:
     return units(line[:col], encoding)
 
 
-def to_offset(starts: np.ndarray, text: str, line: int, col: int, encoding: str = "utf-32") -> int:
+def to_offset(starts: np.ndarray, text: str, line: int, col: int, encoding: str = "utf-32",
+              clamp: bool = False) -> int:
     """The offset of (line, col), col in code units of encoding; ValueError saying what is out
-    of range."""
+    of range. clamp: a column past the line's end means its end (as LSP clients' own
+    vscode-languageserver-textdocument reads it), logged; a line past the end is still an error."""
     a, b = line_span(starts, text, line)
     if encoding == "utf-32" and 0 <= col <= b - a:
         return a + col
+    if clamp and col > (n := units(text[a:b], encoding)):
+        log.info("line %d: character %d is past the line's end (%d); taken as its end", line, col, n)
+        return b
     try:
         return a + column(text[a:b], col, encoding)
     except ValueError as e:
@@ -150,12 +158,13 @@ def to_position(starts: np.ndarray, text: str, offset: int, encoding: str = "utf
     return line, (offset - a if encoding == "utf-32" else character(text[a:b], offset - a, encoding))
 
 
-def resolve(text: str, changes, encoding: str = "utf-32") -> tuple[str, list | None]:
+def resolve(text: str, changes, encoding: str = "utf-32", clamp: bool = False) -> tuple[str, list | None]:
     """Changes applied in order to text, as an editor sends them: each ((line, col), (line, col))
     range (columns in code units of encoding) or None (the whole text), and its new text; each
     range refers to the text the changes before it left. Returns the final text and the changes
     with code point columns, for Document.edit_batch, or None for them when one replaced the whole
-    text (then Document.set_text). ValueError, saying which change, for an invalid one."""
+    text (then Document.set_text). ValueError, saying which change, for an invalid one. clamp:
+    as to_offset."""
     out, full = [], False
     for i, (rng, new) in enumerate(changes):
         if rng is None:
@@ -164,7 +173,7 @@ def resolve(text: str, changes, encoding: str = "utf-32") -> tuple[str, list | N
         try:
             starts = line_starts(text)
             (l1, c1), (l2, c2) = rng
-            a, b = to_offset(starts, text, l1, c1, encoding), to_offset(starts, text, l2, c2, encoding)
+            a, b = to_offset(starts, text, l1, c1, encoding, clamp), to_offset(starts, text, l2, c2, encoding, clamp)
             if b < a:
                 raise ValueError(f"range end {tuple(rng[1])} is before its start {tuple(rng[0])}")
         except ValueError as e:

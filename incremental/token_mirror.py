@@ -51,9 +51,9 @@ class TokenMirror:
         ids, starts, ends = self.tokenize(text)
         return MirrorState(text, ids, starts, ends, line_starts(text))
 
-    def offset(self, st: MirrorState, line: int, col: int, encoding: str = "utf-32") -> int:
+    def offset(self, st: MirrorState, line: int, col: int, encoding: str = "utf-32", clamp: bool = False) -> int:
         """The char offset of (line, col), col in code units of encoding (lines.py)."""
-        return to_offset(st.lines, st.text, line, col, encoding)
+        return to_offset(st.lines, st.text, line, col, encoding, clamp)
 
     def position(self, st: MirrorState, offset: int, encoding: str = "utf-32") -> tuple[int, int]:
         return to_position(st.lines, st.text, offset, encoding)

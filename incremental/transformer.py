@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from .attention import LAZY_MAX_QUERIES, PendingDeltas, attention_with_deltas
 from .layout import Layout
+from .precision import Precision
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -30,7 +31,9 @@ class Transformer:
         if missing or attn0 is None or not all(hasattr(attn0, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")):
             raise ValueError(f"model type {hf.config.model_type!r} does not have the Llama layout livekv runs "
                              f"(missing {missing or 'q/k/v/o projections'}); use a Llama, Qwen2 or Mistral family model")
-        self.hf, self.embed, self.layers, self.norm, self.rotary, self.lm_head = hf, m.embed_tokens, m.layers, m.norm, m.rotary_emb, hf.lm_head
+        self.precision = Precision(hf)  # wraps the linear layers: fp32 until a pass asks for more
+        self.hf, self.embed, self.layers, self.norm, self.rotary = hf, m.embed_tokens, m.layers, m.norm, m.rotary_emb
+        self.lm_head = self.precision.lm_head
         cfg = hf.config
         self.n_layers = len(self.layers)
         self.n_heads = cfg.num_attention_heads
@@ -45,7 +48,7 @@ class Transformer:
 
     @torch.inference_mode()
     def forward(self, kv, ids: torch.Tensor, pos: torch.Tensor, slots, layout: Layout,
-                logits_at: torch.Tensor | None = None, probe: int | None = None):
+                logits_at: torch.Tensor | None = None, probe: int | None = None, precision: str = "fp32"):
         """Run tokens `ids` at positions `pos`, writing their K/V into `slots` of `kv`.
 
         ids, pos: (n,). slots: an int (the n tokens go to slots [slots, slots + n)) or a (n,) index
@@ -53,8 +56,10 @@ class Transformer:
         True (all when None); the new tokens must lie inside that range, with no delta pending.
         Returns logits (len(logits_at), V) for the selected query rows, or None. With `probe`,
         nothing is written: cached tokens are run again through the layers before `probe` and
-        their fresh (K, V) at layer `probe`, each (1, Hkv, n, D), are returned (blend.py)."""
+        their fresh (K, V) at layer `probe`, each (1, Hkv, n, D), are returned (blend.py).
+        precision: of the linear layers (precision.py); the rest runs in the cache's dtype."""
         n, n_keys, mask = ids.shape[0], layout.n_keys, layout.mask
+        self.precision.set(precision, n)
         x = self.embed(ids.to(self.device)[None])                      # (1, n, C)
         cos, sin = self.rotary(x, pos.to(self.device)[None])           # (1, n, D)
         cos, sin = cos[:, None], sin[:, None]                          # (1, 1, n, D)
@@ -116,6 +121,7 @@ class Transformer:
     def check_against_hf(self, kv_factory, tokens: list[int]) -> float:
         """Max |logit difference| between this forward and HF's on `tokens`; refuse a mismatch."""
         ids = torch.tensor(tokens, dtype=torch.long)
+        self.precision.set("fp32", len(tokens))
         ref = self.hf(ids[None].to(self.device)).logits[0].float()
         kv = kv_factory(len(tokens))
         n = len(tokens)

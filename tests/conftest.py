@@ -26,8 +26,9 @@ def excerpt(text: str, first_line: int, n_lines: int) -> str:
 
 @pytest.fixture(scope="session")
 def engine() -> Engine:
-    """The embedded SmolLM2-135M, checking the token mirror on every edit."""
-    return Engine.load(verify_tokens=True, max_new_tokens=8)
+    """The embedded SmolLM2-135M, checking the token mirror on every edit; fp32 weights, as the
+    servers the tests start (lsp_helpers.EXACT)."""
+    return Engine.load(verify_tokens=True, max_new_tokens=8, precision="fp32")
 
 
 def train_tokenizer(special: tuple[str, ...] = ()):
@@ -59,7 +60,7 @@ def tiny_llama(tokenizer, seed: int = 0, **config) -> Engine:
                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=32768,
                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=True)
     hf = LlamaForCausalLM(cfg).eval()
-    return Engine(Config(verify_tokens=True, **config), hf, tokenizer, "tiny-llama")
+    return Engine(Config(**{"verify_tokens": True, "precision": "fp32", **config}), hf, tokenizer, "tiny-llama")
 
 
 @pytest.fixture(scope="session")

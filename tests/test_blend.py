@@ -97,6 +97,7 @@ def test_an_edit_recomputes_its_budget_and_a_completion_the_tokens_before_the_cu
     s = doc.stats
     assert s["repaired_last_edit"] == min(24, int(np.ceil(0.15 * pie.stats["stale_tokens"])))
     assert s["tokens_encoded_last_edit"] == pie.stats["tokens_encoded_last_edit"] + s["repaired_last_edit"]
+    assert s["repaired_share_last_edit"] == pytest.approx(s["repaired_last_edit"] / pie.stats["stale_tokens"])
     before = doc.stats["tokens_encoded_total"]
     doc.complete(30, 0)
     assert doc.stats["tokens_encoded_total"] - before == 8 and doc.stats["repaired_total"] == s["repaired_last_edit"] + 8

@@ -15,7 +15,7 @@ export const STATS = 'livekv/stats';
 // one still starts for everyone who left it alone.
 export const STRATEGIES = ['full', 'prefix', 'reuse', 'conflict', 'pie', 'pie-window', 'pie-refresh', 'pie-blend', 'lazy'] as const;
 export const OPTIONAL = {
-  device: 'string', dtype: 'string', maxPromptMs: 'integer', maxPredictMs: 'integer', maxLines: 'integer',
+  device: 'string', dtype: 'string', precision: 'string', maxPromptMs: 'integer', maxPredictMs: 'integer', maxLines: 'integer',
   multiline: 'boolean', prefetch: 'boolean', candidates: 'integer', repoContext: 'boolean', maxCacheTokens: 'integer',
 } as const;
 type Optional = { [K in keyof typeof OPTIONAL]?: (typeof OPTIONAL)[K] extends 'string' ? string
