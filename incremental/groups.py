@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from .document import Document
+from .host_memory import release_freed_memory
 from .strategies import check
 
 
@@ -113,6 +114,13 @@ class Workspace:
             self._drop_context(uri)
         self.evicted.pop(uri, None)
         doc = Document(self.engine, uri, text, self.strategy, kv=self.kv, pos0=self.context_base, sees=[self.prefix])
+        room = self.max_cache_tokens - self.prefix.n
+        if doc.n > room:  # it could never fit, whatever is evicted: refused, not kept over budget
+            doc.close()
+            per_1k = self.kv.bytes_per_token() * 1000 / 2**20
+            raise ValueError(f"{uri} is {doc.n:,} tokens, more than the cache budget leaves for one file "
+                             f"({room:,} of maxCacheTokens {self.max_cache_tokens:,}; {per_1k:.0f} MiB per 1,000 "
+                             "tokens with this model): raise maxCacheTokens to open it")
         if settle:
             doc.settle()
         self.contexts[uri] = doc
@@ -152,10 +160,20 @@ class Workspace:
             doc.close()
             if self.engine.documents.get(uri) is doc:
                 del self.engine.documents[uri]
+        closed = doc is not None
         if uri in self.contexts:
             self._drop_context(uri)
             self._relink(changed=True)
+            closed = True
         self.evicted.pop(uri, None)
+        if closed:
+            self._compact()  # the caller gives the freed memory back (release_freed_memory) when it is idle
+
+    def _compact(self) -> bool:
+        """Close the holes freed groups left and give back the buffer room they no longer need."""
+        if self.kv.top > 2 * max(self.tokens(), 1024):
+            self.kv.pack()
+        return self.kv.shrink()
 
     def _drop_context(self, uri: str) -> Document:
         doc = self.contexts.pop(uri)
@@ -182,8 +200,8 @@ class Workspace:
             changed = True
         if changed:
             self._relink(changed=True)
-        if self.kv.top > 2 * max(self.tokens(), 1024):
-            self.kv.pack()
+        if self._compact() or changed:
+            release_freed_memory()
 
     def stats(self) -> dict:
         """Memory and staleness per group."""

@@ -5,7 +5,8 @@ edit's temporaries (the rotated halves of the suffix keys, attention scores duri
 re-encode) fault in every page again, and on a small machine that costs more than the
 arithmetic: rotating the suffix of a 2,800-token file spent over half its time in page faults.
 Serving large blocks from the heap and not trimming it keeps freed pages mapped for the next
-edit. The cost is that the process keeps its peak footprint, which the KV budget already bounds.
+edit. The cost is that the process keeps its peak footprint until a document closes or is
+evicted: then release_freed_memory gives the freed pages back.
 """
 from __future__ import annotations
 
@@ -39,6 +40,20 @@ def keep_freed_memory() -> bool:
     _tuned = ok
     log.debug("glibc malloc keeps freed memory: %s", ok)
     return ok
+
+
+def release_freed_memory() -> bool:
+    """Hand freed heap pages back to the kernel (glibc malloc_trim): after a document closes or
+    is evicted, when the peak the tuning keeps mapped is no longer what the open files need.
+    Returns whether it could (glibc only)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(ctypes.c_size_t(0))
+    except (OSError, AttributeError):
+        return False
+    return True
 
 
 def move_slots_(buf: torch.Tensor, src: int, dst: int, n: int) -> None:

@@ -57,6 +57,19 @@ class KVCache:
             new[:, :, : self.top] = old[:, :, : self.top]
             setattr(self, name, new)
 
+    def shrink(self, headroom: int = 256) -> bool:
+        """Give back buffer room past the top slot when it is most of the buffer (after closes and
+        evictions: reserve only ever doubles). Returns whether the buffers were reallocated."""
+        keep = self.top + headroom
+        if self.capacity <= 2 * keep:
+            return False
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = torch.zeros(old.shape[0], old.shape[1], keep, old.shape[3], dtype=old.dtype, device=old.device)
+            new[:, :, : self.top] = old[:, :, : self.top]
+            setattr(self, name, new)
+        return True
+
     # -- slot ranges (Region calls these) -------------------------------------------------------
     def alloc(self, region, cap: int) -> int:
         """cap slots at the top for region; returns the first."""

@@ -24,7 +24,8 @@ from .options import LspOptions, ServeOptions, schema, schema_markdown
 
 BENCHES = {"traces": "livekv.bench.traces", "replay": "livekv.bench.replay", "edit-cost": "livekv.bench.edit_cost",
            "kernel": "livekv.bench.kernel", "groups": "livekv.bench.groups", "fim": "livekv.bench.fim",
-           "report": "livekv.bench.report"}
+           "report": "livekv.bench.report", "peer": "livekv.bench.peer",
+           "memory": "livekv.bench.memory"}
 
 
 def _complete(ns) -> int:

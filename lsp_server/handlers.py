@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -75,6 +76,9 @@ def initialize(ls: LivekvServer, params: T.InitializeParams):
         raise error
 
     ls.session = LspSession(config, encoding, options, workspace_roots(params))
+    ls.session.tell = lambda message, error=False: ls.later(
+        ls.report, message if error else f"livekv: {message}", T.MessageType.Error if error else T.MessageType.Warning,
+        not error)
     ls.worker = ls.session.worker = Worker(load)  # loads the model on its thread, now
     log.info("initialized: position encoding %s, workspace %s, settings %s", encoding,
              [str(r) for r in ls.session.roots], ls.session.settings())
@@ -84,6 +88,15 @@ def initialize(ls: LivekvServer, params: T.InitializeParams):
 def shutdown(ls: LivekvServer, params):
     # Answer now: a running decode sees should_stop() at its next token step, queued jobs drop.
     ls.shutdown_requested = True
+    if ls.worker is not None:
+        ls.worker.close(timeout=0)
+
+
+@feature(T.EXIT)
+def exit_(ls: LivekvServer, params):
+    # pygls closes stdout after this: nothing may be written from now on (a completion still
+    # decoding would reply into the closed pipe), and the worker stops at its next step.
+    ls.protocol.gone = True
     if ls.worker is not None:
         ls.worker.close(timeout=0)
 
@@ -98,6 +111,7 @@ def did_change_configuration(ls: LivekvServer, params: T.DidChangeConfigurationP
     if not changes:
         return
     ls.interrupt_idle()
+    ls.seal()
     fut = ls.require_worker().submit(ls.session.job_configure, changes)
 
     def done(f):
@@ -116,6 +130,7 @@ def did_change_configuration(ls: LivekvServer, params: T.DidChangeConfigurationP
 def did_open(ls: LivekvServer, params: T.DidOpenTextDocumentParams):
     doc = params.text_document
     ls.document_changed(doc.uri)
+    ls.seal(doc.uri)
     on_progress, finish = work_done_progress(ls, doc.uri.rsplit("/", 1)[-1])
     # a later edit, or any request, may cut the first encode short: idle work finishes it
     ticket = ls.require_worker().ticket(doc.uri)
@@ -136,7 +151,7 @@ def did_change(ls: LivekvServer, params: T.DidChangeTextDocumentParams):
         r = getattr(ch, "range", None)
         rng = None if r is None else ((r.start.line, r.start.character), (r.end.line, r.end.character))
         changes.append((rng, ch.text))
-    ls.submit_notification(f"didChange {uri}", ls.session.job_change, uri, params.text_document.version, changes)
+    ls.submit_change(uri, params.text_document.version, changes)
     ls.schedule_idle(uri)  # encodes the edit unless the next keystroke or request comes first
 
 
@@ -144,6 +159,8 @@ def did_change(ls: LivekvServer, params: T.DidChangeTextDocumentParams):
 def did_close(ls: LivekvServer, params: T.DidCloseTextDocumentParams):
     uri = params.text_document.uri
     ls.document_changed(uri)
+    ls.seal(uri)
+    ls.refreshes.forget(uri)
     ls.submit_notification(f"didClose {uri}", ls.session.job_close, uri)
     ls.schedule_idle(None)  # the active file may import the closed one: it comes back from disk
 
@@ -197,16 +214,29 @@ def start_stats(ls: LivekvServer, params):
     if not isinstance(uri, str) or not (version is None or isinstance(version, int)):
         raise JsonRpcInvalidParams(message=f"{STATS}: expected {{'textDocument': {{'uri': str, 'version'?: int}}}}, "
                                            f"got {params!r}")
+    ls.seal(uri)
     return ls.require_worker().submit(ls.session.job_stats, uri, version)
+
+
+def server_stats(ls: LivekvServer) -> dict:
+    """The server's own stats (livekv/stats' `server`): read on the event loop, no job needed."""
+    busy, session = ls.cancel_busy_ms, ls.session
+    since = ls.worker.busy_since if ls.worker else None  # read once: the worker resets it
+    return dict(position_encoding=session.encoding if session else None,
+                settings=session.settings() if session else None,
+                idle=dict(session.idle) if session else None, refresh=ls.refreshes.stats(),
+                cancelled_completions=len(busy), cancel_busy_ms=list(busy),
+                cancel_busy_ms_max=max(busy, default=None),
+                worker_busy_ms=(time.perf_counter() - since) * 1e3 if since else 0.0)
 
 
 @feature(STATS)
 async def stats(ls: LivekvServer, params):
     fut = ls.protocol.arrived_job()
     if fut is None:
-        return dict(server=ls.server_stats())
+        return dict(server=server_stats(ls))
     try:
         doc = await asyncio.wrap_future(fut)
     except (ValueError, KeyError) as e:
         raise JsonRpcInvalidParams(message=error_message(e)) from None
-    return dict(doc, server=ls.server_stats())
+    return dict(doc, server=server_stats(ls))

@@ -24,7 +24,8 @@ from .idle import encode_idle
 from .options import LspOptions, split_settings
 from .protocol import json_safe
 from .repo_context import place, rehome
-from .session import Answer, Range, Session
+from .session import Answer, Session
+from .worker import Batch
 
 log = logging.getLogger("livekv.lsp")
 
@@ -39,11 +40,14 @@ class LspSession(Session):
     def __init__(self, config: Config, encoding: str = "utf-16", options: LspOptions | None = None,
                  roots: Sequence[Path] = ()):
         super().__init__(None, encoding)
+        self.clamp = True  # as the LSP clients' own text documents do (vscode-languageserver-textdocument)
         self.config, self.options = config, options or LspOptions()
         self.roots = list(roots)  # the workspace folders: imports resolve inside them
         self.worker = None
+        # to the client, as a warning or an error (set by the server)
+        self.tell: Callable[[str, bool], None] = lambda message, error=False: None
         # read by the event loop for livekv/stats (plain ints and bools: no lock needed)
-        self.idle = dict(jobs=0, interrupted=0, prefetches=0, prefetched=0, prefetch_cancelled=0,
+        self.idle = dict(jobs=0, interrupted=0, prefetches=0, prefetched=0, prefetch_cancelled=0, merged_changes=0,
                          tokens_encoded=0, tokens_refreshed=0, running=False, prefetching=False)
 
     def home(self, engine: Engine):
@@ -56,11 +60,23 @@ class LspSession(Session):
                  progress: Callable[[int, int], None] | None, should_stop: Callable[[], bool]) -> int:
         if self.home(engine).is_open(uri):
             log.warning("didOpen for %s, which is already open: re-opened with the new text", uri)
-        return self.open(uri, text, version, progress, should_stop).n
+        n = self.open(uri, text, version, progress, should_stop).n
+        if self.warning:
+            self.tell(self.warning)
+        return n
 
-    def job_change(self, engine: Engine, uri: str, version: int, changes: Sequence[tuple[Range, str]]) -> dict:
+    def job_changes(self, engine: Engine, uri: str, batch: Batch) -> dict:
+        """Every didChange for uri queued since this job was (Batch): one engine edit. Each
+        notification that is refused is reported on its own, as if it had come alone."""
         self.home(engine)
-        return self.change(uri, version, changes, settle=False)
+        notifications = batch.take()
+        stats, failures = self.change_many(uri, notifications, settle=False)
+        for e in failures:
+            self.tell(f"didChange {uri}: {e}", True)
+        if self.warning:
+            self.tell(self.warning)
+        self.idle["merged_changes"] += len(notifications) - 1
+        return stats
 
     def job_close(self, engine: Engine, uri: str) -> None:
         self.home(engine)
@@ -83,9 +99,11 @@ class LspSession(Session):
         return json_safe(stats)
 
     # -- idle work ---------------------------------------------------------------------------
-    def job_idle(self, engine: Engine, uri: str | None, prefetch: bool, should_stop: Callable[[], bool]) -> None:
+    def job_idle(self, engine: Engine, uri: str | None, prefetch: bool, should_stop: Callable[[], bool]) -> list[str]:
         """Low priority: prefetch for uri (after a completion), then encode dirty tokens, uri's
-        first. Stops at the next token step or slice once should_stop() (any newer edit or request)."""
+        first. Stops at the next token step or slice once should_stop() (any newer edit or request).
+        Returns the open documents left with nothing to encode: a completion answered empty in
+        one of them (refresh.py) would be answered now."""
         idle, docs = self.idle, self.home(engine)
         idle["jobs"] += 1
         idle["running"] = True
@@ -96,6 +114,12 @@ class LspSession(Session):
         finally:
             idle["running"] = False
             idle["interrupted"] += should_stop()
+        return [u for u in self.versions if self.encoded(u)]
+
+    def encoded(self, uri: str) -> bool:
+        """Whether uri is open with no token left to encode (an evicted document has all of them)."""
+        doc = self.docs.get(uri) if self.docs.is_open(uri) else None
+        return doc is not None and not doc.dirty.any()
 
     def _encoded(self, n: int) -> None:  # after each slice: livekv/stats shows the progress
         self.idle["tokens_encoded"] += n

@@ -27,6 +27,8 @@ class LspOptions(Settings):
     # 200k tokens of the embedded model's fp32 cache are ~9 GiB (fits 24 GiB)
     max_cache_tokens: int = setting(200_000, "tokens of KV cache for context files; the least recently used "
                                     "file goes first", min=1, lsp=True)
+    max_message_bytes: int = setting(64 << 20, "a message whose Content-Length is larger is refused unread, and "
+                                     "the server reads on from the next message", min=1024)
 
     def __post_init__(self):
         super().__post_init__()
@@ -46,6 +48,9 @@ class ServeOptions(Settings):
                                           "* accepts any", metavar="ORIGIN")
     max_message_bytes: int = setting(4 << 20, "larger messages get a too_large error (the connection lives on); "
                                      "messages over 4x this close it", min=1024)
+    max_queued: int = setting(16, "requests one connection may have waiting for the model; beyond it "
+                                  "complete and stats get a busy error (edits, opens and closes are always taken)",
+                              min=1)
     demo: bool = setting(False, "also serve the browser demo page at /")
     demo_file: str | None = setting(None, "the file the demo opens (default: the stdlib's bisect.py)", metavar="FILE")
 

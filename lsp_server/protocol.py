@@ -21,7 +21,8 @@ import logging
 from typing import Any, Callable
 
 from lsprotocol import types as T
-from pygls.exceptions import JsonRpcException, JsonRpcInvalidParams, JsonRpcRequestCancelled
+from pygls.exceptions import (JsonRpcException, JsonRpcInvalidParams, JsonRpcInvalidRequest,
+                              JsonRpcRequestCancelled)
 from pygls.protocol import LanguageServerProtocol
 from pygls.protocol.language_server import lsp_method
 
@@ -51,6 +52,53 @@ class Protocol(LanguageServerProtocol):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.arrived: dict[Any, Any] = {}  # request id -> its start's job (or the exception it raised)
+
+    # -- receiving (framing.py hands over each message's parsed JSON) ------------------------
+    def receive(self, value: Any) -> None:
+        """One parsed JSON message from the client: checked as JSON-RPC 2.0 says (an error reply
+        for a batch, a message without "jsonrpc": "2.0", a request with id null, or any request
+        after shutdown but exit), then handled as pygls does."""
+        def refuse(msg_id, why: str) -> None:
+            log.warning("refused a message: %s", why)
+            error = JsonRpcInvalidRequest(message=why).to_response_error()
+            # a dict, not pygls' message class: its serializer drops "id": null, which JSON-RPC requires
+            self._send_data({"jsonrpc": "2.0", "id": msg_id, "error": {"code": error.code, "message": why}})
+        if isinstance(value, list):
+            return refuse(None, "a JSON-RPC batch (an array): send one message at a time")
+        if not isinstance(value, dict):
+            return refuse(None, f"a message must be a JSON object, got {type(value).__name__}")
+        msg_id = value.get("id")
+        msg_id = msg_id if isinstance(msg_id, (int, str)) and not isinstance(msg_id, bool) else None
+        if value.get("jsonrpc") != "2.0":
+            if "id" in value:
+                return refuse(msg_id, 'the message lacks "jsonrpc": "2.0"')
+            log.warning('ignored a notification without "jsonrpc": "2.0": %s', str(value)[:120])
+            return
+        method = value.get("method")
+        if method is not None and "id" in value and msg_id is None:
+            return refuse(None, f"{method}: a request's id must be an integer or a string, got {value['id']!r}")
+        if method is not None and msg_id is not None and self._shutdown and method != T.EXIT:
+            return refuse(msg_id, f"{method}: the server is shut down; only exit is accepted")
+        try:
+            message = _structure(value, self.structure_message)
+            self.handle_message(message)
+        except Exception as e:
+            self._server._report_server_error(e, JsonRpcException)
+
+    def _send_data(self, data):
+        if getattr(self, "gone", False):
+            return
+        try:
+            super()._send_data(data)
+        except (BrokenPipeError, ConnectionResetError):
+            self.client_gone()
+
+    def client_gone(self) -> None:
+        """The client's end of the pipe closed: say so once, and stop reading."""
+        if not getattr(self, "gone", False):
+            self.gone = True
+            log.warning("the client closed the connection; stopping")
+            self._server.shutdown()
 
     def _handle_request(self, msg_id, method_name, params):
         if (start := ARRIVAL.get(method_name)) is not None:
@@ -97,6 +145,34 @@ class Protocol(LanguageServerProtocol):
     @lsp_method(T.TEXT_DOCUMENT_DID_CLOSE)
     def lsp_text_document__did_close(self, params):
         yield self.fm.features[T.TEXT_DOCUMENT_DID_CLOSE], (params,), None
+
+
+def _structure(x: Any, hook: Callable) -> Any:
+    """json.loads(..., object_hook=hook) on an already parsed value: every object, innermost first."""
+    if isinstance(x, dict):
+        return hook({k: _structure(v, hook) for k, v in x.items()})
+    if isinstance(x, list):
+        return [_structure(v, hook) for v in x]
+    return x
+
+
+def strict_converter():
+    """lsprotocol's converter, minus its coercions: a field typed int that holds "0" or 0.5, or
+    a str field that holds 5, is an error (InvalidParams), not a value silently changed."""
+    from pygls.protocol import default_converter
+    c = default_converter()
+
+    def strict(kind: type, ok: Callable[[Any], bool]) -> None:
+        def hook(v, _):
+            if not ok(v):
+                raise TypeError(f"expected {kind.__name__}, got {v!r}")
+            return v
+        c.register_structure_hook(kind, hook)
+    strict(int, lambda v: isinstance(v, int) and not isinstance(v, bool))
+    strict(float, lambda v: isinstance(v, (int, float)) and not isinstance(v, bool))
+    strict(str, lambda v: isinstance(v, str))
+    strict(bool, lambda v: isinstance(v, bool))
+    return c
 
 
 def parse_settings(settings: Any) -> dict:
@@ -171,6 +247,8 @@ class _ExpectedErrors(logging.Filter):
         exc = record.exc_info[1] if record.exc_info else None
         # SystemExit: pygls ends the TCP server by raising it inside the connection's task
         if isinstance(exc, (JsonRpcInvalidParams, JsonRpcRequestCancelled, SystemExit)):
+            return False
+        if isinstance(exc, (BrokenPipeError, ConnectionResetError)):  # Protocol.client_gone says it once
             return False
         return not str(record.msg).startswith(("Unable to handle message", "Unable to deserialize message"))
 

@@ -56,7 +56,11 @@ def rehome(old, new):
     texts, active = old.texts(), old.active_uri
     old.clear()
     for uri, text in texts.items():
-        new.open(uri, text, settle=False)
+        try:
+            new.open(uri, text, settle=False)
+        except Exception as e:  # one document never blocks the others, nor the settings
+            log.error("%s could not be re-opened under the new settings (%s): it is closed; open it again", uri, e)
+            active = None if active == uri else active
     if active is not None:
         new.activate(active)
     return new
@@ -144,10 +148,15 @@ class Grouped:
         ws = self.ws
         ws.close(uri)  # a re-open, or an imported file the client opened: the client's text wins
         self.imported.pop(uri, None)
+        self.opened.discard(uri)
+        try:  # all or nothing: a document is open once its group exists, never half
+            doc = ws.set_context(uri, text, settle=False)
+            if not ws.active:
+                doc = ws.activate(uri)
+        except BaseException:
+            ws.close(uri)
+            raise
         self.opened.add(uri)
-        doc = ws.set_context(uri, text, settle=False)
-        if not ws.active:
-            doc = ws.activate(uri)
         if settle:
             with self.view(doc):
                 doc.settle(should_stop, progress=progress)

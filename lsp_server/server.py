@@ -6,23 +6,22 @@ handler, requests in an `on_arrival` hook, because pygls starts async handlers a
 later. So jobs run in arrival order: no edit is lost or reordered, and a completion sees every
 edit sent before it and none sent after. Request handlers (handlers.py) then await their job's future.
 
-Cancellation: a completion's Ticket stops its decode at the next token step when the client
-sends $/cancelRequest (the reply is RequestCancelled, -32800), when the server shuts down, or
-when its document changes (didChange/didClose/didOpen bump the document's generation the moment
-they arrive). A completion abandoned because its document changed returns an empty result
-(no items, isIncomplete): every client shows nothing and asks again, whereas error replies make
-some clients (Neovim) print a message on every keystroke.
+Cancellation: a completion's Ticket stops its decode at the next token step on $/cancelRequest
+(the reply is RequestCancelled, -32800), on shutdown, or when its document changes (didChange,
+didClose, didOpen bump its generation the moment they arrive). One abandoned because its document
+changed returns an empty result (no items, isIncomplete): every client shows nothing and asks
+again, whereas error replies make some clients (Neovim) print a message on every keystroke.
 
 Idle work: after each edit and each completion the server queues one low-priority job
-(LspSession.job_idle: prefetch the next line, encode what edits left dirty). Any edit, open, close,
-settings change or completion request cancels it the moment it arrives, so it only ever runs
-while the person is not waiting for anything; livekv/stats requests wait behind it.
+(LspSession.job_idle: prefetch the next line, encode what edits left dirty), which any edit, open,
+close, settings change or completion request cancels the moment it arrives: it only runs while
+the person waits for nothing (livekv/stats requests wait behind it). Once it leaves encoded a
+document whose completion was answered empty, the server sends `livekv/refresh` (refresh.py).
 
 Custom request `livekv/stats` ({"textDocument": {"uri", "version"?}} or {"uri"}): the engine's
 stats for a document, its `workspace` (repoContext: every position group with its memory,
 evictions; null when documents are alone), plus the server's own (how long cancelled completions
-kept the worker busy, the idle work); with no uri, the server's stats only, answered without
-waiting for the worker.
+kept the worker busy, the idle work, refreshes); with no uri, the server's own, at once.
 """
 from __future__ import annotations
 
@@ -31,6 +30,7 @@ import concurrent.futures as cf
 import logging
 import os
 import sys
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -43,11 +43,13 @@ from livekv import __version__
 from livekv.incremental import Config
 
 from .handlers import FEATURES
-from .protocol import Protocol, describe, error_message, quiet_pygls
+from .framing import Framer, read_messages, stdin_chunks
+from .protocol import Protocol, describe, error_message, quiet_pygls, strict_converter
 from .lsp_session import LspSession
 from .options import LspOptions
+from .refresh import Refreshes
 from .session import Answer
-from .worker import Ticket, Worker
+from .worker import Batch, Ticket, Worker
 
 log = logging.getLogger("livekv.lsp")
 
@@ -70,7 +72,7 @@ class LivekvServer(LanguageServer):
     Methods run on the event loop unless they say otherwise."""
 
     def __init__(self, config: Config, options: LspOptions | None = None):
-        super().__init__("livekv", __version__, protocol_cls=Protocol,
+        super().__init__("livekv", __version__, protocol_cls=Protocol, converter_factory=strict_converter,
                          text_document_sync_kind=T.TextDocumentSyncKind.Incremental)
         self.base_config, self.base_options = config, options or LspOptions()
         self.worker: Worker | None = None
@@ -81,6 +83,46 @@ class LivekvServer(LanguageServer):
         self.cancel_busy_ms: deque[float] = deque(maxlen=64)
         self.epoch = 0  # bumped by every message that interrupts idle work
         self.idle_jobs: dict[Ticket, cf.Future | None] = {}  # None: a didOpen's first encode
+        self.changes: dict[str, Batch] = {}  # uri -> its queued change job, while it can take more
+        self.refreshes = Refreshes(lambda *message: self.protocol.notify(*message))
+
+    # -- transports: livekv's framing (framing.py) instead of pygls' reader --------------------
+    def start_io(self, stdin=None, stdout=None) -> None:
+        from pygls.io_ import StdoutWriter
+        self._stop_event = threading.Event()
+        self.protocol.set_writer(StdoutWriter(stdout or sys.stdout.buffer))
+
+        async def main():
+            read = stdin_chunks(stdin or sys.stdin.buffer, asyncio.get_running_loop())
+            await self._read(read)
+        try:
+            asyncio.run(main())
+        except (KeyboardInterrupt, SystemExit):
+            pass
+        finally:
+            self.shutdown()
+
+    def start_tcp(self, host: str, port: int) -> None:
+        self._stop_event = threading.Event()
+
+        async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+            self.protocol.set_writer(writer)
+            await self._read(lambda: reader.read(1 << 16))
+            self.shutdown()
+
+        async def main():
+            self._server = await asyncio.start_server(connection, host, port)
+            async with self._server:
+                await self._server.serve_forever()
+        try:
+            asyncio.run(main())
+        except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):
+            pass
+
+    async def _read(self, read) -> None:
+        framer = Framer(self.base_options.max_message_bytes)
+        await read_messages(read, framer, self.protocol.receive, lambda why: self.report(f"livekv: {why}"),
+                            self._stop_event)
 
     # -- reporting (event loop only; from the worker use `later`) ----------------------------
     def report(self, message: str, level=T.MessageType.Error, show: bool = False) -> None:
@@ -129,6 +171,23 @@ class LivekvServer(LanguageServer):
             if t.uri == uri and cancelled is None:
                 self.inflight[t] = now
 
+    # -- edits: a storm of didChange becomes one engine edit ----------------------------------
+    def submit_change(self, uri: str, version: int, changes: list) -> None:
+        """Queue a didChange: into the change job already queued for uri when nothing for uri was
+        queued after it (Batch), else as a new job."""
+        batch = self.changes.get(uri)
+        if batch is None or not batch.add((version, changes)):
+            self.changes[uri] = batch = Batch((version, changes))
+            self.submit_notification(f"didChange {uri}", self.session.job_changes, uri, batch)
+
+    def seal(self, uri: str | None = None) -> None:
+        """A job for uri (None: for every document) is being queued: later changes must come
+        after it, in a new batch."""
+        if uri is None:
+            self.changes.clear()
+        else:
+            self.changes.pop(uri, None)
+
     # -- completions -------------------------------------------------------------------------
     def cancel_completion(self, ticket: Ticket) -> None:
         """Stop a completion at its next token step, noting when (for cancel_busy_ms)."""
@@ -138,6 +197,9 @@ class LivekvServer(LanguageServer):
 
     def submit_completion(self, uri: str, pos: T.Position, manual: bool) -> CompletionJob:
         self.interrupt_idle()
+        self.seal(uri)
+        for t in [t for t in self.inflight if t.uri == uri]:  # a newer request supersedes: empty answers
+            self.cancel_completion(t)
         worker = self.require_worker()
         ticket = worker.ticket(uri)
         self.inflight[ticket] = None
@@ -158,8 +220,10 @@ class LivekvServer(LanguageServer):
             raise JsonRpcInvalidParams(message=error_message(e)) from None
         except RuntimeError as e:
             raise JsonRpcInternalError(message=str(e)) from None
-        if answer is not None and job.epoch == self.epoch:
-            self.schedule_idle(job.ticket.uri, prefetch=bool(answer.texts) and not answer.incomplete)
+        if answer is not None:
+            self.refreshes.answered(job.ticket.uri, answer.incomplete)
+            if job.epoch == self.epoch:
+                self.schedule_idle(job.ticket.uri, prefetch=bool(answer.texts) and not answer.incomplete)
         return answer
 
     # -- idle work ---------------------------------------------------------------------------
@@ -182,6 +246,8 @@ class LivekvServer(LanguageServer):
             self.idle_jobs.pop(ticket, None)
             if not f.cancelled() and f.exception() is not None:
                 self.report(f"livekv: background work failed: {error_message(f.exception())}")
+            elif not f.cancelled():
+                self.refreshes.ready(f.result())  # the documents it left encoded
         fut.add_done_callback(lambda f: self.later(ended, f))
 
     def _job_ended(self, ticket: Ticket, end: float) -> None:
@@ -189,16 +255,6 @@ class LivekvServer(LanguageServer):
         if cancelled is not None and ticket.started_at is not None:
             # time the worker spent on this job after it was cancelled (or before it noticed)
             self.cancel_busy_ms.append(max(0.0, end - max(cancelled, ticket.started_at)) * 1e3)
-
-    def server_stats(self) -> dict:
-        busy = self.cancel_busy_ms
-        since = self.worker.busy_since if self.worker else None  # read once: the worker resets it
-        return dict(position_encoding=self.session.encoding if self.session else None,
-                    settings=self.session.settings() if self.session else None,
-                    idle=dict(self.session.idle) if self.session else None,
-                    cancelled_completions=len(busy), cancel_busy_ms=list(busy),
-                    cancel_busy_ms_max=max(busy, default=None),
-                    worker_busy_ms=(time.perf_counter() - since) * 1e3 if since else 0.0)
 
 
 def build_server(config: Config, options: LspOptions | None = None) -> LivekvServer:
@@ -208,8 +264,8 @@ def build_server(config: Config, options: LspOptions | None = None) -> LivekvSer
     return ls
 
 
-def run_server(config: Config, options: LspOptions) -> int:
-    """Serve LSP over stdio (or TCP, options.tcp) until exit. Returns the process exit code:
+def run_server(config: Config, options: LspOptions) -> None:
+    """Serve LSP over stdio (or TCP, options.tcp) until exit, then end the process: exit code
     0 after shutdown + exit, 1 when the client left without shutdown."""
     quiet_pygls()
     ls = build_server(config, options)
@@ -227,5 +283,11 @@ def run_server(config: Config, options: LspOptions) -> int:
         pass
     finally:
         if ls.worker is not None:
-            ls.worker.close(timeout=5)
-    return 0 if ls.shutdown_requested else 1
+            ls.worker.close(timeout=2)  # a running decode stops at its next token step
+    code = 0 if ls.shutdown_requested else 1
+    # Leave without the interpreter's teardown: a worker still inside a kernel (or loading the
+    # model) would meet torch's thread pools being destroyed under it ("terminate called
+    # without an active exception"), and nothing is left to flush but the logs.
+    logging.shutdown()
+    sys.stderr.flush()
+    os._exit(code)

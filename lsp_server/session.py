@@ -13,14 +13,29 @@ document has when the job runs, after every edit received before it (lines.py).
 from __future__ import annotations
 
 import hashlib
+import logging
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+from livekv.incremental.host_memory import release_freed_memory
 from livekv.incremental.lines import resolve
 from livekv.incremental.stops import line_rest
 
+log = logging.getLogger("livekv.session")
+
 # (start (line, character), end (line, character)) in the client's encoding; None: the whole text
 Range = tuple[tuple[int, int], tuple[int, int]] | None
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # JSON decoding pairs the others up
+
+
+def replace_lone_surrogates(text: str) -> tuple[str, int]:
+    """(text with each lone UTF-16 surrogate replaced by U+FFFD, how many). A lone surrogate
+    cannot be tokenized (nor written as UTF-8); U+FFFD is one code point and one UTF-16 unit
+    too, so every position the client sends still means the same place."""
+    if text.isascii():
+        return text, 0
+    return LONE_SURROGATE.subn("\ufffd", text)
 
 
 class VersionError(ValueError):
@@ -48,22 +63,49 @@ class Session:
 
     def __init__(self, docs, encoding: str = "utf-16"):
         self.docs, self.encoding = docs, encoding
+        self.clamp = False  # a character past a line's end: an error, or (LSP) the line's end
         self.versions: dict[str, int] = {}
         self.shown: dict[str, Shown] = {}
         self.last: dict[str, dict] = {}        # uri -> the last completion answered (not a prefetch)
         self.prefetched: dict[str, dict | None] = {}  # uri -> the last prefetch
+        self.replaced: dict[str, int] = {}     # uri -> lone surrogates replaced in its text so far
+        self.warning: str | None = None        # what the last open or change had to alter, for the client
 
     def forget(self, uri: str) -> None:
-        for d in (self.versions, self.shown, self.last, self.prefetched):
+        for d in (self.versions, self.shown, self.last, self.prefetched, self.replaced):
             d.pop(uri, None)
+
+    def _clean(self, uri: str, texts: list[str]) -> list[str]:
+        out, n = [], 0
+        for t in texts:
+            t, k = replace_lone_surrogates(t)
+            out.append(t)
+            n += k
+        self.warning = None
+        if n:
+            self.replaced[uri] = self.replaced.get(uri, 0) + n
+            self.warning = (f"{uri}: {n} lone UTF-16 surrogate(s) in the text were stored as U+FFFD (they cannot be "
+                            "tokenized); positions are unchanged, but the server's text_sha256 differs from yours")
+            log.warning("%s", self.warning)
+        return out
 
     # -- documents ---------------------------------------------------------------------------
     def open(self, uri: str, text: str, version: int, progress: Callable[[int, int], None] | None = None,
              should_stop: Callable[[], bool] | None = None, settle: bool = True):
-        """Open (or re-open, replacing) a document; settle: encode it now, interruptibly."""
+        """Open (or re-open, replacing) a document; settle: encode it now, interruptibly. All or
+        nothing: when it fails the document is not open (a re-open's old text is gone too)."""
+        (text,) = self._clean(uri, [text])
+        warning, replaced = self.warning, self.replaced.get(uri, 0)
+        try:
+            doc = self.docs.open(uri, text, progress=progress, should_stop=should_stop, settle=settle)
+        except BaseException:
+            if not self.docs.is_open(uri):
+                self.forget(uri)
+            raise
         self.forget(uri)
-        doc = self.docs.open(uri, text, progress=progress, should_stop=should_stop, settle=settle)
-        self.versions[uri] = version
+        self.versions[uri], self.warning = version, warning
+        if replaced:
+            self.replaced[uri] = replaced
         return doc
 
     def change(self, uri: str, version: int, changes: Sequence[tuple[Range, str]], settle: bool = False) -> dict:
@@ -72,23 +114,50 @@ class Session:
 
         Raises VersionError for a version not after the current one, ValueError for an invalid
         change, KeyError for a document not open; the document is left unchanged."""
+        stats, failures = self.change_many(uri, [(version, changes)], settle)
+        if failures:
+            raise failures[0]
+        return stats
+
+    def change_many(self, uri: str, notifications: Sequence[tuple[int, Sequence[tuple[Range, str]]]],
+                    settle: bool = False) -> tuple[dict, list[ValueError]]:
+        """Several notifications' changes (version, changes), in order, as ONE engine edit: each
+        cached key moves at most once however many there are (an edit storm). A notification
+        that is invalid (VersionError, ValueError) is skipped, as if it had come alone, and
+        returned among the failures; KeyError for a document not open."""
         text = self.docs.text(uri)
         current = self.versions.get(uri)
-        if current is not None and version <= current:
-            raise VersionError(f"version {version} is not after its current version {current}: "
-                               "the change was ignored and the document left unchanged")
-        final, edits = resolve(text, changes, self.encoding)
+        edits, whole, failures, warnings, applied = [], False, [], [], False
+        for version, changes in notifications:
+            if current is not None and version <= current:
+                failures.append(VersionError(f"version {version} is not after its current version {current}: "
+                                             "the change was ignored and the document left unchanged"))
+                continue
+            changes = list(zip([r for r, _ in changes], self._clean(uri, [t for _, t in changes])))
+            warnings += [self.warning] if self.warning else []
+            try:
+                final, got = resolve(text, changes, self.encoding, self.clamp)
+            except ValueError as e:
+                failures.append(e)
+                continue
+            whole |= got is None
+            edits += got or []
+            text, current, applied = final, version, True
+        self.warning = "; ".join(warnings) or None
+        if not applied:
+            return self.docs.get(uri).stats if self.docs.get(uri) is not None else {}, failures
         doc = self.docs.activate(uri)  # the document being edited is the active one
-        if edits is None:  # one minimal splice of the final text (its later partial changes included)
-            doc.set_text(final, settle=settle)
+        if whole:  # one minimal splice of the final text (the other changes included)
+            doc.set_text(text, settle=settle)
         elif edits:
             doc.edit_batch(edits, settle=settle)
-        self.versions[uri] = version
-        return doc.stats
+        self.versions[uri] = current
+        return doc.stats, failures
 
     def close(self, uri: str) -> None:
         self.docs.close(uri)  # KeyError: closing a document that is not open
         self.forget(uri)
+        release_freed_memory()  # its cache, and the encode temporaries the malloc tuning kept mapped
 
     # -- completions -------------------------------------------------------------------------
     def complete(self, uri: str, line: int, character: int, n: int = 1, should_stop: Callable[[], bool] | None = None,
@@ -100,8 +169,9 @@ class Session:
         if should_stop is not None and should_stop():
             return None
         doc = self.docs.activate(uri)  # the document being completed is the active one
-        c = doc.offset(line, character, self.encoding)  # ValueError: not a position
+        c = doc.offset(line, character, self.encoding, self.clamp)  # ValueError: not a position
         col = doc.position(c)[1]
+        character = doc.position(c, self.encoding)[1]  # clamped: the suggestion goes at the line's end
         decodes = doc.stats["completions"]
         with self.docs.view(doc):
             comp = doc.suggest(line, col, n=n, reuse=True, should_stop=should_stop, on_piece=on_piece, **caps)
@@ -165,6 +235,7 @@ class Session:
             raise ValueError(f"{uri} is at version {current}, not {version}: "
                              "the client's text does not match the server's")
         common = dict(uri=uri, client_version=current, model=self.docs.engine.model_name,
+                      replaced_surrogates=self.replaced.get(uri, 0),
                       text_sha256=hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest(),
                       workspace=self.docs.stats())
         doc = self.docs.get(uri)

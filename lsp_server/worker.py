@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import logging
-import queue
 import threading
 import time
+from collections import deque
 from typing import Any, Callable
 
 log = logging.getLogger("livekv.worker")
@@ -39,6 +39,27 @@ class Ticket:
         return self.event.is_set() or self.worker.closing or self.stale
 
 
+class Batch:
+    """The arguments of one queued job that keep arriving until it starts (the didChange
+    notifications for one document, during an edit storm): added on the event loop, taken all at
+    once by the job on the worker. Nothing is added once it has started: a new batch begins."""
+
+    def __init__(self, first):
+        self._items, self._lock, self.started = [first], threading.Lock(), False
+
+    def add(self, item) -> bool:
+        with self._lock:
+            if self.started:
+                return False
+            self._items.append(item)
+            return True
+
+    def take(self) -> list:
+        with self._lock:
+            self.started = True
+            return self._items
+
+
 class Worker:
     """One thread that owns the engine. `load` builds the engine on that thread (first job)."""
 
@@ -47,7 +68,11 @@ class Worker:
         self.engine = None
         self.load_error: BaseException | None = None
         self.closing = False
-        self._q: queue.Queue = queue.Queue()
+        # one FIFO per owner (a connection), served round-robin: a client with 30 queued
+        # requests delays another's by one job at most, while each client's own order holds
+        self._queues: dict[Any, deque] = {}
+        self._turns: deque = deque()  # owners with queued jobs, the next one to serve first
+        self._ready = threading.Condition()
         self._gen: dict[str, int] = {}
         self._lock = threading.Lock()
         self.busy_since: float | None = None
@@ -66,14 +91,42 @@ class Worker:
     def ticket(self, uri: str | None = None) -> Ticket:
         return Ticket(self, uri)
 
-    def submit(self, fn: Callable[..., Any], *args, ticket: Ticket | None = None) -> cf.Future:
-        """Run fn(engine, *args) on the worker after everything submitted before it."""
+    def submit(self, fn: Callable[..., Any], *args, ticket: Ticket | None = None, owner: Any = None) -> cf.Future:
+        """Run fn(engine, *args) on the worker after everything `owner` submitted before it;
+        owners take turns, one job each."""
         fut: cf.Future = cf.Future()
-        if self.closing:
-            fut.set_exception(RuntimeError("the server is shutting down"))
-            return fut
-        self._q.put((fn, args, ticket, fut))
+        with self._ready:
+            if self.closing:
+                fut.set_exception(RuntimeError("the server is shutting down"))
+                return fut
+            if owner not in self._queues:
+                self._queues[owner] = deque()
+                self._turns.append(owner)
+            self._queues[owner].append((fn, args, ticket, fut))
+            self._ready.notify()
         return fut
+
+    def queued(self, owner: Any = None) -> int:
+        """How many of owner's queued jobs still have work to do (not cancelled, not stale)."""
+        with self._ready:
+            return sum(not fut.cancelled() and not (ticket is not None and ticket.should_stop())
+                       for _, _, ticket, fut in self._queues.get(owner, ()))
+
+    def _next(self):
+        """The next job, round-robin over owners; None once closing."""
+        with self._ready:
+            while not self._turns and not self.closing:
+                self._ready.wait()
+            if self.closing:
+                return None
+            owner = self._turns.popleft()
+            q = self._queues[owner]
+            item = q.popleft()
+            if q:
+                self._turns.append(owner)
+            else:
+                del self._queues[owner]
+            return item
 
     def _run(self) -> None:
         try:
@@ -81,10 +134,7 @@ class Worker:
         except BaseException as e:  # reported to every job, so clients see why
             self.load_error = e
             log.error("could not load the model: %s", e)
-        while True:
-            item = self._q.get()
-            if item is None:
-                return
+        while (item := self._next()) is not None:
             fn, args, ticket, fut = item
             if not fut.set_running_or_notify_cancel():
                 continue
@@ -103,13 +153,12 @@ class Worker:
 
     def close(self, timeout: float = 0.5) -> None:
         """Stop: running jobs see should_stop() at their next step; queued jobs are dropped."""
-        self.closing = True
-        while True:
-            try:
-                item = self._q.get_nowait()
-            except queue.Empty:
-                break
-            if item is not None:
-                item[3].cancel()
-        self._q.put(None)
+        with self._ready:
+            self.closing = True
+            dropped = [item for q in self._queues.values() for item in q]
+            self._queues.clear()
+            self._turns.clear()
+            self._ready.notify_all()
+        for item in dropped:
+            item[3].cancel()
         self._thread.join(timeout)

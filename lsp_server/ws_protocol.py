@@ -22,6 +22,7 @@ UNKNOWN_URI = "unknown_uri"
 BAD_RANGE = "bad_range"
 BAD_VERSION = "bad_version"
 UNAUTHORIZED = "unauthorized"
+BUSY = "busy"
 INTERNAL = "internal"
 
 TYPES = ("hello", "open", "edit", "close", "complete", "cancel", "stats")

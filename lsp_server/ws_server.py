@@ -6,6 +6,11 @@ send queue drained by its own task, so the loop never waits on a client's socket
 reads slowly only delays its own replies. Each connection has its own documents too: engine uris
 are "<connection id>:<uri>", closed when the connection ends.
 
+Fairness: connections take turns on the worker, one job each, so a client with many requests
+queued delays another's by one job; a newer completion for a document cancels that
+connection's older ones for it (they answer cancelled); and past --max-queued live requests a
+connection's complete and stats get a busy error. Edits, opens and closes are never refused.
+
 With --demo the same port serves the browser demo (editor-clients/web/index.html) over plain
 HTTP, so the page's origin is the server's own and is allowed without --allow-origin.
 """
@@ -74,7 +79,7 @@ class WsServer:
             conn.closed = True
             for t in conn.live:
                 t.cancel()
-            self.worker.submit(S.close_all, conn)
+            self.worker.submit(S.close_all, conn, owner=conn.cid)
             sender.cancel()
             log.info("%s disconnected", conn.cid)
 
@@ -115,7 +120,10 @@ class WsServer:
             log.exception("%s: %s request %r failed", conn.cid, msg["type"], msg["id"])
             conn.post(P.error(msg["id"], P.INTERNAL, f"{type(e).__name__}: {e}"))
 
-    def _submit(self, conn: S.Connection, id_, fn, *args, ticket=None, stream=False) -> None:
+    def _submit(self, conn: S.Connection, id_, fn, *args, ticket=None, stream=False, capped=False) -> None:
+        if capped and (n := self.worker.queued(conn.cid)) >= self.opts.max_queued:
+            raise P.ProtocolError(P.BUSY, f"{n} requests of this connection are waiting for the model "
+                                          f"(--max-queued {self.opts.max_queued}); wait for their answers or cancel some")
         if ticket is not None:
             conn.live.add(ticket)
             if stream:
@@ -134,7 +142,7 @@ class WsServer:
             except RuntimeError:  # the loop has closed: the server stopped, nobody to answer
                 pass
 
-        self.worker.submit(fn, conn, id_, *args, ticket=ticket).add_done_callback(done)
+        self.worker.submit(fn, conn, id_, *args, ticket=ticket, owner=conn.cid).add_done_callback(done)
 
     def _on_hello(self, conn, msg, id_):
         conn.post({"type": "ok", "id": id_, "server": "livekv", "protocol": P.PROTOCOL_VERSION,
@@ -160,7 +168,7 @@ class WsServer:
         self._submit(conn, id_, S.close_job, uri)
 
     def _on_stats(self, conn, msg, id_):
-        self._submit(conn, id_, S.stats_job, P.field(msg, "uri", str))
+        self._submit(conn, id_, S.stats_job, P.field(msg, "uri", str), capped=True)
 
     def _on_complete(self, conn, msg, id_):
         uri = P.field(msg, "uri", str)
@@ -168,8 +176,12 @@ class WsServer:
         n = P.options(msg, "maxNewTokens").get("max_new_tokens")  # None: the engine's default
         if id_ in conn.streams:
             raise P.ProtocolError(P.BAD_REQUEST, f"completion {id_!r} is still streaming; give each request a new id")
-        ticket = self.worker.ticket(conn.euri(uri))
-        self._submit(conn, id_, S.complete_job, uri, line, char, n, ticket, ticket=ticket, stream=True)
+        euri = conn.euri(uri)
+        for older in conn.streams.values():  # superseded: they answer cancelled, at no model cost if queued
+            if older.uri == euri:
+                older.cancel()
+        ticket = self.worker.ticket(euri)
+        self._submit(conn, id_, S.complete_job, uri, line, char, n, ticket, ticket=ticket, stream=True, capped=True)
 
     def _on_cancel(self, conn, msg, id_):
         ticket = conn.streams.get(id_)

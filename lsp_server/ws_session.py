@@ -15,6 +15,8 @@ from typing import Any
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
+from livekv.incremental.host_memory import release_freed_memory
+
 from . import ws_protocol as P
 from .repo_context import Alone
 from .session import Session, VersionError
@@ -79,18 +81,25 @@ class Connection:
 def open_job(engine, conn: Connection, id_, uri: str, text: str, version: int, ticket: Ticket):
     if conn.closed:
         return None
-    conn.session(engine).open(uri, text, version, should_stop=ticket.should_stop)
-    return {"type": "ok", "id": id_, "version": version, "stats": conn.stats(engine, uri)}
+    s = conn.session(engine)
+    s.open(uri, text, version, should_stop=ticket.should_stop)
+    return warned(s, {"type": "ok", "id": id_, "version": version, "stats": conn.stats(engine, uri)})
 
 
 def edit_job(engine, conn: Connection, id_, uri: str, version: int, changes: list):
     if conn.closed:
         return None
+    s = conn.session(engine)
     try:
-        conn.session(engine).change(uri, version, changes, settle=True)
+        s.change(uri, version, changes, settle=True)
     except VersionError as e:
         raise P.ProtocolError(P.BAD_VERSION, f"edit {e}; versions must increase with every edit") from None
-    return {"type": "ok", "id": id_, "version": version, "stats": conn.stats(engine, uri)}
+    return warned(s, {"type": "ok", "id": id_, "version": version, "stats": conn.stats(engine, uri)})
+
+
+def warned(session: Session, reply: dict) -> dict:
+    """An ok reply, with `warning` when the text had to be altered to be stored (lone surrogates)."""
+    return dict(reply, warning=session.warning) if session.warning else reply
 
 
 def close_job(engine, conn: Connection, id_, uri: str):
@@ -118,6 +127,7 @@ def complete_job(engine, conn: Connection, id_, uri: str, line: int, char16: int
 def close_all(engine, conn: Connection):
     if conn._session is not None:
         conn._session.docs.clear()
+        release_freed_memory()
 
 
 def reply(id_, fut) -> dict | None:

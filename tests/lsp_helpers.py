@@ -10,13 +10,18 @@ from pathlib import Path
 
 import torch
 
+from livekv.lsp_server.framing import frame
+
 ROOT = Path(__file__).resolve().parents[1]
 MAX_NEW = 6  # maxNewTokens for completions the tests compare with the engine
+# The servers the tests start run the weights as loaded, like the session's engine (conftest):
+# exact arithmetic, so a server's answer is the engine's. Faster precisions: test_precision.py.
+EXACT = ("--precision", "fp32")
 
 
 def server_command(*args: str) -> list[str]:
     # --encode-chunk 128: a small file's first encode takes several chunks, so progress reports
-    return [sys.executable, "-m", "livekv", "lsp", "--max-new-tokens", "8", "--encode-chunk", "128", *args]
+    return [sys.executable, "-m", "livekv", "lsp", "--max-new-tokens", "8", "--encode-chunk", "128", *EXACT, *args]
 
 
 def server_env() -> dict[str, str]:
@@ -58,11 +63,6 @@ def expected_completion(engine, text: str, line: int, col: int, n: int = MAX_NEW
             return doc.complete(line, col, max_new_tokens=n)
         finally:
             engine.close("file:///expected.py")
-
-
-def frame(obj) -> bytes:
-    body = json.dumps(obj).encode()
-    return b"Content-Length: %d\r\n\r\n" % len(body) + body
 
 
 class RawClient:

@@ -12,12 +12,12 @@ import sys
 
 from websockets.asyncio.client import connect
 
-from lsp_helpers import expected_completion, inline, open_doc, server_env, stats
+from lsp_helpers import EXACT, expected_completion, inline, open_doc, server_env, stats
 from test_lsp import start_server
 
 TEXT = 'print("Hello, ")\n'
 LINE, COL = 0, len('print("Hello, ')
-FLAGS = ["--max-new-tokens", "8"]
+FLAGS = ["--max-new-tokens", "8", *EXACT]
 
 
 async def over_lsp() -> str:

@@ -137,7 +137,6 @@ async def test_bad_input_gets_errors_and_changes_nothing(client: LanguageClient)
     before = await stats(client, uri)
     for call, fragment in [(inline(client, "file:///nope.py", 0, 0), "not open"),
                            (completion(client, uri, 10_000, 0), "line 10000 is outside the document"),
-                           (inline(client, uri, 0, 500), "past the end of the line"),
                            (stats(client, uri, version=99), "not 99"),
                            (stats(client, "file:///nope.py"), "not open")]:
         with pytest.raises(JsonRpcInvalidParams, match=fragment):
@@ -148,7 +147,7 @@ async def test_bad_input_gets_errors_and_changes_nothing(client: LanguageClient)
     n = len(errors(client))
     change(client, uri, 2, ((999, 0), (999, 0), "x"))                         # line out of range
     change(client, uri, 2, ((3, 4), (2, 0), "x"))                             # end before start
-    change(client, uri, 2, ((0, 0), (0, 0), "ok\n"), ((0, 99), (0, 99), "x"))  # second change invalid
+    change(client, uri, 2, ((0, 0), (0, 0), "ok\n"), ((99, 0), (99, 0), "x"))  # second change invalid
     change(client, "file:///nope.py", 2, ((0, 0), (0, 0), "x"))               # unknown document
     client.text_document_did_close(T.DidCloseTextDocumentParams(T.TextDocumentIdentifier("file:///nope.py")))
     after = await stats(client, uri)
@@ -158,6 +157,23 @@ async def test_bad_input_gets_errors_and_changes_nothing(client: LanguageClient)
     assert "change 2 of 2" in new[2] and "not open" in new[3] and "not open" in new[4]
     assert after["text_sha256"] == before["text_sha256"] and after["lsp_version"] == 1
     assert await inline(client, uri, 3, 8) is not None  # still serving
+
+
+async def test_a_character_past_the_line_end_is_the_line_end(client: LanguageClient):
+    """As vscode-languageserver-textdocument reads positions: a client that clamps (or not) never
+    drifts from the server. A line past the end is still an error."""
+    uri = "file:///clamp.py"
+    open_doc(client, uri, TEXT)
+    lines = TEXT.split("\n")
+    assert lines[10] == "        self.set_seq2(b)"
+    change(client, uri, 2, ((0, 500), (0, 900), "  # end"), ((10, 20), (10, 900), ""))
+    want = "\n".join([lines[0] + "  # end"] + lines[1:10] + ["        self.set_seq"] + lines[11:])
+    s = await stats(client, uri)
+    assert s["lsp_version"] == 2 and s["text_sha256"] == sha(want)
+    got = await inline(client, uri, 10, 10_000)  # completes at the line's end, and says so
+    assert got and all(i.range.start.character == 20 for i in got)
+    with pytest.raises(JsonRpcInvalidParams, match="outside the document"):
+        await inline(client, uri, 10_000, 0)
 
 
 def units(s: str, enc: str) -> int:

@@ -165,3 +165,47 @@ def raw_session(tmp_path):
         if proc.poll() is None:
             proc.kill()
         err.close()
+
+
+@pytest.mark.parametrize("how", ["exit without shutdown", "client dies"])
+async def test_leaving_during_completions_is_quiet(tmp_path, how):
+    """Completions decoding and queued when the client leaves: the process ends with code 1
+    (no shutdown came), and stderr holds a few log lines, not tracebacks."""
+    await asyncio.to_thread(leave_during_completions, tmp_path, how)
+
+
+def leave_during_completions(tmp_path, how: str) -> None:
+    err = open(tmp_path / "stderr.txt", "wb")
+    # the server's stdout is a socket: shutting it down wakes the client's reader, as a dying
+    # client's pipe would (closing a pipe that a thread is reading blocks on its lock)
+    ours, theirs = socket.socketpair()
+    proc = subprocess.Popen(server_command("--max-new-tokens", "200"), stdin=subprocess.PIPE,
+                            stdout=theirs.fileno(), stderr=err, env=server_env(), cwd=ROOT)
+    theirs.close()
+
+    def write(data: bytes) -> None:
+        proc.stdin.write(data)
+        proc.stdin.flush()
+    c = RawClient(write, ours.makefile("rb"))
+    try:
+        c.initialize()
+        lines = TEXT.split("\n") + [COUNTING]
+        c.open("file:///long.py", "\n".join(lines))
+        c.send(c.completion(1, "file:///long.py", 0, 0))
+        c.reply(1)  # the model is loaded
+        c.send(*[c.completion(i, "file:///long.py", len(lines) - 1, len(COUNTING)) for i in range(2, 7)])
+        time.sleep(0.5)  # the last one is decoding, with replies to the others going out
+        if how == "exit without shutdown":
+            c.send(c.notification("exit"))
+        else:
+            ours.shutdown(socket.SHUT_RDWR)
+        proc.stdin.close()
+        assert proc.wait(60) == 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        err.close()
+    log = (tmp_path / "stderr.txt").read_text(errors="replace")
+    for bad in ("Traceback", "write to closed file", "terminate called", "Exception ignored"):
+        assert bad not in log, log[-3000:]
+    assert log.count("\n") < 20, log[-3000:]

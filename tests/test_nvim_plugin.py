@@ -17,7 +17,7 @@ import pytest
 
 from conftest import excerpt, stdlib_source
 from livekv.incremental.config import default_cache_dir
-from lsp_helpers import ROOT, expected_completion, server_env, sha
+from lsp_helpers import EXACT, ROOT, expected_completion, server_env, sha
 
 NVIM = shutil.which("nvim")
 INIT = ROOT / "editor-clients" / "nvim" / "tests" / "init.lua"
@@ -28,6 +28,12 @@ def _pynvim_missing() -> str | None:
     if importlib.util.find_spec("pynvim") is None:
         return "pynvim is not installed: pip install -e '.[test]'"
     return None
+
+
+pytestmark = [
+    pytest.mark.skipif(NVIM is None, reason="nvim is not on PATH: install Neovim 0.7+ (apt-get install neovim)"),
+    pytest.mark.skipif(_pynvim_missing() is not None, reason=_pynvim_missing() or ""),
+]
 
 
 def lsp_log(tmp_path: Path, tail: int | None = 3000) -> str:
@@ -78,23 +84,17 @@ class Editor:
         return got
 
 
-@pytest.mark.skipif(NVIM is None, reason="nvim is not on PATH: install Neovim 0.7+ (apt-get install neovim)")
-@pytest.mark.skipif(_pynvim_missing() is not None, reason=_pynvim_missing() or "")
-def test_neovim_ghost_text_and_tab(tmp_path, monkeypatch, engine):
+def neovim(tmp_path: Path, monkeypatch, **env: str) -> Editor:
+    """A headless Neovim 0.7 with this checkout's plugin (editor-clients/nvim/tests/init.lua);
+    env: more of its environment (LIVEKV_MAX_PROMPT_MS)."""
     import pynvim
 
-    text = excerpt(stdlib_source(), 183, 32)  # difflib's set_seqs and set_seq1: about 250 tokens
-    path = tmp_path / "mod.py"
-    path.write_text(text, encoding="utf-8")
-    lines = text.split("\n")
-    k = lines.index("        self.set_seq2(b)")
-
     # pynvim starts Neovim with this process's environment; Neovim passes it on to the server
-    for name, value in server_env().items():
+    for name, value in {**server_env(), **env}.items():
         monkeypatch.setenv(name, value)
     livekv = Path(sys.executable).with_name("livekv")
     cmd = [str(livekv)] if livekv.exists() else [sys.executable, "-m", "livekv"]
-    cmd += ["lsp", "--cache-dir", str(default_cache_dir())]
+    cmd += ["lsp", "--cache-dir", str(default_cache_dir()), *EXACT]
     monkeypatch.setenv("LIVEKV_CMD", json.dumps(cmd))
     monkeypatch.setenv("LIVEKV_NATIVE", "0")  # the plugin's own ghost text, even on a Neovim with its own
     monkeypatch.setenv("LIVEKV_MAX_NEW_TOKENS", str(MAX_NEW))
@@ -102,19 +102,41 @@ def test_neovim_ghost_text_and_tab(tmp_path, monkeypatch, engine):
     # its converted model in the usual cache
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
-    nvim = pynvim.attach("child", argv=[NVIM, "--embed", "--headless", "--clean", "-u", str(INIT)])
-    ed = Editor(nvim)
-    pid = None
+    return Editor(pynvim.attach("child", argv=[NVIM, "--embed", "--headless", "--clean", "-u", str(INIT)]))
+
+
+def server_pid(ed: Editor, tmp_path: Path) -> int:
+    """Once the plugin's client has initialized: the server's pid."""
+    started = ed.wait("""local s = require('livekv').state()
+        if s and s.exit_code then return {exit_code = s.exit_code} end
+        local c = s and vim.lsp.get_client_by_id(s.client_id)
+        return c and c.initialized and {pid = c.rpc.pid}""", "the plugin to start livekv lsp")
+    assert "pid" in started, f"livekv lsp exited with code {started['exit_code']}; {lsp_log(tmp_path)}"
+    return started["pid"]
+
+
+def quit_neovim(ed: Editor, pid: int | None) -> None:
+    try:
+        ed.nvim.command("qa!")
+    except Exception:  # the RPC channel closes as Neovim exits
+        pass
+    if pid:
+        _reap(pid)
+
+
+def test_neovim_ghost_text_and_tab(tmp_path, monkeypatch, engine):
+    text = excerpt(stdlib_source(), 183, 32)  # difflib's set_seqs and set_seq1: about 250 tokens
+    path = tmp_path / "mod.py"
+    path.write_text(text, encoding="utf-8")
+    lines = text.split("\n")
+    k = lines.index("        self.set_seq2(b)")
+    ed = neovim(tmp_path, monkeypatch)
+    nvim, pid = ed.nvim, None
     try:
         nvim.command(f"edit {path}")
         assert nvim.current.buffer.options["filetype"] == "python"
         nvim.command("setlocal expandtab shiftwidth=4 softtabstop=4")  # as Python's ftplugin sets them
-        started = ed.wait("""local s = require('livekv').state()
-            if s and s.exit_code then return {exit_code = s.exit_code} end
-            local c = s and vim.lsp.get_client_by_id(s.client_id)
-            return c and c.initialized and {pid = c.rpc.pid}""", "the plugin to start livekv lsp")
-        assert "pid" in started, f"livekv lsp exited with code {started['exit_code']}; {lsp_log(tmp_path)}"
-        pid = started["pid"]
+        pid = server_pid(ed, tmp_path)
         assert not ed.state()["native"]
         ed.stats()  # queued behind the first encode: the file is ready
 
@@ -178,12 +200,52 @@ def test_neovim_ghost_text_and_tab(tmp_path, monkeypatch, engine):
             if new then c:stop() else c.stop() end
             vim.wait(20000, function() if new then return c:is_stopped() end return c.is_stopped() end, 20)""")
     finally:
-        try:
-            nvim.command("qa!")
-        except Exception:  # the RPC channel closes as Neovim exits
-            pass
-        if pid:
-            _reap(pid)
+        quit_neovim(ed, pid)
+
+
+@pytest.mark.parametrize("max_prompt_ms", [0, 100])
+def test_a_key_typed_while_the_server_starts_gets_its_suggestion(tmp_path, monkeypatch, max_prompt_ms):
+    """Issue 17 §8: one key typed a moment after opening a 90-line file, while the server is still
+    starting and loading the model, and then nothing: its ghost text must come all the same. The
+    key comes before the server has answered `initialize` (the plugin asks again once it is
+    attached); under maxPromptMs the server answers that request empty, the file not being encoded
+    yet, and sends livekv/refresh once it is (the plugin asks again)."""
+    text = excerpt(stdlib_source(), 183, 90)  # difflib's SequenceMatcher setters: about 700 tokens
+    path = tmp_path / "mod.py"
+    path.write_text(text, encoding="utf-8")
+    k = text.split("\n").index("        self.b = b")  # ~430 tokens in
+    env = {"LIVEKV_MAX_PROMPT_MS": str(max_prompt_ms)} if max_prompt_ms else {}
+    ed = neovim(tmp_path, monkeypatch, **env)
+    nvim, pid = ed.nvim, None
+    try:
+        start = time.monotonic()
+        nvim.command(f"edit {path}")
+        nvim.current.window.cursor = (k + 1, 0)
+        nvim.input("A<CR>")  # one key: a new line, indented as the one above ('autoindent')
+        initialized = ed.lua("local c = vim.lsp.get_client_by_id(require('livekv').state().client_id); "
+                             "return c ~= nil and c.initialized")
+        row, col = k + 1, 8
+        ghost, _ = ed.ghost(row, col)  # waits up to 120 s: a hang guard, not a timing
+        first = time.monotonic() - start
+        pid = server_pid(ed, tmp_path)
+        state = ed.state()
+        assert ghost.strip() and state["shown"] == ghost, state
+        assert ed.text() == text.replace("self.b = b\n", "self.b = b\n        \n", 1)
+        if max_prompt_ms:  # the first answer was empty: the refresh brought the suggestion
+            assert state["refreshes"] >= 1 and '"livekv/refresh"' in lsp_log(tmp_path, tail=None), state
+        assert initialized or state["attach_asks"] == 1, "a key before initialize: asked once attached"
+
+        # warm: the next key's ghost text, for comparison
+        nvim.input("<Esc>")
+        ed.wait("return vim.api.nvim_get_mode().mode == 'n'", "normal mode", timeout=30)
+        nvim.current.window.cursor = (k + 1, 0)
+        start = time.monotonic()
+        nvim.input("A<CR>")
+        ed.ghost(row, col)
+        print(f"\nNeovim, maxPromptMs {max_prompt_ms}: first ghost text {first:.1f} s after opening the file "
+              f"and typing at once (cold server); warm, {time.monotonic() - start:.2f} s after a key")
+    finally:
+        quit_neovim(ed, pid)
 
 
 def _reap(pid: int) -> None:

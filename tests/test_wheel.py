@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from lsp_helpers import ROOT, expected_completion, server_env
+from lsp_helpers import EXACT, ROOT, expected_completion, server_env
 
 SKIP = {".git", ".venv", "node_modules", "build", "out", "__pycache__", ".pytest_cache", ".hypothesis"}
 
@@ -76,7 +76,7 @@ def test_the_installed_wheel_completes_a_real_file(fresh, engine, tmp_path):
     assert all(p.startswith(str(fresh)) for p in where[:2]), where
     assert where[2] == "0.1.0"
     out = subprocess.run([str(fresh / "bin" / "livekv"), "complete", bisect.__file__, str(line), "0",
-                          "--max-new-tokens", "8"], cwd=tmp_path, env=run_env(), capture_output=True, text=True,
+                          "--max-new-tokens", "8", *EXACT], cwd=tmp_path, env=run_env(), capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     want = expected_completion(engine, text, line, 0, 8)

@@ -8,7 +8,9 @@ vim.cmd("filetype indent off")
 require("livekv").setup({
   cmd = vim.fn.json_decode(os.getenv("LIVEKV_CMD")),
   debounce_ms = 120,
-  settings = { maxNewTokens = tonumber(os.getenv("LIVEKV_MAX_NEW_TOKENS") or "6") },
+  -- maxPromptMs only when set (tonumber(nil) is nil): the server's default otherwise
+  settings = { maxNewTokens = tonumber(os.getenv("LIVEKV_MAX_NEW_TOKENS") or "6"),
+               maxPromptMs = tonumber(os.getenv("LIVEKV_MAX_PROMPT_MS") or "") },
   native = os.getenv("LIVEKV_NATIVE") ~= "0",
 })
 -- the test reads the messages sent ($/cancelRequest) from the LSP log

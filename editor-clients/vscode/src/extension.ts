@@ -11,11 +11,15 @@ import {
 } from './requests';
 
 const SELECTOR = [{ scheme: 'file', language: 'python' }, { scheme: 'untitled', language: 'python' }];
+// the server's "ask me again" for a document whose completion it had to answer empty (the model
+// was loading, the file still encoding): docs/protocol.md
+const REFRESH = 'livekv/refresh';
 
 let client: LanguageClient | undefined;
 let status: vscode.StatusBarItem;
 let statsTimer: NodeJS.Timeout | undefined;
 let statsInFlight = false;
+let askedBeforeStart: vscode.TextDocument | undefined;  // a suggestion wanted while the server started
 
 function settings(): Settings {
   const cfg = vscode.workspace.getConfiguration('livekv');
@@ -28,6 +32,7 @@ async function provideInline(document: vscode.TextDocument, position: vscode.Pos
                              context: vscode.InlineCompletionContext, token: CancellationToken) {
   const c = client;
   if (!c || !c.isRunning()) {
+    askedBeforeStart = document;  // asked again once the server runs (start)
     return null;
   }
   // typing cancels the token: wait out a burst of keys before the model starts on one
@@ -92,7 +97,20 @@ function createClient(s: Settings): LanguageClient {
       provideCompletionItem: () => null,
     },
   };
-  return new LanguageClient('livekv', 'livekv', server, options);
+  const c = new LanguageClient('livekv', 'livekv', server, options);
+  c.onNotification(REFRESH, (params: { uri?: string }) => askAgain(params?.uri));
+  return c;
+}
+
+/** Ask VS Code for the inline suggestion again, if the person is still in that document: the
+ * request it made earlier got nothing (no client yet, or an empty answer), and it would not ask
+ * again before the next keystroke. */
+function askAgain(uri: string | undefined) {
+  const editor = vscode.window.activeTextEditor;
+  const c = client;
+  if (uri && editor && c && c.code2ProtocolConverter.asUri(editor.document.uri) === uri) {
+    void vscode.commands.executeCommand('editor.action.inlineSuggest.trigger');
+  }
 }
 
 async function start() {
@@ -102,6 +120,11 @@ async function start() {
   status.tooltip = `livekv: starting ${serverCommand(s).command} lsp`;
   try {
     await client.start();
+    const asked = askedBeforeStart;
+    askedBeforeStart = undefined;
+    if (asked && !asked.isClosed) {
+      askAgain(client.code2ProtocolConverter.asUri(asked.uri));
+    }
     status.text = '$(pulse) livekv';
     status.tooltip = 'livekv: ready (the last edit\'s cost shows here after an edit)';
     refreshStatusSoon(undefined, 0);

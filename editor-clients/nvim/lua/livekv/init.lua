@@ -9,11 +9,10 @@
 -- insert mode it asks for the suggestion at the cursor and shows it as an extmark (first line as
 -- virtual text at the cursor, the rest as virtual lines). <Tab> inserts it, or is a plain <Tab>
 -- when nothing is shown; any other key clears it. A request made stale by typing or moving is
--- cancelled ($/cancelRequest).
+-- cancelled ($/cancelRequest); one the server could not answer yet is made again (refresh.lua).
 local M = {}
 
-local ghost = require("livekv.ghost")
-local stats = require("livekv.stats")
+local ghost, refresh, stats = require("livekv.ghost"), require("livekv.refresh"), require("livekv.stats")
 local api, fn = vim.api, vim.fn
 local ns, call = ghost.ns, ghost.call
 
@@ -28,8 +27,7 @@ local config = {
   native = true,         -- use vim.lsp.inline_completion where Neovim has it (0.12+)
 }
 
-local client_id
-local last_exit -- the server's exit code, once it has exited
+local client_id, last_exit -- last_exit: the server's exit code, once it has exited
 -- per buffer: timer, pending request, shown suggestion, counters
 local buffers = {}
 
@@ -181,6 +179,8 @@ local function client_config()
     init_options = next(config.settings) and { livekv = config.settings } or nil,
     -- every keystroke is an edit of the live cache: send it now, not in a batch
     flags = { debounce_text_changes = 0 },
+    handlers = refresh.handlers(buffers, request, native),
+    on_attach = refresh.on_attach(buffers, request, native),
     on_exit = function(code)
       client_id, last_exit = nil, code
       if code ~= 0 then
@@ -247,17 +247,18 @@ local function attach(buf)
   })
 end
 
---- For tests and bug reports: what the plugin holds for buf.
 --- The server's stats for buf (tokens, tokens_encoded_last_edit, edit_ms_last, ...) to cb(stats, err).
 function M.stats(buf, cb)
   return stats.stats(client, call, buf, cb)
 end
 
+--- For tests and bug reports: what the plugin holds for buf.
 function M.state(buf)
   buf = (buf == nil or buf == 0) and api.nvim_get_current_buf() or buf
   local b = buffers[buf]
   return b and { shown = b.shown and b.shown.text, pending = b.pending ~= nil, requests = b.requests,
-                 cancels = b.cancels, native = native(), client_id = client_id, exit_code = last_exit }
+                 cancels = b.cancels, refreshes = b.refreshes or 0, attach_asks = b.attach_asks or 0,
+                 native = native(), client_id = client_id, exit_code = last_exit }
 end
 
 function M.setup(opts)
