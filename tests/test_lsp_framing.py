@@ -1,16 +1,18 @@
 """LSP framing and JSON-RPC envelopes: no byte sequence deafens the server. The Framer on its own
 (hypothesis: valid messages among every kind of bad framing, cut into random reads), then the
-real server on raw stdin: each bad case, then a valid request that must get its answer."""
+real server on raw stdin: each bad case, then a valid request that must get its answer; and
+random bytes, JSON and valid-looking requests before valid ones (hypothesis, the real server)."""
 from __future__ import annotations
 
+import itertools
 import json
-import subprocess
 
+import pytest
 from hypothesis import given, settings, strategies as st
 
 from livekv.lsp_server.framing import Framer, frame
 
-from lsp_helpers import ROOT, RawClient, server_command, server_env
+from lsp_helpers import spawn_raw
 
 
 def body(i: int) -> bytes:
@@ -69,13 +71,7 @@ def test_a_body_shorter_than_declared_is_taken_once_the_client_goes_quiet():
 
 def test_the_server_answers_after_each_bad_frame_and_envelope(tmp_path):
     err = open(tmp_path / "stderr.txt", "wb")
-    proc = subprocess.Popen(server_command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
-                            env=server_env(), cwd=ROOT)
-
-    def write(data: bytes) -> None:
-        proc.stdin.write(data)
-        proc.stdin.flush()
-    c = RawClient(write, proc.stdout)
+    proc, c = spawn_raw(err)
     try:
         c.initialize()
         for n, kind in enumerate(KINDS, start=10):
@@ -110,3 +106,43 @@ def test_the_server_answers_after_each_bad_frame_and_envelope(tmp_path):
     for said in ("over the 67,108,864-byte cap", "'12a' is not a number", "skipped 9 bytes", "not JSON", "batch"):
         assert said in log
     assert "Traceback" not in log
+
+
+@pytest.fixture(scope="module")
+def fuzzed(tmp_path_factory):
+    err = open(tmp_path_factory.mktemp("fuzz") / "stderr.txt", "wb")
+    proc, c = spawn_raw(err)
+    c.initialize()
+    yield c
+    proc.kill()
+    err.close()
+
+
+METHODS = ["textDocument/completion", "textDocument/inlineCompletion", "livekv/stats", "textDocument/didChange",
+           "textDocument/didOpen", "textDocument/didClose", "$/cancelRequest", "workspace/didChangeConfiguration",
+           "initialize", "no/such/method"]
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+                    max_leaves=8)
+AT = st.fixed_dictionaries({"textDocument": st.fixed_dictionaries({"uri": st.sampled_from(["file:///fuzz.py", "x"])}),
+                            "position": st.fixed_dictionaries({"line": st.integers(-1, 3) | JSON,
+                                                               "character": st.integers(-1, 30) | JSON})})
+REQUEST = st.builds(lambda m, i, p: frame({"jsonrpc": "2.0", "method": m, "params": p, **({} if i is None else {"id": i})}),
+                    st.sampled_from(METHODS), st.none() | st.integers(1000, 9999) | st.text(max_size=4), JSON | AT)
+GARBAGE = (st.binary(max_size=80) | REQUEST | JSON.map(lambda v: frame(json.dumps(v).encode()))
+           | st.builds(bad, st.sampled_from(KINDS), st.integers(0, 9)))
+PROBES = itertools.count()
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(GARBAGE, max_size=6))
+def test_after_random_garbage_valid_requests_get_their_answers(fuzzed, garbage):
+    c, n = fuzzed, next(PROBES)
+    uri = f"file:///probe{n}.py"
+    c.send(*garbage, c.notification("textDocument/didOpen", {"textDocument": {
+        "uri": uri, "languageId": "python", "version": 1, "text": "import os\n\ndef main():\n    return os.getc"}}),
+           c.request(f"stats-{n}", "livekv/stats", {"textDocument": {"uri": uri}}),
+           c.completion(f"complete-{n}", uri, 3, 17))
+    assert c.reply(f"stats-{n}", timeout=120)["result"]["lsp_version"] == 1
+    assert "items" in c.reply(f"complete-{n}", timeout=120)["result"]
+    c.send(c.notification("textDocument/didClose", {"textDocument": {"uri": uri}}))

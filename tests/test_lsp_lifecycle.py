@@ -13,7 +13,7 @@ from pygls.exceptions import JsonRpcRequestCancelled
 
 from conftest import excerpt, stdlib_source
 from lsp_helpers import (MAX_NEW, ROOT, RawClient, change, completion, configure, eventually, open_doc,
-                         server_command, server_env, sha, start_server, stats, worker_busy)
+                         server_command, server_env, sha, spawn_raw, start_server, stats, worker_busy)
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -134,13 +134,7 @@ async def test_malformed_messages_do_not_kill_the_server(tmp_path):
 
 def raw_session(tmp_path):
     err = open(tmp_path / "stderr.txt", "wb")
-    proc = subprocess.Popen(server_command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
-                            env=server_env(), cwd=ROOT)
-
-    def write(data: bytes) -> None:
-        proc.stdin.write(data)
-        proc.stdin.flush()
-    c = RawClient(write, proc.stdout)
+    proc, c = spawn_raw(err)
     try:
         c.initialize()
         c.send(b"Content-Length: 17\r\n\r\n{this is not json",                    # bad JSON, right length
@@ -179,14 +173,8 @@ def leave_during_completions(tmp_path, how: str) -> None:
     # the server's stdout is a socket: shutting it down wakes the client's reader, as a dying
     # client's pipe would (closing a pipe that a thread is reading blocks on its lock)
     ours, theirs = socket.socketpair()
-    proc = subprocess.Popen(server_command("--max-new-tokens", "200"), stdin=subprocess.PIPE,
-                            stdout=theirs.fileno(), stderr=err, env=server_env(), cwd=ROOT)
+    proc, c = spawn_raw(err, "--max-new-tokens", "200", stdout=theirs.fileno(), reader=ours.makefile("rb"))
     theirs.close()
-
-    def write(data: bytes) -> None:
-        proc.stdin.write(data)
-        proc.stdin.flush()
-    c = RawClient(write, ours.makefile("rb"))
     try:
         c.initialize()
         lines = TEXT.split("\n") + [COUNTING]

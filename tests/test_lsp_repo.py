@@ -125,6 +125,27 @@ async def test_the_budget_evicts_the_least_recently_used_group_and_a_request_bri
         configure(client, {"livekv": {"maxCacheTokens": 200_000}})
 
 
+async def test_an_evicted_file_under_max_prompt_ms_answers_incomplete_at_once_then_comes_back(
+        client: LanguageClient, root):
+    """Its re-encode would not fit the cap: the completion answers incomplete (empty) without
+    starting it, and the idle job re-encodes the file, interruptibly, for the next request."""
+    main, util, other = uri(root, "pkg/main.py"), uri(root, "pkg/util.py"), uri(root, "pkg/other.py")
+    await inline(client, main, *AT)  # main.py active, other.py the least recently used context
+    ws, groups = await workspace(client, main)
+    budget = groups[main]["tokens"] + groups[util]["tokens"]
+    configure(client, {"livekv": {"maxCacheTokens": budget, "maxPromptMs": 1}})
+    try:
+        ws, _ = await workspace(client, main)
+        assert ws["evicted"] == [other] and ws["max_cache_tokens"] == budget
+        text = "# edited\n" + OTHER
+        assert list(await inline(client, other, text.count("\n"), 0)) == []
+        s = await stats(client, other)  # behind the idle job: it has re-encoded other.py meanwhile
+        assert s["last_completion"]["stop"] == "prompt_cap" and s["dirty_tokens"] == 0, s
+        assert s["text_sha256"] == sha(text)
+    finally:
+        configure(client, {"livekv": {"maxCacheTokens": 200_000, "maxPromptMs": 0}})
+
+
 async def test_a_closed_file_that_the_active_one_imports_comes_back_from_disk(client: LanguageClient, root, engine):
     main, util = uri(root, "pkg/main.py"), uri(root, "pkg/util.py")
     change(client, main, 2, ((0, 0), (0, 0), "# main\n"))       # main.py active again

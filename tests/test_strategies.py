@@ -1,17 +1,16 @@
 """Update strategies on a tiny random Llama: what each keeps, moves, rotates and encodes."""
 from __future__ import annotations
 
-import random
 
 import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from livekv import kernels
 from livekv.incremental.strategies import change_points, plan, reuse_chunks
 
 from conftest import excerpt, stdlib_source
+from drift_helpers import drift_after_random_edits
 
 TEXT = excerpt(stdlib_source(), 100, 40)
 FAST = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -172,31 +171,7 @@ def test_batch_rotates_each_key_once(tiny_engine):
 def test_thousand_edits_do_not_drift(tiny_engine):
     """After 1000 random edits every surviving key equals its original key rotated once."""
     doc = tiny_engine.open("file:///drift.py", TEXT, strategy="pie")
-    T0 = doc.n
-    k0 = doc.kv.k[:, :, :T0].clone()
-    where = np.arange(T0)  # current slot of each original token, -1 once it is gone
-    rng = random.Random(0)
-    for _ in range(1000):
-        lines = doc.text.split("\n")
-        ours = [i for i, s in enumerate(lines) if s in ("    x = 1", "  y = 2")]
-        if rng.random() < 0.5 or not ours:  # insert a line anywhere ...
-            line = rng.randrange(len(lines))
-            doc.edit((line, 0), (line, 0), rng.choice(["    x = 1\n", "  y = 2\n"]))
-        else:                               # ... or delete one we inserted, so originals survive
-            line = rng.choice(ours)
-            doc.edit((line, 0), (line + 1, 0), "")
-        keep = doc.last_keep
-        alive = keep >= 0
-        back = np.full(keep.max() + 1 if alive.any() else 1, -1)
-        back[keep[alive]] = np.flatnonzero(alive)
-        where = np.where((where >= 0) & (where < len(back)), back[np.clip(where, 0, len(back) - 1)], -1)
-    alive = np.flatnonzero(where >= 0)
-    assert len(alive) > 20
-    now = doc.kv.k[:, :, where[alive]]
-    once = k0[:, :, alive].clone()
-    kernels.rerotate_keys_(once, torch.from_numpy(where[alive] - alive), tiny_engine.model.inv_freq,
-                           positions=torch.from_numpy(alive))
-    err = ((now - once).norm(dim=-1) / once.norm(dim=-1)).max().item()
+    err = drift_after_random_edits(doc, tiny_engine.model.inv_freq)
     # fp32 rotations round a few ulps each, a random walk over the ~1000 rotations a key went
     # through (2.8e-5 measured); a wrong delta or a lost shift anywhere would be O(1)
     assert err < 16 * torch.finfo(torch.float32).eps * 1000 ** 0.5, err
