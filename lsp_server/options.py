@@ -29,6 +29,9 @@ class LspOptions(Settings):
                                     "file goes first", min=1, lsp=True)
     max_message_bytes: int = setting(64 << 20, "a message whose Content-Length is larger is refused unread, and "
                                      "the server reads on from the next message", min=1024)
+    max_queued: int = setting(16, "completions (for different files) the client may have waiting; a newer one "
+                                  "cancels the oldest, which answers empty (a newer one for the same file always "
+                                  "cancels the older)", min=1)
 
     def __post_init__(self):
         super().__post_init__()

@@ -198,7 +198,11 @@ class LivekvServer(LanguageServer):
     def submit_completion(self, uri: str, pos: T.Position, manual: bool) -> CompletionJob:
         self.interrupt_idle()
         self.seal(uri)
-        for t in [t for t in self.inflight if t.uri == uri]:  # a newer request supersedes: empty answers
+        # a newer request supersedes (empty answers): its own file's, and other files' past the cap
+        live = [t for t, cancelled in self.inflight.items() if cancelled is None]  # oldest first
+        others = [t for t in live if t.uri != uri]
+        cap = self.session.options.max_queued if self.session else self.base_options.max_queued
+        for t in [t for t in live if t.uri == uri] + others[: max(0, len(others) + 1 - cap)]:
             self.cancel_completion(t)
         worker = self.require_worker()
         ticket = worker.ticket(uri)

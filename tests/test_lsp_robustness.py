@@ -16,7 +16,7 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 TEXT = excerpt(stdlib_source(), 183, 32)
 
 
-@pytest_lsp.fixture(scope="module", config=ClientServerConfig(server_command=server_command("--verify-tokens"),
+@pytest_lsp.fixture(scope="module", config=ClientServerConfig(server_command=server_command("--verify-tokens", "--max-queued", "4"),
                                                               server_env=server_env()))
 async def client(lsp_client: LanguageClient):
     await lsp_client.initialize_session(init_params())
@@ -88,3 +88,17 @@ async def test_a_newer_completion_supersedes_the_queued_ones(client: LanguageCli
     assert [bool(a) for a in answers] == [False] * 19 + [True], answers
     alone = await inline(client, uri, line, col)
     assert [a.insert_text for a in answers[-1]] == [a.insert_text for a in alone]
+
+
+async def test_completions_for_many_files_past_the_cap_cancel_the_oldest(client: LanguageClient):
+    """--max-queued 4: eight completions asked at once, each for its own file; the four oldest
+    answer empty as the newer ones arrive, the four newest are answered."""
+    import asyncio
+    uris = [f"file:///queued{i}.py" for i in range(8)]
+    for u in uris:
+        open_doc(client, u, TEXT)
+    await stats(client, uris[-1])
+    line = next(i for i, s in enumerate(TEXT.split("\n")) if "def set_seq1" in s)
+    col = TEXT.split("\n")[line].index("def set_seq") + len("def set_seq")
+    answers = await asyncio.gather(*[inline(client, u, line, col) for u in uris])
+    assert [bool(a) for a in answers] == [False] * 4 + [True] * 4, answers
