@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
 import sys
@@ -24,18 +25,29 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 _tuned = False
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    """The C library, loaded once (find_library runs ldconfig: milliseconds, too slow per close)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
 def keep_freed_memory() -> bool:
     """Tell glibc's malloc to reuse freed large blocks (once per process). Returns whether it
     applied: not on other C libraries, nor with LIVEKV_MALLOC=default."""
     global _tuned
     if _tuned:
         return True
-    if not sys.platform.startswith("linux") or os.environ.get("LIVEKV_MALLOC") == "default":
+    libc = _libc()
+    if libc is None or os.environ.get("LIVEKV_MALLOC") == "default":
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         ok = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30) == 1
-    except (OSError, AttributeError):  # musl and others have no mallopt
+    except AttributeError:  # musl and others have no mallopt
         return False
     _tuned = ok
     log.debug("glibc malloc keeps freed memory: %s", ok)
@@ -46,12 +58,12 @@ def release_freed_memory() -> bool:
     """Hand freed heap pages back to the kernel (glibc malloc_trim): after a document closes or
     is evicted, when the peak the tuning keeps mapped is no longer what the open files need.
     Returns whether it could (glibc only)."""
-    if not sys.platform.startswith("linux"):
+    libc = _libc()
+    if libc is None:
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.malloc_trim(ctypes.c_size_t(0))
-    except (OSError, AttributeError):
+    except AttributeError:  # not glibc
         return False
     return True
 

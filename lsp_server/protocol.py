@@ -52,6 +52,7 @@ class Protocol(LanguageServerProtocol):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.arrived: dict[Any, Any] = {}  # request id -> its start's job (or the exception it raised)
+        self.gone = False  # the client's end is closed (or exit came): nothing more is written
 
     # -- receiving (framing.py hands over each message's parsed JSON) ------------------------
     def receive(self, value: Any) -> None:
@@ -86,7 +87,7 @@ class Protocol(LanguageServerProtocol):
             self._server._report_server_error(e, JsonRpcException)
 
     def _send_data(self, data):
-        if getattr(self, "gone", False):
+        if self.gone:
             return
         try:
             super()._send_data(data)
@@ -95,7 +96,7 @@ class Protocol(LanguageServerProtocol):
 
     def client_gone(self) -> None:
         """The client's end of the pipe closed: say so once, and stop reading."""
-        if not getattr(self, "gone", False):
+        if not self.gone:
             self.gone = True
             log.warning("the client closed the connection; stopping")
             self._server.shutdown()
