@@ -13,7 +13,7 @@ outputs come back in the stream's dtype.
     int8   bf16 as above, and below 16 tokens int8 weights with per-channel scales (the output
            head in bf16): a decode step reads about a third of fp32's bytes, at some agreement
     auto   bf16 on a CPU that runs bf16 matmuls natively, as loaded elsewhere: decided by the
-           machine alone, so the same every time (the README has the measurements behind it)
+           machine alone, so the same every time (the README says what was measured)
 
 Each forward pass names its precision (a document's Config.precision): the weights are kept in
 every format asked for so far, so documents (and benchmark labels) can differ in one engine.
