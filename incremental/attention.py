@@ -22,6 +22,7 @@ LAZY_MAX_QUERIES = 32
 # A document about to encode this many tokens (a paste) compacts first (Document.settle): that
 # rotation is paid once, not by every layer of every pass.
 LAZY_COMPACT_TOKENS = 128
+FEW_QUERIES = 4  # up to this many queries (a decode step, its candidates) attend by plain matmuls
 MIN_SKIP = 256  # key columns nobody sees, in a stretch at least this long, are not read at all
 # With nothing pending, skipping unseen columns pays for leaving SDPA only from about this many
 # (SDPA: 0.09 ms a layer at 1k keys, per-run scoring 0.16; at 16k keys 3.1 against 1.8).
@@ -79,6 +80,21 @@ class PendingDeltas:
             return K, V
         K = kernels.rotated_keys(K, self.cols, self.delta, self.inv_freq, positions=self.pos)
         return K, V.index_select(2, self.cols)
+
+
+def attend(q, K, V, attn_mask, scaling: float):
+    """Attention over every column of K, V: q (1, H, n, D), K and V (1, Hkv, N, D), attn_mask
+    (n, N) additive or None. Returns (1, H, n, D). A decode step's few queries score as one
+    matmul per kv head group, which reads each key once; more go through SDPA."""
+    _, H, n, D = q.shape
+    Hkv = K.shape[1]
+    if n > FEW_QUERIES:
+        return F.scaled_dot_product_attention(q, K, V, attn_mask=attn_mask, scale=scaling, enable_gqa=H != Hkv)
+    rep = H // Hkv
+    s = torch.matmul(q.reshape(1, Hkv, rep * n, D), K.transpose(-1, -2)).mul_(scaling)  # (1, Hkv, rep*n, N)
+    if attn_mask is not None:
+        s = s.view(1, Hkv, rep, n, -1).add_(attn_mask).view(1, Hkv, rep * n, -1)
+    return torch.matmul(torch.softmax(s, dim=-1), V).view(1, H, n, D)
 
 
 def attention_with_deltas(q_raw, K, V, rope, runs, attn_mask, scaling: float):

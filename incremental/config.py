@@ -9,7 +9,7 @@ from .settings import Settings, setting
 
 # Update policies, all on the same code path (see strategies.py).
 STRATEGIES = ("full", "prefix", "reuse", "conflict", "pie", "pie-window", "pie-refresh", "pie-blend", "lazy")
-PRECISIONS = ("auto", "fp32", "bf16", "int8")  # precision.py runs them
+PRECISIONS = ("auto", "fp32", "bf16", "int8", "int4")  # precision.py runs them
 BLEND_RULES = ("window", "age", "structure", "deviation", "window+age", "window+structure", "age+structure")
 DTYPES = ("float32", "float16", "bfloat16")
 MAX_NEW_TOKENS = 256  # one completion may not hold the model for longer than this
@@ -28,8 +28,9 @@ class Config(Settings):
     device: str | None = setting(None, "cpu, cuda or cuda:N; none: cuda when available, else cpu", lsp=True)
     dtype: str | None = setting(None, "none: bfloat16 on cuda, float32 on cpu", choices=DTYPES, lsp=True)
     threads: int = setting(0, "CPU threads for torch (0: torch's default)", min=0)
-    precision: str = setting("auto", "of the matrix multiplies: fp32, bf16, int8 (int8 weights when decoding, bf16 "
-                             "when encoding); auto: what this machine runs fastest (precision.py)",
+    precision: str = setting("auto", "of the matrix multiplies: fp32, bf16, int8 or int4 (int8/int4 weights when "
+                             "decoding, bf16 when encoding); auto: what this machine runs fastest without losing "
+                             "the model's own weights (precision.py)",
                              choices=PRECISIONS, lsp=True)
     max_new_tokens: int = setting(48, "the most tokens one suggestion decodes", min=1, max=MAX_NEW_TOKENS, lsp=True)
     reuse_min_chunk: int = setting(64, "strategy reuse: llama.cpp's --cache-reuse N", min=1)

@@ -178,9 +178,8 @@ def decode(doc, c: int, n: int, max_new: int, should_stop: Callable[[], bool] | 
         slots = torch.tensor([first + cand for cand in active])
         q_ids = torch.tensor([ids[cand][-1] for cand in active])
         pos = torch.full((len(active),), phi + n_tail + step)
-        logits = model.forward(kv, q_ids, pos, int(slots[0]) if len(active) == 1 else slots, lay.step(step, active, n),
-                               logits_at=torch.arange(len(active)), precision=precision)
-        nexts = logits.argmax(-1).tolist()
+        nexts = model.forward(kv, q_ids, pos, int(slots[0]) if len(active) == 1 else slots, lay.step(step, active, n),
+                              logits_at=torch.arange(len(active)), precision=precision, argmax=True).tolist()
         step += 1
     comp.texts, comp.ids = list(dict.fromkeys(texts)), ids[0]  # distinct, best first
     if emitted != comp.texts[0]:

@@ -12,7 +12,6 @@ from .fim import FimStream, fim_ids
 from .host_memory import keep_freed_memory
 from .kv_cache import KVCache
 from .models import load_model, resolve_device_dtype
-from .precision import resolve as resolve_precision
 from .token_mirror import TokenMirror
 from .strategies import check
 from .transformer import Transformer
@@ -61,9 +60,10 @@ class Engine:
             keep_freed_memory()
         hf, tok, name = load_model(config.model, dev, dt, config.cache_path)
         eng = cls(config, hf, tok, name)
-        chosen = resolve_precision(config.precision, dev)
-        if chosen == "int8" and dev.type != "cpu":
-            raise ValueError(f"precision int8 runs on the CPU only (torch's int8 weight kernel); use bf16 on {dev}")
+        chosen = eng.precision
+        if chosen in ("int8", "int4") and dev.type != "cpu":
+            raise ValueError(f"precision {chosen} runs on the CPU only (torch's {chosen} weight kernel); "
+                             f"use bf16 on {dev}")
         log.info("loaded %s on %s/%s in %.1fs; precision %s%s", name, dev, str(dt).removeprefix("torch."),
                  time.perf_counter() - t0, chosen, " (auto)" if config.precision == "auto" else "")
         return eng
@@ -71,7 +71,7 @@ class Engine:
     @property
     def precision(self) -> str:
         """The precision the engine's config stands for on its device (precision.resolve)."""
-        return resolve_precision(self.config.precision, self.model.device)
+        return self.model.precision.resolve(self.config.precision)
 
     def token_text(self, token: int) -> str:
         return self.tokenizer.decode([token], skip_special_tokens=False, clean_up_tokenization_spaces=False)

@@ -1,5 +1,5 @@
-"""How the model's matrix multiplies run: as loaded (fp32), in bf16 when encoding, with int8
-weights when decoding.
+"""How the model's matrix multiplies run: as loaded (fp32), in bf16 when encoding, with int8 or
+int4 weights when decoding.
 
 Every other op stays in the model's dtype (fp32 on a CPU): the residual stream, norms, RoPE,
 attention and the KV cache, so rotating cached keys stays exact and nothing drifts over edits (a
@@ -8,100 +8,156 @@ outputs come back in the stream's dtype.
 
     fp32   the weights as loaded (fp32 on a CPU, --dtype on CUDA)
     bf16   bf16 weights and inputs for passes of 16 tokens or more (encoding, a pasted line):
-           AMX / AVX512-BF16 run those 3-9x faster than fp32; smaller passes (decode steps)
-           stay as loaded, where bf16 would save little and cost agreement
+           AMX / AVX512-BF16 run those several times faster than fp32; smaller passes (decode
+           steps) stay as loaded
     int8   bf16 as above, and below 16 tokens int8 weights with per-channel scales (the output
            head in bf16): a decode step reads about a third of fp32's bytes, at some agreement
-    auto   bf16 on a CPU that runs bf16 matmuls natively, as loaded elsewhere: decided by the
-           machine alone, so the same every time (the README says what was measured)
+    int4   bf16 as above, and below 16 tokens int4 weights in GGUF's blocks of 32 (quant.py):
+           for a Q4_1 model these are the file's own weights, read at an eighth of fp32's bytes
+    auto   on a CPU with native bf16 matmuls: int4 when every projection's int4 blocks are exact
+           (a Q4_1 GGUF), else bf16; fp32 elsewhere. Decided by the machine and the model
+           alone, so the same every time (the README says what was measured)
 
-Each forward pass names its precision (a document's Config.precision): the weights are kept in
-every format asked for so far, so documents (and benchmark labels) can differ in one engine.
+q, k and v (and gate and up) read the same input, so each such set is one fused projection: one
+matmul, one cast of its input. Each forward pass names its precision (a document's
+Config.precision): the weights are kept in every format asked for so far, so documents (and
+benchmark labels) can differ in one engine.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import PRECISIONS
+from .quant import Int4, Int8
 
-SMALL = 16  # queries in a pass below which int8 weights are used (decode steps, a short tail)
+SMALL = 16  # queries in a pass below which int8/int4 weights are used (decode steps, a short tail)
+RESCORE = 64  # the int8 head's best tokens that argmax scores again with the head as loaded
 
 
-def resolve(precision: str, device: torch.device) -> str:
-    """The precision `auto` stands for on this machine (others stand for themselves)."""
+def native_bf16(device: torch.device) -> bool:
+    return device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def resolve(precision: str, device: torch.device, int4_exact: bool = False) -> str:
+    """The precision `auto` stands for on this machine, for a model whose int4 blocks are exact
+    or not (others stand for themselves)."""
     if precision != "auto":
         return precision
-    if device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return "bf16"
+    if native_bf16(device):
+        return "int4" if int4_exact else "bf16"
     return "fp32"
 
 
-class Linear(nn.Module):
-    """A linear layer with its weight in every format asked for; `mode` says which runs."""
+class Proj:
+    """Linear layers that read one input, fused along the output axis, in every weight format a
+    pass has asked for. The HF modules' weights become views of the fused one, so nothing is held
+    twice and HF's own forward still runs."""
 
-    def __init__(self, lin: nn.Linear):
-        super().__init__()
-        self.weight, self.bias = lin.weight, lin.bias
-        self.mode = "fp32"
-        self._bf16: torch.Tensor | None = None
-        self._int8: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def bf16(self) -> torch.Tensor:
-        if self._bf16 is None:
-            self._bf16 = self.weight.detach().to(torch.bfloat16)
-        return self._bf16
-
-    def int8(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._int8 is None:
-            w = self.weight.detach().float()
-            scale = (w.abs().amax(dim=1) / 127).clamp_min(1e-12)             # (N,) per output channel
-            q = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8)  # (N, K)
-            self._int8 = q, scale.to(torch.bfloat16)
-        return self._int8
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode == "fp32":
-            return F.linear(x, self.weight, self.bias)
-        shape = x.shape
-        xb = x.reshape(-1, shape[-1]).to(torch.bfloat16)
-        if self.mode == "int8":
-            q, scale = self.int8()
-            y = torch._weight_int8pack_mm(xb, q, scale)
+    def __init__(self, linears: list[nn.Linear]):
+        self.sizes = [lin.out_features for lin in linears]
+        if len(linears) == 1:
+            self.weight = linears[0].weight.detach()                          # (N, K)
         else:
-            y = F.linear(xb, self.bf16())
-        y = y.to(x.dtype).reshape(*shape[:-1], -1)  # back to the stream's dtype (fp32 on a CPU)
-        return y if self.bias is None else y + self.bias
+            self.weight = torch.cat([lin.weight.detach() for lin in linears])
+            for lin, part in zip(linears, self.weight.split(self.sizes)):
+                lin.weight.data = part
+        biases = [lin.bias for lin in linears]
+        self.bias = None if all(b is None for b in biases) else torch.cat(
+            [b.detach() if b is not None else self.weight.new_zeros(n) for b, n in zip(biases, self.sizes)])
+        self._formats: dict[str, object] = {}
+
+    def format(self, mode: str):
+        """The weight in `mode` (bf16, int8 or int4), made on first use. int4 needs N % 16 and
+        K % 32; a projection that does not fit runs int8 instead."""
+        if mode == "int4" and not Int4.fits(self.weight):
+            mode = "int8"
+        if mode not in self._formats:
+            self._formats[mode] = (self.weight.to(torch.bfloat16) if mode == "bf16" else
+                                   Int8.of(self.weight) if mode == "int8" else Int4.of(self.weight))
+        return self._formats[mode]
+
+    def int4_exact(self) -> bool:
+        return Int4.fits(self.weight) and self.format("int4").exact
+
+    def __call__(self, x: torch.Tensor, mode: str):
+        """x (..., K) -> (..., N), split into the fused layers' outputs."""
+        if mode == "fp32":
+            y = F.linear(x, self.weight, self.bias)
+        else:
+            shape, w = x.shape, self.format(mode)
+            x2 = x.reshape(-1, shape[-1])
+            if isinstance(w, Int4):  # carries the stream's precision itself (quant.py)
+                y = w.mm(x2)
+            else:
+                xb = x2.to(torch.bfloat16)
+                y = F.linear(xb, w) if mode == "bf16" else w.mm(xb)
+            y = y.to(x.dtype).reshape(*shape[:-1], -1)  # back to the stream's dtype (fp32 on a CPU)
+            if self.bias is not None:
+                y = y + self.bias
+        return y.split(self.sizes, -1) if len(self.sizes) > 1 else y
+
+
+@dataclass
+class LayerProj:
+    qkv: Proj
+    o: Proj
+    gate_up: Proj
+    down: Proj
+
+    def all(self) -> list[Proj]:
+        return [self.qkv, self.o, self.gate_up, self.down]
 
 
 class Precision:
-    """The model's linear layers, wrapped once, switched per forward pass."""
+    """The model's projections, fused once, switched per forward pass."""
 
     def __init__(self, hf):
-        self.linears: list[Linear] = []
+        self.layers: list[LayerProj] = []
         for layer in hf.model.layers:
-            for parent in (layer.self_attn, layer.mlp):
-                for name, child in list(parent.named_children()):
-                    if isinstance(child, nn.Linear):
-                        setattr(parent, name, self._wrap(child))
-        self.lm_head = self._wrap(hf.lm_head)
+            a, m = layer.self_attn, layer.mlp
+            self.layers.append(LayerProj(Proj([a.q_proj, a.k_proj, a.v_proj]), Proj([a.o_proj]),
+                                         Proj([m.gate_proj, m.up_proj]), Proj([m.down_proj])))
+        self.lm_head = Proj([hf.lm_head])
         self.device = hf.lm_head.weight.device
+        self.mode = "fp32"
+        self._exact: bool | None = None
 
-    def _wrap(self, lin: nn.Linear) -> Linear:
-        w = Linear(lin)
-        self.linears.append(w)
-        return w
+    def int4_exact(self) -> bool:
+        """Whether every projection's int4 blocks reproduce its weights (a Q4_1 GGUF)."""
+        if self._exact is None:
+            self._exact = self.device.type == "cpu" and all(p.int4_exact() for lp in self.layers for p in lp.all())
+        return self._exact
+
+    def resolve(self, precision: str) -> str:
+        return resolve(precision, self.device, self.int4_exact() if precision == "auto" and native_bf16(self.device)
+                       else False)
 
     def set(self, precision: str, n_queries: int) -> None:
         """Run the next pass of n_queries at this precision."""
-        p = resolve(precision, self.device)
+        p = self.resolve(precision)
         assert p in PRECISIONS[1:], p
         if p == "fp32" or n_queries >= SMALL:
-            mode = p if p == "fp32" else "bf16"
+            self.mode = p if p == "fp32" else "bf16"
         else:
-            mode = "fp32" if p == "bf16" else "int8"
-        for w in self.linears:
-            w.mode = mode
-        if mode == "int8":
-            self.lm_head.mode = "bf16"  # its rounding flips close greedy choices most
+            self.mode = "fp32" if p == "bf16" else p
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """(m, C) -> (m, V): the output head as loaded, at every precision (a few rows a pass; its
+        rounding is what flips close greedy choices)."""
+        return self.lm_head(h, "fp32")
+
+    def argmax(self, h: torch.Tensor) -> torch.Tensor:
+        """(m, C) -> (m,): the token the output head as loaded ranks first. On a CPU the int8 head
+        ranks every token (a quarter of the bytes), and its RESCORE best are scored again as
+        loaded: the same choice unless the true first falls outside them."""
+        if self.device.type != "cpu":
+            return self.logits(h).argmax(-1)
+        cand = self.lm_head(h, "int8").topk(RESCORE, dim=-1).indices           # (m, R)
+        exact = torch.einsum("mc,mrc->mr", h, self.lm_head.weight[cand])        # (m, R)
+        if self.lm_head.bias is not None:
+            exact += self.lm_head.bias[cand]
+        return cand.gather(1, exact.argmax(-1, keepdim=True))[:, 0]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .attention import LAZY_MAX_QUERIES, PendingDeltas, attention_with_deltas
+from .attention import LAZY_MAX_QUERIES, PendingDeltas, attend, attention_with_deltas
 from .layout import Layout
 from .precision import Precision
 
@@ -18,6 +18,16 @@ from .precision import Precision
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
+
+
+# the RMSNorms whose forward is exactly F.rms_norm's math (one fused op instead of eight)
+PLAIN_RMS_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm")
+
+
+def _norm(norm, x: torch.Tensor) -> torch.Tensor:
+    if type(norm).__name__ in PLAIN_RMS_NORMS:
+        return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
+    return norm(x)
 
 
 class Transformer:
@@ -31,9 +41,11 @@ class Transformer:
         if missing or attn0 is None or not all(hasattr(attn0, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")):
             raise ValueError(f"model type {hf.config.model_type!r} does not have the Llama layout livekv runs "
                              f"(missing {missing or 'q/k/v/o projections'}); use a Llama, Qwen2 or Mistral family model")
-        self.precision = Precision(hf)  # wraps the linear layers: fp32 until a pass asks for more
+        if not all(hasattr(layer.mlp, p) for layer in m.layers for p in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+            raise ValueError(f"model type {hf.config.model_type!r} does not have a gated MLP (gate/up/down "
+                             "projections); use a Llama, Qwen2 or Mistral family model")
+        self.precision = Precision(hf)  # fuses the projections: fp32 until a pass asks for more
         self.hf, self.embed, self.layers, self.norm, self.rotary = hf, m.embed_tokens, m.layers, m.norm, m.rotary_emb
-        self.lm_head = self.precision.lm_head
         cfg = hf.config
         self.n_layers = len(self.layers)
         self.n_heads = cfg.num_attention_heads
@@ -48,7 +60,8 @@ class Transformer:
 
     @torch.inference_mode()
     def forward(self, kv, ids: torch.Tensor, pos: torch.Tensor, slots, layout: Layout,
-                logits_at: torch.Tensor | None = None, probe: int | None = None, precision: str = "fp32"):
+                logits_at: torch.Tensor | None = None, probe: int | None = None, precision: str = "fp32",
+                argmax: bool = False):
         """Run tokens `ids` at positions `pos`, writing their K/V into `slots` of `kv`.
 
         ids, pos: (n,). slots: an int (the n tokens go to slots [slots, slots + n)) or a (n,) index
@@ -56,7 +69,8 @@ class Transformer:
         True (all when None); the new tokens must lie inside that range, with no delta pending.
         Returns logits (len(logits_at), V) for the selected query rows, or None. With `probe`,
         nothing is written: cached tokens are run again through the layers before `probe` and
-        their fresh (K, V) at layer `probe`, each (1, Hkv, n, D), are returned (blend.py).
+        their fresh (K, V) at layer `probe`, each (1, Hkv, n, D), are returned (blend.py). With
+        `argmax`, the selected rows' greedy tokens (len(logits_at),) instead of their logits.
         precision: of the linear layers (precision.py); the rest runs in the cache's dtype."""
         n, n_keys, mask = ids.shape[0], layout.n_keys, layout.mask
         self.precision.set(precision, n)
@@ -82,12 +96,13 @@ class Transformer:
 
         if not contiguous:
             slots = slots.to(self.device)
+        mode = self.precision.mode
         for i, layer in enumerate(self.layers):
-            a = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = a.q_proj(h).view(1, n, -1, self.head_dim)              # (1, n, H, D)
-            k = a.k_proj(h).view(1, n, -1, self.head_dim)              # (1, n, Hkv, D)
-            v = a.v_proj(h).view(1, n, -1, self.head_dim)
+            a, proj = layer.self_attn, self.precision.layers[i]
+            q, k, v = proj.qkv(_norm(layer.input_layernorm, x), mode)
+            q = q.view(1, n, -1, self.head_dim)                        # (1, n, H, D)
+            k = k.view(1, n, -1, self.head_dim)                        # (1, n, Hkv, D)
+            v = v.view(1, n, -1, self.head_dim)
             if self.qk_norm:
                 q, k = a.q_norm(q), a.k_norm(k)
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (1, H|Hkv, n, D)
@@ -106,16 +121,18 @@ class Transformer:
             if pending.runs is None or pending.copy:
                 K, V = pending.rotated(K, V)
                 q = q * cos + _rotate_half(q) * sin
-                o = F.scaled_dot_product_attention(q, K, V, attn_mask=attn_mask, scale=self.scaling,
-                                                   enable_gqa=self.n_heads != self.n_kv_heads)
+                o = attend(q, K, V, attn_mask, self.scaling)
             else:
                 o = attention_with_deltas(q, K, V, rope, pending.runs, attn_mask, self.scaling)
-            x = x + a.o_proj(o.transpose(1, 2).reshape(1, n, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = x + proj.o(o.transpose(1, 2).reshape(1, n, -1), mode)
+            gate, up = proj.gate_up(_norm(layer.post_attention_layernorm, x), mode)
+            x = x + proj.down(layer.mlp.act_fn(gate) * up, mode)
         if logits_at is None:
             return None
-        h = self.norm(x[0, logits_at.to(self.device)])
-        return self.lm_head(h).float()                                 # (m, V)
+        h = _norm(self.norm, x[0, logits_at.to(self.device)])          # (m, C)
+        if argmax:
+            return self.precision.argmax(h).cpu()                      # (m,)
+        return self.precision.logits(h).float()                        # (m, V)
 
     @torch.inference_mode()
     def check_against_hf(self, kv_factory, tokens: list[int]) -> float:

@@ -18,4 +18,5 @@ if [ -f editor-clients/vscode/package-lock.json ] && command -v npm >/dev/null; 
 fi
 # Convert the embedded model once before the tests start their servers in parallel.
 .venv/bin/python -c "from livekv import Engine; Engine.load()"
-exec .venv/bin/python -m pytest -q "$@"
+# -P: the checkout's root stays off sys.path, where kernels/ would shadow Hugging Face's kernels package
+exec .venv/bin/python -P -m pytest -q "$@"

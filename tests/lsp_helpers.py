@@ -27,9 +27,9 @@ def server_command(*args: str) -> list[str]:
 def server_env() -> dict[str, str]:
     # One torch thread each for the server and the test process: on 2 shared cores, two
     # processes with two threads each make every step 5-10x slower. Offline: a missing model
-    # must fail at once instead of trying the hub.
-    return dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT),
-                TOKENIZERS_PARALLELISM="false")
+    # must fail at once instead of trying the hub. The checkout's root stays off the path: its
+    # kernels/ would shadow Hugging Face's kernels package, which transformers imports.
+    return dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 
 
 class one_thread:
