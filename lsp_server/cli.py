@@ -3,7 +3,8 @@
     livekv demo [FILE]                      a completion on a real file, edit cost vs full re-encode
     livekv complete FILE LINE COL           print the completion at (line, column), 0-based
     livekv lsp [--tcp HOST:PORT]            the language server (stdio by default)
-    livekv serve [--host H] [--port P]      the websocket streaming server (--demo: browser page)
+    livekv serve [--host H] [--port P]      the websocket streaming server (--demo: browser page;
+                                            --replicas N: N replicas under Ray Serve)
     livekv settings [--json|--markdown W]   every setting: flag, LSP name, type, default
     livekv bench traces|replay|edit-cost|kernel|groups|fim|report ...   benchmarks (see bench/)
 
@@ -58,8 +59,16 @@ def _lsp(ns) -> int:
 
 
 def _serve(ns) -> int:
+    config, opts = Config.from_arguments(ns), ServeOptions.from_arguments(ns)
+    if opts.replicas:
+        try:
+            from .ray_serve import run_ray_server
+        except ModuleNotFoundError as e:  # its message names the extra to install
+            print(f"livekv: {e}", file=sys.stderr)
+            return 2
+        return run_ray_server(config, opts)
     from .ws_server import run_ws_server
-    return run_ws_server(Config.from_arguments(ns), ServeOptions.from_arguments(ns))
+    return run_ws_server(config, opts)
 
 
 def _settings(ns) -> int:

@@ -56,11 +56,22 @@ class ServeOptions(Settings):
                               min=1)
     demo: bool = setting(False, "also serve the browser demo page at /")
     demo_file: str | None = setting(None, "the file the demo opens (default: the stdlib's bisect.py)", metavar="FILE")
+    replicas: int = setting(0, "run under Ray Serve with this many replicas, each with its own model, on --host and "
+                               "--port (needs pip install 'livekv[serve]'); 0: this one process", min=0)
+    ray_address: str | None = setting(None, "with --replicas: the Ray cluster to join (auto, or ray://HOST:PORT); "
+                                            "default: start one on this machine", metavar="ADDRESS")
+    replica_connections: int = setting(256, "with --replicas: websocket connections one replica takes; past it new "
+                                            "ones go to the next replica on the hash ring", min=1)
+    replica_cpus: float = setting(1.0, "with --replicas: CPUs Ray reserves for each replica", min=0)
 
     def __post_init__(self):
         super().__post_init__()
         if self.token is not None and not self.token:
             raise ValueError("token must not be empty: leave it out to accept clients without a token")
+        if self.replicas and self.port == 0:
+            raise ValueError("replicas needs a fixed port: Ray Serve's proxy cannot pick a free one (port 0)")
+        if self.ray_address is not None and not self.replicas:
+            raise ValueError("ray_address only matters with replicas: give --replicas N too")
 
 
 def split_settings(changes: dict) -> tuple[dict, dict]:

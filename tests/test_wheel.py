@@ -63,7 +63,7 @@ def test_the_wheel_holds_only_livekv(wheel):
     assert tops == {"livekv", wheel.name.split("-py3")[0] + ".dist-info"}, tops
     for sub in ("incremental", "kernels", "lsp_server", "bench", "web"):
         assert f"livekv/{sub}/__init__.py" in names
-    assert "livekv/web/index.html" in names and "livekv/__main__.py" in names
+    assert {"livekv/web/index.html", "livekv/web/client.js", "livekv/web/demo.js", "livekv/__main__.py"} <= set(names)
 
 
 def test_the_installed_wheel_completes_a_real_file(fresh, engine, tmp_path):
@@ -97,6 +97,9 @@ def test_the_installed_wheel_serves_the_demo_page(fresh, tmp_path):
         page = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30).read().decode()
         wheel_page = (ROOT / "editor-clients" / "web" / "index.html").read_text(encoding="utf-8")
         assert page == wheel_page and "<html" in page.lower()
+        for script in ("client.js", "demo.js"):
+            served = urllib.request.urlopen(f"http://127.0.0.1:{port}/{script}", timeout=30).read().decode()
+            assert served == (ROOT / "editor-clients" / "web" / script).read_text(encoding="utf-8")
         demo_file = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/demo-file.json", timeout=30).read())
         assert demo_file["text"].startswith('"""') and demo_file["uri"].endswith("bisect.py")
     finally:

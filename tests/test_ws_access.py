@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import urllib.error
-import urllib.request
 
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from livekv.lsp_server import ws_protocol as P
-from ws_helpers import HANG, URI, Client, serve, worker  # noqa: F401 (fixtures)
+from ws_helpers import HANG, URI, Client, http_get, serve, worker  # noqa: F401 (fixtures)
 
 
 async def test_token_is_required_first(serve):
@@ -45,15 +43,6 @@ async def test_browser_origins_are_checked(serve):
         assert e.value.response.status_code == 403 and b"--allow-origin" in e.value.response.body
 
 
-def http_get(url: str, **headers) -> tuple[int, dict, bytes]:
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=HANG) as r:
-            return r.status, r.headers, r.read()
-    except urllib.error.HTTPError as e:
-        with e:  # closing it lets the server close the connection at once
-            return e.code, e.headers, e.read()
-
-
 def test_http_serves_the_demo_only_with_demo(serve):
     status, _, body = http_get(f"{serve().url.replace('ws:', 'http:')}")
     assert status == 404 and b"--demo" in body
@@ -61,6 +50,10 @@ def test_http_serves_the_demo_only_with_demo(serve):
     status, headers, body = http_get(url)
     assert status == 200 and headers["Content-Type"].startswith("text/html") and b"<textarea" in body
     assert "connect-src 'self'" in headers["Content-Security-Policy"]
+    assert "script-src 'self'" in headers["Content-Security-Policy"]   # its scripts: these two, nothing inline
+    for script, word in (("client.js", "class LivekvClient"), ("demo.js", "new LivekvClient")):
+        status, headers, body = http_get(url + script)
+        assert status == 200 and headers["Content-Type"].startswith("text/javascript") and word.encode() in body
     status, headers, body = http_get(url + "demo-file.json")
     f = json.loads(body)
     assert status == 200 and f["uri"].endswith("/bisect.py") and "def bisect_right" in f["text"]

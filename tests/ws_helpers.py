@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import urllib.error
+import urllib.request
 
 import pytest
 
@@ -108,3 +110,12 @@ async def long_stream(c: "Client") -> tuple:
     await c.call("open", uri=URI, text=NUMBERS)
     cid = await c.send("complete", uri=URI, line=0, character=len(NUMBERS), maxNewTokens=32)
     return cid, await c.reply(cid, types=("token",))
+
+
+def http_get(url: str, **headers) -> tuple[int, dict, bytes]:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=HANG) as r:
+            return r.status, r.headers, r.read()
+    except urllib.error.HTTPError as e:
+        with e:  # closing it lets the server close the connection at once
+            return e.code, e.headers, e.read()
