@@ -82,14 +82,21 @@ class PendingDeltas:
         return K, V.index_select(2, self.cols)
 
 
-def attend(q, K, V, attn_mask, scaling: float):
+def attend(q, K, V, attn_mask, scaling: float, bf16: bool = False):
     """Attention over every column of K, V: q (1, H, n, D), K and V (1, Hkv, N, D), attn_mask
     (n, N) additive or None. Returns (1, H, n, D). A decode step's few queries score as one
-    matmul per kv head group, which reads each key once; more go through SDPA."""
+    matmul per kv head group, which reads each key once; more go through SDPA, in bf16 when
+    asked (an encode at precision bf16: the cache stays fp32, only this pass's arithmetic
+    rounds, as in its projections)."""
     _, H, n, D = q.shape
     Hkv = K.shape[1]
     if n > FEW_QUERIES:
-        return F.scaled_dot_product_attention(q, K, V, attn_mask=attn_mask, scale=scaling, enable_gqa=H != Hkv)
+        if not bf16:
+            return F.scaled_dot_product_attention(q, K, V, attn_mask=attn_mask, scale=scaling, enable_gqa=H != Hkv)
+        b = torch.bfloat16
+        o = F.scaled_dot_product_attention(q.to(b), K.to(b), V.to(b), scale=scaling, enable_gqa=H != Hkv,
+                                           attn_mask=None if attn_mask is None else attn_mask.to(b))
+        return o.to(q.dtype)
     rep = H // Hkv
     s = torch.matmul(q.reshape(1, Hkv, rep * n, D), K.transpose(-1, -2)).mul_(scaling)  # (1, Hkv, rep*n, N)
     if attn_mask is not None:

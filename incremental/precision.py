@@ -89,12 +89,8 @@ class Proj:
             y = F.linear(x, self.weight, self.bias)
         else:
             shape, w = x.shape, self.format(mode)
-            x2 = x.reshape(-1, shape[-1])
-            if isinstance(w, Int4):  # carries the stream's precision itself (quant.py)
-                y = w.mm(x2)
-            else:
-                xb = x2.to(torch.bfloat16)
-                y = F.linear(xb, w) if mode == "bf16" else w.mm(xb)
+            xb = x.reshape(-1, shape[-1]).to(torch.bfloat16)
+            y = F.linear(xb, w) if mode == "bf16" else w.mm(xb)
             y = y.to(x.dtype).reshape(*shape[:-1], -1)  # back to the stream's dtype (fp32 on a CPU)
             if self.bias is not None:
                 y = y + self.bias

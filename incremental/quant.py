@@ -8,11 +8,10 @@ and the int4 weight *is* the file's weight; for any other tensor it quantizes ea
 min and max, which loses accuracy, so `Int4.exact` says which happened and precision.resolve
 only picks int4 by itself when every projection is exact.
 
-torch's int4 kernel dequantizes w = (q - 8) * scale + zero with bf16 scales and bf16 inputs and
-outputs. Rounding the fp16 scales and the fp32 inputs to bf16 each cost about as much agreement
-with fp32 as the output's rounding, so Int4.mm carries both in two bf16 parts (hi + lo): the
-same packed weights against two scale tables, and the input's two parts as one batch. What is
-left is the output's bf16 rounding.
+torch's int4 kernel dequantizes w = (q - 8) * scale + zero, with bf16 scales, inputs and outputs
+(so d and m round to bf16). Carrying the scales and the inputs in two bf16 parts each (hi + lo)
+made each projection nearer fp32 but whole greedy lines no more often equal to fp32's, and a
+decode step slower: so one call, as llama.cpp, which rounds its activations too.
 """
 from __future__ import annotations
 
@@ -44,8 +43,7 @@ class Int8:
 class Int4:
     packed: torch.Tensor       # the kernel's packed layout of (N, K) 4-bit values
     scale_zero: torch.Tensor   # (K / GROUP, N, 2) bf16
-    scale_zero_lo: torch.Tensor  # what bf16 rounding took from scale_zero, in bf16
-    exact: bool                # the blocks reproduce w to fp32 (a Q4_1 tensor)
+    exact: bool                # the blocks reproduce w to fp32 (a Q4_1 tensor), bar bf16 scales
 
     @staticmethod
     def fits(w: torch.Tensor) -> bool:
@@ -65,15 +63,8 @@ class Int4:
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.view(N, K).to(torch.int32), 1)
         scale = d.view(N, K // GROUP).t()                                  # (K/G, N)
         zero = (lo + 8 * d).view(N, K // GROUP).t()
-        sz = torch.stack([scale, zero], -1)                                # (K/G, N, 2) fp32
-        hi = sz.to(torch.bfloat16)
-        return cls(packed, hi.contiguous(), (sz - hi.float()).to(torch.bfloat16).contiguous(), exact)
+        return cls(packed, torch.stack([scale, zero], -1).to(torch.bfloat16).contiguous(), exact)
 
     def mm(self, x: torch.Tensor) -> torch.Tensor:
-        """x (M, K) fp32 -> (M, N) fp32."""
-        M = x.shape[0]
-        xb = x.to(torch.bfloat16)
-        parts = torch.cat([xb, (x - xb.float()).to(torch.bfloat16)])      # (2M, K): hi, lo
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(parts, self.packed, GROUP, self.scale_zero).float()
-        y += torch.ops.aten._weight_int4pack_mm_for_cpu(parts, self.packed, GROUP, self.scale_zero_lo)
-        return y[:M] + y[M:]
+        """x (M, K) bf16 -> (M, N) bf16."""
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, GROUP, self.scale_zero)

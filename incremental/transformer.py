@@ -121,7 +121,7 @@ class Transformer:
             if pending.runs is None or pending.copy:
                 K, V = pending.rotated(K, V)
                 q = q * cos + _rotate_half(q) * sin
-                o = attend(q, K, V, attn_mask, self.scaling)
+                o = attend(q, K, V, attn_mask, self.scaling, bf16=mode == "bf16" and self.device.type == "cpu")
             else:
                 o = attention_with_deltas(q, K, V, rope, pending.runs, attn_mask, self.scaling)
             x = x + proj.o(o.transpose(1, 2).reshape(1, n, -1), mode)

@@ -1,0 +1,135 @@
+"""Each precision against fp32 on the same files and cursors: what `auto` is chosen from.
+
+    livekv bench precision [--model M] [--lengths 1024,4096] [--points 24] [--precisions fp32,bf16,int8,int4]
+
+For each length a real file (the scaling run's stdlib corpus) is opened once per precision and
+encoded at it (`full`: the first open of a file), then each precision completes the same new
+empty lines (one inserted, completed, removed), interleaved point by point, and is scored against
+fp32's line. Reported per precision: the full
+encode (ms, and × fp32's), time to first token, decode ms/token, and agreement with fp32. Wall
+times and this process's CPU times are both kept: on a shared machine the CPU times are the
+steadier ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from livekv.bench.runner import LoadMeter, log
+from livekv.bench.scaling import corpus
+from livekv.incremental.lines import split_lines
+
+
+def timed(fn):
+    w, c = time.perf_counter(), time.process_time()
+    out = fn()
+    return out, (time.perf_counter() - w) * 1e3, (time.process_time() - c) * 1e3
+
+
+def points(text: str, k: int) -> list[int]:
+    """k lines spread over the file that start a statement (a completion at column 0)."""
+    lines = split_lines(text)
+    good = [i for i, ln in enumerate(lines) if ln.strip() and not ln.lstrip().startswith("#") and i > 2]
+    return [good[i] for i in sorted({int(j * len(good) / k) for j in range(k)})] if good else []
+
+
+def run_length(engine, length: int, precisions: list[str], n_points: int, max_new: int) -> list[dict]:
+    text = corpus(engine, length)
+    docs, rows = {}, []
+    for p in precisions:
+        doc = engine.open(f"file:///precision/{p}.py", text, settle=False)
+        doc.configure(precision=p)
+        _, wall, cpu = timed(doc.settle)
+        docs[p] = doc
+        rows.append(dict(kind="full", precision=p, length=length, tokens=doc.n, wall_ms=wall, cpu_ms=cpu))
+    lines = points(text, n_points + 1)
+    for p in precisions:  # the first use of a weight format makes it: not part of any timing
+        docs[p].suggest(lines[0], 0, max_new_tokens=2, multiline=False)
+    for line in lines[1:]:
+        ref = None
+        for p in precisions:
+            # on a new empty line, as after pressing Enter: the suggestion is the line to write
+            docs[p].edit((line, 0), (line, 0), "\n")
+            comp, wall, cpu = timed(lambda: docs[p].suggest(line, 0, max_new_tokens=max_new, multiline=False))
+            docs[p].edit((line, 0), (line + 1, 0), "")
+            ref = comp.text if p == "fp32" else ref
+            steps = max(comp.steps, 1)
+            rows.append(dict(kind="point", precision=p, length=length, line=line, text=comp.text, ttft_ms=comp.ttft_ms,
+                             decode_ms_per_token=(comp.total_ms - comp.ttft_ms) / (steps - 1) if steps > 1 else None,
+                             cpu_ms_per_step=cpu / steps, agree=None if ref is None else comp.text == ref))
+    for doc in docs.values():
+        engine.close(doc.uri)
+    return rows
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    out = []
+    for length in sorted({r["length"] for r in rows}):
+        full32 = next((r for r in rows if r["kind"] == "full" and r["precision"] == "fp32" and r["length"] == length), None)
+        for p in dict.fromkeys(r["precision"] for r in rows):
+            full = next(r for r in rows if r["kind"] == "full" and r["precision"] == p and r["length"] == length)
+            pts = [r for r in rows if r["kind"] == "point" and r["precision"] == p and r["length"] == length]
+            dec = [r["decode_ms_per_token"] for r in pts if r["decode_ms_per_token"] is not None]
+            scored = [r["agree"] for r in pts if r["agree"] is not None]
+            med = lambda xs: statistics.median(xs) if xs else None  # noqa: E731
+            out.append(dict(length=length, precision=p, tokens=full["tokens"], full_ms=full["wall_ms"],
+                            full_cpu_ms=full["cpu_ms"],
+                            full_speedup_cpu=full32["cpu_ms"] / full["cpu_ms"] if full32 else None,
+                            ttft_ms_p50=med([r["ttft_ms"] for r in pts]), decode_ms_p50=med(dec),
+                            cpu_ms_per_step_p50=med([r["cpu_ms_per_step"] for r in pts]),
+                            agreement=sum(scored) / len(scored) if scored else None, points=len(pts)))
+    return out
+
+
+def table(summary: list[dict]) -> str:
+    f = lambda v, fmt="{:,.0f}": "–" if v is None else fmt.format(v)  # noqa: E731
+    lines = ["| tokens | precision | full encode ms (CPU ms, × fp32) | first token ms p50 | decode ms/token p50 "
+             "(CPU ms/step) | agreement with fp32 |", "|---|---|---|---|---|---|"]
+    for s in summary:
+        lines.append(f"| {s['tokens']:,} | {s['precision']} | {f(s['full_ms'])} ({f(s['full_cpu_ms'])}, "
+                     f"{f(s['full_speedup_cpu'], '{:.2f}×')}) | {f(s['ttft_ms_p50'])} | {f(s['decode_ms_p50'], '{:.1f}')} "
+                     f"({f(s['cpu_ms_per_step_p50'], '{:.1f}')}) | {f(s['agreement'], '{:.3f}')} ({s['points']}) |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="livekv bench precision", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None, help="as Engine.load's (default: the embedded SmolLM2-135M)")
+    ap.add_argument("--lengths", default="1024,4096")
+    ap.add_argument("--points", type=int, default=24, help="completions per length (default %(default)s)")
+    ap.add_argument("--precisions", default="fp32,bf16,int8,int4", help="fp32 first: the reference")
+    ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default="bench/out/precision")
+    a = ap.parse_args(argv)
+    precisions = [p for p in a.precisions.split(",") if p]
+    if precisions[:1] != ["fp32"]:
+        ap.error("--precisions must start with fp32, the reference the others are scored against")
+    from livekv.incremental import Engine
+    from livekv.incremental.config import PRECISIONS
+    bad = [p for p in precisions if p not in PRECISIONS[1:]]
+    if bad:
+        ap.error(f"unknown precision(s) {bad}: choose from {','.join(PRECISIONS[1:])}")
+    engine = Engine.load(a.model, precision="fp32", threads=a.threads, max_new_tokens=a.max_new_tokens)
+    out, load, rows = Path(a.out), LoadMeter(), []
+    out.mkdir(parents=True, exist_ok=True)
+    for length in [int(x) for x in a.lengths.split(",")]:
+        log(f"precision: {length} tokens, {','.join(precisions)}")
+        rows += run_length(engine, length, precisions, a.points, a.max_new_tokens)
+        load.sample()
+    summary = summarize(rows)
+    (out / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (out / "results.json").write_text(json.dumps(dict(summary=summary, auto=engine.model.precision.resolve("auto"),
+                                                      load_avg=load.summary(), argv=argv), indent=1))
+    (out / "table.md").write_text(table(summary))
+    print(table(summary))
+    print(f"auto on this machine and model: {engine.model.precision.resolve('auto')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
