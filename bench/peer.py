@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from livekv.bench import llama_server as LS
-from livekv.bench.runner import LoadMeter, log
+from livekv.bench.runner import LoadMeter, cell, log, markdown
 from livekv.bench.scaling import corpus, edit_lines
 from livekv.incremental.lines import line_starts, split_lines, to_offset
 
@@ -123,17 +123,13 @@ def summarize(records: list[dict]) -> list[dict]:
 
 
 def table(summary: list[dict]) -> str:
-    rows = ["| mode | tokens | threads | system | format | re-evaluated p50 / p90 | edit → first token ms p50 / p90 "
-            "| whole line ms p50 / p90 | decode ms/token p50 |", "|" + "---|" * 9]
-
-    def f(x):
-        return "–" if x is None else f"{x:,.0f}"
-    for s in summary:
-        rows.append(f"| {s['mode']} | {s['tokens']:,} | {s['threads']} | {s['system']} | {s['format']} | "
-                    f"{f(s['evaluated_p50'])} / {f(s['evaluated_p90'])} | {f(s['first_token_ms_p50'])} / "
-                    f"{f(s['first_token_ms_p90'])} | {f(s['total_ms_p50'])} / {f(s['total_ms_p90'])} | "
-                    f"{f(s['decode_ms_per_token_p50'])} |")
-    return "\n".join(rows) + "\n"
+    return markdown(["mode", "tokens", "threads", "system", "format", "re-evaluated p50 / p90",
+                     "edit → first token ms p50 / p90", "whole line ms p50 / p90", "decode ms/token p50"],
+                    [[s["mode"], f"{s['tokens']:,}", str(s["threads"]), s["system"], s["format"],
+                      f"{cell(s['evaluated_p50'])} / {cell(s['evaluated_p90'])}",
+                      f"{cell(s['first_token_ms_p50'])} / {cell(s['first_token_ms_p90'])}",
+                      f"{cell(s['total_ms_p50'])} / {cell(s['total_ms_p90'])}", cell(s["decode_ms_per_token_p50"])]
+                     for s in summary])
 
 
 def plot(summary: list[dict], path: Path) -> None:

@@ -6,7 +6,8 @@ For each length a real file (the scaling run's stdlib corpus) is opened once per
 encoded at it (`full`: the first open of a file), then each precision completes the same new
 empty lines (one inserted, completed, removed), interleaved point by point, and is scored against
 fp32's line. Reported per precision: the full
-encode (ms, and × fp32's), time to first token, decode ms/token, and agreement with fp32. Wall
+encode (ms, and × fp32's), time to first token, the whole line, decode ms/token, and agreement
+with fp32. Wall
 times and this process's CPU times are both kept: on a shared machine the CPU times are the
 steadier ratio.
 """
@@ -19,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from livekv.bench.runner import LoadMeter, log
+from livekv.bench.runner import LoadMeter, cell, log, markdown
 from livekv.bench.scaling import corpus
 from livekv.incremental.lines import split_lines
 
@@ -59,6 +60,7 @@ def run_length(engine, length: int, precisions: list[str], n_points: int, max_ne
             ref = comp.text if p == "fp32" else ref
             steps = max(comp.steps, 1)
             rows.append(dict(kind="point", precision=p, length=length, line=line, text=comp.text, ttft_ms=comp.ttft_ms,
+                             line_ms=comp.total_ms,
                              decode_ms_per_token=(comp.total_ms - comp.ttft_ms) / (steps - 1) if steps > 1 else None,
                              cpu_ms_per_step=cpu / steps, agree=None if ref is None else comp.text == ref))
     for doc in docs.values():
@@ -79,21 +81,21 @@ def summarize(rows: list[dict]) -> list[dict]:
             out.append(dict(length=length, precision=p, tokens=full["tokens"], full_ms=full["wall_ms"],
                             full_cpu_ms=full["cpu_ms"],
                             full_speedup_cpu=full32["cpu_ms"] / full["cpu_ms"] if full32 else None,
-                            ttft_ms_p50=med([r["ttft_ms"] for r in pts]), decode_ms_p50=med(dec),
+                            ttft_ms_p50=med([r["ttft_ms"] for r in pts]), line_ms_p50=med([r["line_ms"] for r in pts]),
+                            decode_ms_p50=med(dec),
                             cpu_ms_per_step_p50=med([r["cpu_ms_per_step"] for r in pts]),
                             agreement=sum(scored) / len(scored) if scored else None, points=len(pts)))
     return out
 
 
 def table(summary: list[dict]) -> str:
-    f = lambda v, fmt="{:,.0f}": "–" if v is None else fmt.format(v)  # noqa: E731
-    lines = ["| tokens | precision | full encode ms (CPU ms, × fp32) | first token ms p50 | decode ms/token p50 "
-             "(CPU ms/step) | agreement with fp32 |", "|---|---|---|---|---|---|"]
-    for s in summary:
-        lines.append(f"| {s['tokens']:,} | {s['precision']} | {f(s['full_ms'])} ({f(s['full_cpu_ms'])}, "
-                     f"{f(s['full_speedup_cpu'], '{:.2f}×')}) | {f(s['ttft_ms_p50'])} | {f(s['decode_ms_p50'], '{:.1f}')} "
-                     f"({f(s['cpu_ms_per_step_p50'], '{:.1f}')}) | {f(s['agreement'], '{:.3f}')} ({s['points']}) |")
-    return "\n".join(lines) + "\n"
+    return markdown(["tokens", "precision", "full encode ms (CPU ms, × fp32)", "first token ms p50", "whole line ms p50",
+                     "decode ms/token p50 (CPU ms/step)", "agreement with fp32"],
+                    [[f"{s['tokens']:,}", s["precision"],
+                      f"{cell(s['full_ms'])} ({cell(s['full_cpu_ms'])}, {cell(s['full_speedup_cpu'], 'x')})",
+                      cell(s["ttft_ms_p50"]), cell(s["line_ms_p50"]),
+                      f"{cell(s['decode_ms_p50'], 'ms1')} ({cell(s['cpu_ms_per_step_p50'], 'ms1')})",
+                      f"{cell(s['agreement'], 'frac')} ({s['points']})"] for s in summary])
 
 
 def main(argv: list[str] | None = None) -> int:

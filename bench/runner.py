@@ -64,6 +64,20 @@ def n_tokens(engine, text: str) -> int:
     return len(engine.mirror.tokenize(text)[0])
 
 
+def cell(x, kind: str = "ms") -> str:
+    """One figure of a results table: – where there is none."""
+    if x is None or (isinstance(x, float) and x != x):
+        return "–"
+    return {"frac": f"{x:.3f}", "ms": f"{x:,.0f}", "ms1": f"{x:.1f}", "x": f"{x:.2f}×", "n": f"{x:,.0f}",
+            "kl": f"{x:.4f}"}[kind]
+
+
+def markdown(header: list[str], rows: list[list[str]]) -> str:
+    """A markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
+
+
 class LoadMeter:
     """The 1-minute load average over a run: other workers share these cores, and the numbers
     mean little without it."""

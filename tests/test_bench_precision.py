@@ -31,11 +31,11 @@ def test_summary_scores_against_fp32_and_divides_by_its_encode():
     rows = [dict(kind="full", precision=p, length=100, tokens=98, wall_ms=w, cpu_ms=w) for p, w in
             (("fp32", 900.0), ("int4", 300.0))]
     for line, (a, b) in enumerate([("x", "x"), ("y", "z"), ("w", "w"), ("", "")]):
-        rows.append(dict(kind="point", precision="fp32", length=100, line=line, text=a, ttft_ms=10.0,
+        rows.append(dict(kind="point", precision="fp32", length=100, line=line, text=a, ttft_ms=10.0, line_ms=90.0,
                          decode_ms_per_token=40.0, cpu_ms_per_step=40.0, agree=True))
-        rows.append(dict(kind="point", precision="int4", length=100, line=line, text=b, ttft_ms=8.0,
+        rows.append(dict(kind="point", precision="int4", length=100, line=line, text=b, ttft_ms=8.0, line_ms=60.0 + line,
                          decode_ms_per_token=30.0 + line, cpu_ms_per_step=30.0, agree=a == b))
     s = {r["precision"]: r for r in summarize(rows)}
     assert s["int4"]["agreement"] == 0.75 and s["fp32"]["agreement"] == 1.0
     assert s["int4"]["full_speedup_cpu"] == 3.0 and s["int4"]["decode_ms_p50"] == 31.5
-    assert "| 98 | int4 | 300 (300, 3.00×) | 8 | 31.5 (30.0) | 0.750 (4) |" in table(summarize(rows))
+    assert "| 98 | int4 | 300 (300, 3.00×) | 8 | 62 | 31.5 (30.0) | 0.750 (4) |" in table(summarize(rows))
