@@ -64,6 +64,7 @@ class Engine:
         if chosen in ("int8", "int4") and dev.type != "cpu":
             raise ValueError(f"precision {chosen} runs on the CPU only (torch's {chosen} weight kernel); "
                              f"use bf16 on {dev}")
+        eng.model.precision.prepare(chosen)
         log.info("loaded %s on %s/%s in %.1fs; precision %s%s", name, dev, str(dt).removeprefix("torch."),
                  time.perf_counter() - t0, chosen, " (auto)" if config.precision == "auto" else "")
         return eng

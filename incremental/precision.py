@@ -132,6 +132,15 @@ class Precision:
         return resolve(precision, self.device, self.int4_exact() if precision == "auto" and native_bf16(self.device)
                        else False)
 
+    def prepare(self, precision: str) -> None:
+        """Make the weight formats this precision's passes read now, not in a request's first pass."""
+        p = self.resolve(precision)
+        for mode in {"fp32": (), "bf16": ("bf16",), "int8": ("bf16", "int8"), "int4": ("bf16", "int4")}[p]:
+            for proj in (q for lp in self.layers for q in lp.all()):
+                proj.format(mode)
+        if self.device.type == "cpu":
+            self.lm_head.format("int8")  # argmax's ranking head
+
     def set(self, precision: str, n_queries: int) -> None:
         """Run the next pass of n_queries at this precision."""
         p = self.resolve(precision)
