@@ -131,6 +131,8 @@ def sweep_points(c: dict) -> dict[str, list[tuple]]:
         if strategy in ("pie-blend", "pie-window"):  # pie-window is the window rule at refresh_window
             rule = "window" if strategy == "pie-window" else overrides.get("blend_rule", Config().blend_rule)
             rule += "+cursor" * bool(overrides.get("blend_cursor", Config().blend_cursor))
+            layers = overrides.get("blend_layers", Config().blend_layers)
+            rule += f" (narrowed over {layers} layers)" * (rule.startswith("deviation") and layers > 1)
             cost = c["recomputed_mean"][lab] + c.get("recomputed_at_cursor", {}).get(lab, 0)
             out.setdefault(rule, []).append((cost, c["overall"][lab], c["kl_mean"][lab], lab))
     if "pie" in c["overall"]:

@@ -101,11 +101,15 @@ class FimStream:
             self.suffix_marker.rebase(doc.pos0 + self.gap)
 
     def settle(self, doc, should_stop=None) -> bool:
-        """Encode the dirty text before the gap, the suffix marker (dirty when the text before it
-        changed), then the suffix, which attends to the marker: an edit's recomputed suffix
-        tokens (pie-window's, pie-blend's) see the marker at its new position."""
-        return (doc.settle(should_stop, upto=self.gap) and self.suffix_marker.settle(should_stop)
-                and doc.settle(should_stop))
+        """Encode the dirty text before the gap, then, when suffix tokens wait to be encoded
+        (an edit's recomputed ones, pie-window's or pie-blend's), the suffix marker first (dirty
+        when the text before it changed): they attend to it at its new position. Otherwise the
+        marker waits for the completion (cursor)."""
+        if not doc.settle(should_stop, upto=self.gap):
+            return False
+        if doc.region.dirty_tokens()[self.gap:].any() and not self.suffix_marker.settle(should_stop):
+            return False
+        return doc.settle(should_stop)
 
     def also_sees(self, doc, idx: np.ndarray) -> list:
         return [(idx >= self.gap, self.suffix_marker)]  # the suffix comes after its marker
@@ -121,6 +125,7 @@ class FimStream:
             idx = np.arange(self.gap, min(doc.n, self.gap + doc.engine.config.refresh_window))
             doc.region.mark_dirty(idx[doc.region.stale_tokens()[idx]])
         self.settle(doc)
+        self.suffix_marker.settle()
         st, g = doc.state, self.gap
         e = int(st.ends[g - 1]) if g > 0 else 0
         before, soft = st.text[e:c] + extra, ""

@@ -89,7 +89,7 @@ def test_the_selection_is_after_the_edit_stale_and_within_the_budget(configured,
         assert len(picked) <= n and len(set(picked.tolist())) == len(picked)
         # stale ones only: after some edit, never before the first (those are exact)
         assert doc.stale[picked].all() and (picked >= first_edit).all()
-        if rule == "window":  # the window is after this edit itself
+        if rule == "window" and len(ch):  # the window is after this edit itself (when it changed anything)
             assert (picked >= here).all()
 
 

@@ -271,6 +271,7 @@ async def test_pie_blend_is_selectable_and_stats_say_what_it_recomputed(client: 
             return (await stats(client))["server"]["settings"]["strategy"] == "pie-blend"
         await eventually(applied, "the strategy change")
         open_doc(client, uri, TEXT)
+        await stats(client, uri)  # encoded: the change is an edit of the cache, not of the text to encode
         change(client, uri, 2, ((2, 0), (2, 0), "    extra = compute(alpha)\n"))
         s = await stats(client, uri)
         cfg = Config()
