@@ -179,6 +179,9 @@ def summarize_curve(rows: list[dict], buckets: int = 4) -> dict:
     return {"edits": n, "overall": {lab: mean(v) for lab, v in per_edit.items()}, "buckets": edges,
             "recomputed_mean": {lab: mean(r.get("recomputed") for r in rs) for lab, rs in edits.items()},
             "recomputed_share": {lab: mean(r.get("recomputed_share") for r in rs) for lab, rs in edits.items()},
+            # blend_cursor's, on each completion's critical path: per edit, both probes together
+            "recomputed_at_cursor": {lab: sum(r.get("recomputed_at_cursor") or 0 for r in rows if r["label"] == lab)
+                                     / max(1, len(rs)) for lab, rs in edits.items()},
             "by_bucket": by_bucket, "per_edit": per_edit, "stale_tokens": stale, "by_probe": probes,
             "kl_mean": {lab: mean(v) for lab, v in kl.items()}, "kl_per_edit": kl, "top1_mean": top1,
             "apply_ms_p50": apply,

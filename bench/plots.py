@@ -121,15 +121,20 @@ def agreement_curve(c: dict, path: Path, window: int = 10) -> None:
 
 def sweep_points(c: dict) -> dict[str, list[tuple]]:
     """{rule: [(recomputed per edit, agreement, KL, label)...]} by budget, for the curve's pie-blend
-    labels; pie joins every rule at budget 0. Rules with one budget are points."""
+    labels (at the cursor too, with blend_cursor) and pie-window; pie joins every rule at budget 0.
+    Rules with one budget are points."""
     from livekv.bench.runner import label_settings
     from livekv.incremental import Config
     out: dict[str, list[tuple]] = {}
     for lab in c["overall"]:
         strategy, overrides, _ = label_settings(lab.split("#")[0])
-        if strategy == "pie-blend":
-            rule = overrides.get("blend_rule", Config().blend_rule)
-            out.setdefault(rule, []).append((c["recomputed_mean"][lab], c["overall"][lab], c["kl_mean"][lab], lab))
+        if strategy in ("pie-blend", "pie-window"):  # pie-window is the window rule at refresh_window
+            rule = "window" if strategy == "pie-window" else overrides.get("blend_rule", Config().blend_rule)
+            rule += "+cursor" * bool(overrides.get("blend_cursor", Config().blend_cursor))
+            layers = overrides.get("blend_layers", Config().blend_layers)
+            rule += f" (narrowed over {layers} layers)" * (rule.startswith("deviation") and layers > 1)
+            cost = c["recomputed_mean"][lab] + c.get("recomputed_at_cursor", {}).get(lab, 0)
+            out.setdefault(rule, []).append((cost, c["overall"][lab], c["kl_mean"][lab], lab))
     if "pie" in c["overall"]:
         for pts in out.values():
             pts.append((0.0, c["overall"]["pie"], c["kl_mean"]["pie"], "pie"))

@@ -123,7 +123,9 @@ def curve_table(c: dict) -> str:
             tail += f" {_fmt(c['kl_mean'][lab], 'kl')} | {_fmt(c['top1_mean'][lab], 'frac')} |"
         if redo:
             share = c["recomputed_share"].get(lab)
-            tail += f" {_fmt(c['recomputed_mean'][lab], 'n')}" + (f" ({share:.1%})" if share is not None else "") + " |"
+            cursor = c.get("recomputed_at_cursor", {}).get(lab)
+            tail += (f" {_fmt(c['recomputed_mean'][lab], 'n')}" + (f" ({share:.1%})" if share is not None else "")
+                     + (f" + {_fmt(cursor, 'n')} at the cursor" if cursor else "") + " |")
         tail += (f" {_fmt(c['apply_ms_p50'][lab], 'ms')} | {_fmt(c['apply_below_full'][lab], 'x')} | "
                  f"{_fmt(c['idle_refresh_ms_p50'][lab], 'ms')} |") if cost else ""
         rows.append(f"| {lab} | {_fmt(v, 'frac')} | " + " | ".join(_fmt(x, 'frac') for x in c["by_bucket"][lab]) + " |"

@@ -43,11 +43,11 @@ def train_tokenizer(special: tuple[str, ...] = ()):
     return tok
 
 
-def tiny_llama(tokenizer, seed: int = 0, **config) -> Engine:
-    """A randomly initialised 2-layer Llama over `tokenizer`: fast, for unit tests."""
+def tiny_llama(tokenizer, seed: int = 0, layers: int = 2, **config) -> Engine:
+    """A randomly initialised Llama of `layers` layers over `tokenizer`: fast, for unit tests."""
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=32768,
                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=True)
     hf = LlamaForCausalLM(cfg).eval()

@@ -10,8 +10,9 @@ ones after the edit, by `blend_rule`:
     window     the first stale tokens after the edit (pie-window's choice, at this budget)
     age        those whose K/V are oldest: staleness compounds over edits, and these missed most
     structure  those that hold the edit's identifiers, nearest first, then the window
-    deviation  CacheBlend's test: a pool of four times the budget (window and age) run again
-               through layer 0; the largest layer-1 K/V deviations from the cache win
+    deviation  CacheBlend's test: a pool of up to four times the budget (window and age) run
+               again through layer 0; the largest layer-1 K/V deviations from the cache win, or,
+               with blend_layers L, the pool narrows layer by layer to the budget at layer L
     a+b        half the budget each
 
 The budget is blend_ratio of the stale tail, at most blend_cap tokens. A token recomputed since
@@ -80,20 +81,38 @@ def _structure(doc, cand, keep, first, n):
 
 
 def _deviation(doc, cand, keep, first, n):
-    """CacheBlend: the pool's layer-1 K/V recomputed from layer 0 (which is exact in the cache:
-    it depends on token and position only), against what the cache holds. The new tokens are
-    encoded first, since the deviation is what they cause."""
-    doc.settle()
+    """CacheBlend: a pool of candidates (the window's and the oldest) run again from layer 0,
+    whose K/V there are exact (they depend on token and position only), and compared at layer
+    1 with what the cache holds; with blend_layers L > 1 the pool narrows layer by layer, to n
+    at layer L, each survivor run one layer deeper (against the cache as it is). The new tokens
+    are encoded first, since the deviation is what they cause."""
+    if n <= 0:
+        return cand[:0]
+    doc.prompt.settle(doc)
     pool = np.union1d(_window(doc, cand, keep, first, 2 * n), _age(doc, cand, keep, first, 2 * n))
+    depth = doc.config.blend_layers
+    if depth >= doc.engine.model.n_layers:
+        raise ValueError(f"blend_layers {depth} leaves no layer to compare: this model has "
+                         f"{doc.engine.model.n_layers}; use at most {doc.engine.model.n_layers - 1}")
+    for layer in range(1, depth + 1):
+        want = n if layer == depth else max(n, round(n * (len(pool) / n) ** ((depth - layer) / depth)))
+        if len(pool) > want:
+            pool = np.sort(pool[np.argsort(-_deviation_at(doc, pool, layer), kind="stable")[:want]])
+    return pool
+
+
+def _deviation_at(doc, pool: np.ndarray, layer: int) -> np.ndarray:
+    """(len(pool),) relative K plus V deviation at `layer` of the pool's recomputed K/V from the
+    cache's, averaged over heads."""
     r, model = doc.region, doc.engine.model
     slots = r.slots(pool)
     k, v = model.forward(doc.kv, torch.from_numpy(doc.state.ids[pool]), torch.from_numpy(doc.positions[pool]),
-                         torch.from_numpy(slots), layout.encoding(doc, pool, slots), probe=1,
+                         torch.from_numpy(slots), layout.encoding(doc, pool, slots), probe=layer,
                          precision=doc.config.precision)
     at = torch.from_numpy(slots).to(k.device)
-    kc, vc = doc.kv.k[1, :, at][None], doc.kv.v[1, :, at][None]             # (1, Hkv, m, D)
+    kc, vc = doc.kv.k[layer, :, at][None], doc.kv.v[layer, :, at][None]     # (1, Hkv, m, D)
     dev = ((k - kc).norm(dim=-1) / (kc.norm(dim=-1) + 1e-6) + (v - vc).norm(dim=-1) / (vc.norm(dim=-1) + 1e-6))
-    return pool[np.argsort(-dev[0].mean(0).cpu().numpy(), kind="stable")[:n]]
+    return dev[0].mean(0).cpu().numpy()
 
 
 PICK = {"window": _window, "age": _age, "structure": _structure, "deviation": _deviation}

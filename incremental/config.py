@@ -39,6 +39,8 @@ class Config(Settings):
                               choices=BLEND_RULES)
     blend_ratio: float = setting(0.15, "pie-blend: the share of the stale tail an edit may recompute", min=0, max=1)
     blend_cap: int = setting(64, "pie-blend: the most stale tokens an edit recomputes", min=0)
+    blend_layers: int = setting(1, "pie-blend's deviation rule: over how many layers its pool of candidates "
+                                "narrows to the budget (CacheBlend)", min=1)
     blend_cursor: int = setting(0, "pie-blend: of the tokens just before the cursor, how many a completion "
                                 "recomputes when stale", min=0)
     encode_chunk: int = setting(512, "queries per forward pass when (re-)encoding long runs", min=1)

@@ -161,7 +161,7 @@ class Document(PositionGroup, Completer):
             s["repaired_share_last_edit"] = s["repaired_last_edit"] / stale if stale else 0.0
             s["repaired_total"] += s["repaired_last_edit"]
         if settle:
-            self.settle(should_stop)
+            self.prompt.settle(self, should_stop)
         s["edit_ms_last"] = (time.perf_counter() - t0) * 1e3
         return self.stats
 

@@ -77,9 +77,7 @@ class FimStream:
         p.settle()
         if gap_at is not None:
             stream.move_gap(doc, stream.gap_for(doc, gap_at))
-            doc.settle(upto=stream.gap)
-            s.settle()
-        doc.settle()
+        stream.settle(doc)
         return doc
 
     @property
@@ -102,6 +100,17 @@ class FimStream:
         if self.gap != old or (len(changes) and changes[0] < self.gap):
             self.suffix_marker.rebase(doc.pos0 + self.gap)
 
+    def settle(self, doc, should_stop=None) -> bool:
+        """Encode the dirty text before the gap, then, when suffix tokens wait to be encoded
+        (an edit's recomputed ones, pie-window's or pie-blend's), the suffix marker first (dirty
+        when the text before it changed): they attend to it at its new position. Otherwise the
+        marker waits for the completion (cursor)."""
+        if not doc.settle(should_stop, upto=self.gap):
+            return False
+        if doc.region.dirty_tokens()[self.gap:].any() and not self.suffix_marker.settle(should_stop):
+            return False
+        return doc.settle(should_stop)
+
     def also_sees(self, doc, idx: np.ndarray) -> list:
         return [(idx >= self.gap, self.suffix_marker)]  # the suffix comes after its marker
 
@@ -115,9 +124,8 @@ class FimStream:
             # the suffix right after the marker is what a middle must join up with: refresh it
             idx = np.arange(self.gap, min(doc.n, self.gap + doc.engine.config.refresh_window))
             doc.region.mark_dirty(idx[doc.region.stale_tokens()[idx]])
-        doc.settle(upto=self.gap)
+        self.settle(doc)
         self.suffix_marker.settle()
-        doc.settle()
         st, g = doc.state, self.gap
         e = int(st.ends[g - 1]) if g > 0 else 0
         before, soft = st.text[e:c] + extra, ""

@@ -85,6 +85,10 @@ class PrefixPrompt:
     def before_splice(self, doc, keep: np.ndarray) -> None:
         pass
 
+    def settle(self, doc, should_stop=None) -> bool:
+        """Encode the document's dirty tokens (FimStream's orders them around its marker)."""
+        return doc.settle(should_stop)
+
     def also_sees(self, doc, idx: np.ndarray) -> list:
         return []
 

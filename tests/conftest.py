@@ -30,3 +30,12 @@ def engine() -> Engine:
 def tiny_engine() -> Engine:
     """A tiny random Llama with a stdlib-trained tokenizer: no model wheel needed."""
     return tiny_llama(train_tokenizer(), max_new_tokens=8)
+
+
+@pytest.fixture(scope="session")
+def fim_engine() -> Engine:
+    """A tiny random Llama whose tokenizer has the FIM tokens: documents open as FIM streams."""
+    from livekv.incremental.fim import FIM_TOKENS
+    eng = tiny_llama(train_tokenizer(FIM_TOKENS), seed=1, max_new_tokens=6)
+    assert eng.fim_ids is not None
+    return eng

@@ -1,6 +1,7 @@
-"""pie-blend on a tiny random Llama: with the whole budget it is full, with none it is pie, and
-in between it recomputes only stale tokens after the edit, within the budget, whatever the rule;
-it composes with groups, lazy layouts, FIM streams and batched candidates."""
+"""pie-blend on a tiny random Llama: with the whole budget it is full, with none it is pie (on a
+FIM stream too), and in between it recomputes only stale tokens after the edit, within the
+budget, whatever the rule; it composes with groups, lazy layouts and batched candidates;
+pie-refresh's idle work takes the rule's ranking first; the deviation rule narrows layer by layer."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,10 +11,12 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from livekv.incremental import blend
 from livekv.incremental.config import BLEND_RULES
+from livekv.incremental.fim import FimStream
 from livekv.incremental.groups import Workspace
 from livekv.incremental.strategies import change_points
 
-from conftest import excerpt, stdlib_source
+from conftest import excerpt, stdlib_source, tiny_llama, train_tokenizer
+from test_fim import TEXT as FIM_TEXT
 from test_strategies import line_edit, rel
 
 TEXT = excerpt(stdlib_source(), 100, 40)
@@ -86,6 +89,8 @@ def test_the_selection_is_after_the_edit_stale_and_within_the_budget(configured,
         assert len(picked) <= n and len(set(picked.tolist())) == len(picked)
         # stale ones only: after some edit, never before the first (those are exact)
         assert doc.stale[picked].all() and (picked >= first_edit).all()
+        if rule == "window" and len(ch):  # the window is after this edit itself (when it changed anything)
+            assert (picked >= here).all()
 
 
 def test_an_edit_recomputes_its_budget_and_a_completion_the_tokens_before_the_cursor(configured):
@@ -121,3 +126,84 @@ def test_pie_blend_composes_with_groups_lazy_forks_and_candidates(configured):
     first = int(np.flatnonzero(fork.last_keep < 0)[0])
     assert fork.region.order is None and (fork.region.ages()[first:] == 0).all()  # all recomputed
     assert len(fork.suggest(20, 0, n=3, max_new_tokens=3).texts) >= 1
+
+
+def stream(doc) -> tuple:
+    """A FIM stream's K/V in token order: prefix marker, text, suffix marker."""
+    parts = [g.cached() for g in (doc.prompt.prefix_marker, doc, doc.prompt.suffix_marker)]
+    return torch.cat([p[0] for p in parts], 2), torch.cat([p[1] for p in parts], 2)
+
+
+@settings(max_examples=6, **FAST)
+@given(st.lists(line_edit(24), min_size=1, max_size=3), st.sampled_from(BLEND_RULES))
+def test_on_a_fim_stream_the_whole_budget_is_a_rebuild_and_none_is_pie(fim_engine, edits, rule):
+    """The same two limits on a FIM token stream (suffix marker mid-file), where the exact
+    reference is the PSM prompt rebuilt on the final text (full drops the gap): the whole
+    stream's K/V, markers included, and the completion."""
+    gap = FIM_TEXT.index("\n", len(FIM_TEXT) // 2) + 1
+    docs = {}
+    for name, strategy, ratio in (("whole", "pie-blend", 1.0), ("pie", "pie", 0.0), ("none", "pie-blend", 0.0)):
+        docs[name] = FimStream.open(fim_engine, f"file:///fim-{name}.py", FIM_TEXT, strategy, gap_at=gap)
+        docs[name].configure(blend_rule=rule, blend_ratio=ratio, blend_cap=100_000, blend_cursor=0)
+    try:
+        for e in edits:
+            edit_all(list(docs.values()), e)
+        whole, g = docs["whole"], docs["whole"].prompt.gap
+        docs["rebuilt"] = FimStream.open(fim_engine, "file:///fim-rebuilt.py", whole.text, "pie",
+                                         gap_at=int(whole.state.ends[g - 1]) if g else 0)
+        assert docs["rebuilt"].prompt.gap == g
+        (k, v), (kf, vf) = stream(whole), stream(docs["rebuilt"])
+        assert rel(k, kf) < 1e-5 and rel(v, vf) < 1e-5
+        assert all(torch.equal(a, b) for a, b in zip(stream(docs["none"]), stream(docs["pie"])))
+        line = FIM_TEXT.count("\n") // 2
+        assert whole.complete(line, 0) == docs["rebuilt"].complete(line, 0)
+        assert docs["none"].complete(line, 0) == docs["pie"].complete(line, 0)
+    finally:
+        for d in docs.values():
+            fim_engine.close(d.uri)
+
+
+@settings(max_examples=15, **FAST)
+@given(st.lists(line_edit(40), min_size=1, max_size=4), st.sampled_from(BLEND_RULES), st.integers(1, 60))
+def test_idle_refresh_encodes_the_tokens_the_rule_ranks_highest_first(configured, edits, rule, n):
+    eng = configured(blend_rule=rule)
+    doc = eng.open("file:///idle.py", TEXT, strategy="pie-refresh")
+    for e in edits:
+        edit_all([doc], e)
+    want = blend.ranked(doc, n)
+    most = min(n, len(blend.candidates(doc)))
+    assert len(want) == most if "+" not in rule else len(want) <= most  # each half of a pair may run short
+    ages = doc.region.ages().copy()
+    assert doc.refresh(max_tokens=n, ranked=True) == len(want)  # nothing else was waiting before them
+    after = doc.region.ages()
+    others = np.setdiff1d(np.arange(doc.n), want)
+    assert (after[want] == 0).all() and np.array_equal(after[others], ages[others])
+    assert not len(np.intersect1d(blend.ranked(doc, n), want))  # not twice between edits
+
+
+@pytest.fixture(scope="module")
+def deep_engine():
+    """Four layers: room for the deviation rule to narrow over three."""
+    return tiny_llama(train_tokenizer(), layers=4, max_new_tokens=8)
+
+
+@settings(max_examples=15, **FAST)
+@given(st.lists(line_edit(40), min_size=1, max_size=3), st.integers(1, 3), st.integers(1, 30))
+def test_deviation_narrows_its_pool_layer_by_layer_to_the_budget(deep_engine, edits, layers, n):
+    doc = deep_engine.open("file:///deep.py", TEXT, strategy="pie")
+    doc.configure(blend_layers=layers)
+    try:
+        for e in edits:
+            edit_all([doc], e)
+        keep, cand = doc.last_keep, blend.candidates(doc)
+        first = int(change_points(keep)[0]) if len(change_points(keep)) else 0
+        pool = np.union1d(blend.PICK["window"](doc, cand, keep, first, 2 * n),
+                          blend.PICK["age"](doc, cand, keep, first, 2 * n))
+        picked = blend.select(doc, keep, "deviation", n)
+        assert len(picked) == min(n, len(pool)) and np.isin(picked, pool).all() and doc.stale[picked].all()
+        doc.configure(blend_layers=deep_engine.model.n_layers)
+        if len(cand):
+            with pytest.raises(ValueError, match="at most 3"):
+                blend.select(doc, keep, "deviation", n)
+    finally:
+        deep_engine.close(doc.uri)

@@ -2,21 +2,13 @@
 must be exactly the PSM prompt's, and moving the cursor must be a splice, not a rebuild."""
 from __future__ import annotations
 
-import pytest
 import torch
 
-from livekv.incremental.fim import FIM_TOKENS, FimStream
+from livekv.incremental.fim import FimStream
 
-from conftest import excerpt, stdlib_source, tiny_llama, train_tokenizer
+from conftest import excerpt, stdlib_source
 
 TEXT = excerpt(stdlib_source(), 100, 24)
-
-
-@pytest.fixture(scope="module")
-def fim_engine():
-    eng = tiny_llama(train_tokenizer(FIM_TOKENS), seed=1, max_new_tokens=6)
-    assert eng.fim_ids is not None
-    return eng
 
 
 def psm_ids(eng, doc, g):

@@ -6,11 +6,15 @@ starts its own. Cancellation, shutdown, TCP and garbage: test_lsp_lifecycle.py.
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import pytest_lsp
 from lsprotocol import types as T
 from pygls.exceptions import JsonRpcInvalidParams
 from pytest_lsp import ClientServerConfig, LanguageClient
+
+from livekv.incremental import Config
 
 from conftest import excerpt, stdlib_source
 from lsp_helpers import (MAX_NEW, apply, change, completion, configure, errors, eventually, expected_completion,
@@ -257,3 +261,27 @@ async def test_settings_are_validated_and_applied(client: LanguageClient, engine
     s = await stats(client, uri)
     assert s["model"] == "smollm2-135m" and s["strategy"] == "pie" and s["text_sha256"] == sha(TEXT)
     assert [i.insert_text for i in await inline(client, uri, line, col)] == [expected_completion(engine, TEXT, line, col)]
+
+
+async def test_pie_blend_is_selectable_and_stats_say_what_it_recomputed(client: LanguageClient):
+    uri = "file:///blend.py"
+    configure(client, {"livekv": {"strategy": "pie-blend"}})
+    try:
+        async def applied():
+            return (await stats(client))["server"]["settings"]["strategy"] == "pie-blend"
+        await eventually(applied, "the strategy change")
+        open_doc(client, uri, TEXT)
+        await stats(client, uri)  # encoded: the change is an edit of the cache, not of the text to encode
+        change(client, uri, 2, ((2, 0), (2, 0), "    extra = compute(alpha)\n"))
+        s = await stats(client, uri)
+        cfg = Config()
+        n, share = s["repaired_last_edit"], s["repaired_share_last_edit"]
+        assert s["strategy"] == "pie-blend" and s["stale_tokens"] > 0 and n > 0 and share > 0
+        stale = round(n / share)  # the stale tail the edit left, before the repair
+        assert n <= min(cfg.blend_cap, math.ceil(cfg.blend_ratio * stale)) and stale > n
+        assert s["tokens_encoded_last_edit"] == s["tokens_new_last_edit"] + n
+        text = apply(TEXT, (2, 0), (2, 0), "    extra = compute(alpha)\n")
+        line, col = 9, len(text.split("\n")[9])
+        assert [i.insert_text for i in await inline(client, uri, line, col)]  # it completes
+    finally:
+        configure(client, {"livekv": {"strategy": "pie"}})

@@ -11,9 +11,10 @@ import json
 
 from websockets.asyncio.client import connect
 
+from livekv.incremental import Config
 from livekv.lsp_server import ws_protocol as P
-from ws_helpers import (HANG, INSERT_AT, NEW_LINE, NUMBERS, TEXT, URI, Client, long_stream, reference, rng,  # noqa: F401
-                        server_texts, serve, u16, worker)
+from ws_helpers import (HANG, INSERT_AT, NEW_LINE, NUMBERS, TEXT, URI, Client, long_stream, on_worker,  # noqa: F401
+                        reference, rng, server_texts, serve, u16, worker)
 
 async def test_open_edit_and_stream_a_completion(serve, worker):
     srv = serve()
@@ -219,3 +220,26 @@ async def test_a_stuck_client_does_not_block_another(serve, worker):
             assert (await b.call("edit", uri=URI, version=1, changes=[{"text": NUMBERS + "13"}]))["type"] == "ok"
             done = await b.reply(await b.send("complete", uri=URI, line=0, character=len(NUMBERS) + 2, maxNewTokens=2))
             assert done["type"] == "done"
+
+
+async def test_pie_blend_serves_and_its_stats_say_what_it_recomputed(serve, worker):
+    def use(strategy):  # the engine's strategy is what a new connection's documents get
+        return on_worker(worker, lambda eng: setattr(eng, "config", eng.config.updated(strategy=strategy)))
+    before = await on_worker(worker, lambda eng: eng.config.strategy)
+    await use("pie-blend")
+    try:
+        srv = serve()
+        async with connect(srv.url) as ws:
+            c = Client(ws)
+            assert (await c.call("open", uri=URI, text=TEXT))["type"] == "ok"
+            change = {"range": rng(2, 0), "text": "        extra = compute(alpha)\n"}
+            s = (await c.call("edit", uri=URI, version=1, changes=[change]))["stats"]
+            cfg = Config()
+            assert s["strategy"] == "pie-blend" and 0 < s["repaired_last_edit"] <= cfg.blend_cap
+            assert 0 < s["repaired_share_last_edit"] <= cfg.blend_ratio + 1 / s["tokens"]
+            assert s["tokens_encoded_last_edit"] == s["tokens_new_last_edit"] + s["repaired_last_edit"]
+            cid = await c.send("complete", uri=URI, line=INSERT_AT + 1, character=0, maxNewTokens=4)
+            assert (await c.reply(cid))["type"] == "done"
+            assert (await c.call("stats", uri=URI))["stats"]["repaired_total"] >= s["repaired_last_edit"]
+    finally:
+        await use(before)
