@@ -10,7 +10,17 @@ edits anywhere in the file (PIE).
 Subpackages: livekv.incremental (the engine), livekv.kernels (key re-rotation), livekv.lsp_server
 (the LSP and websocket servers, the CLI), livekv.bench (benchmarks).
 """
+import sys
 from importlib import metadata
+from pathlib import Path
+
+# A checkout's root holds the subpackages' folders (kernels/, incremental/) under their short
+# names. Where it is on sys.path (`python -c` or a script run from the root), they shadow installed
+# packages of the same names: transformers imports Hugging Face's `kernels` and would get ours.
+# The installed livekv never needs the root on the path, so it leaves before anything else loads.
+_checkout = Path(__file__).resolve().parent.parent
+if (_checkout / "pyproject.toml").is_file() and (_checkout / "kernels" / "rerotate_triton.py").is_file():
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _checkout]
 
 try:
     __version__ = metadata.version("livekv")  # pyproject.toml is the one place it is written

@@ -17,6 +17,6 @@ if [ -f editor-clients/vscode/package-lock.json ] && command -v npm >/dev/null; 
   (cd editor-clients/vscode && npm ci --silent --no-audit --no-fund && npm run --silent compile)
 fi
 # Convert the embedded model once before the tests start their servers in parallel.
-.venv/bin/python -c "from livekv import Engine; Engine.load()"
+.venv/bin/python -P -c "from livekv import Engine; Engine.load()"
 # -P: the checkout's root stays off sys.path, where kernels/ would shadow Hugging Face's kernels package
 exec .venv/bin/python -P -m pytest -q "$@"
