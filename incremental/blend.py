@@ -89,7 +89,7 @@ def _deviation(doc, cand, keep, first, n):
     slots = r.slots(pool)
     k, v = model.forward(doc.kv, torch.from_numpy(doc.state.ids[pool]), torch.from_numpy(doc.positions[pool]),
                          torch.from_numpy(slots), layout.encoding(doc, pool, slots), probe=1,
-                         precision=doc.config.precision)
+                         precision=doc.config.precision, shared=layout.apart(doc))
     at = torch.from_numpy(slots).to(k.device)
     kc, vc = doc.kv.k[1, :, at][None], doc.kv.v[1, :, at][None]             # (1, Hkv, m, D)
     dev = ((k - kc).norm(dim=-1) / (kc.norm(dim=-1) + 1e-6) + (v - vc).norm(dim=-1) / (vc.norm(dim=-1) + 1e-6))

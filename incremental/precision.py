@@ -136,14 +136,16 @@ class Precision:
         return resolve(precision, self.device, self.int4_exact() if precision == "auto" and native_bf16(self.device)
                        else False)
 
-    def set(self, precision: str, n_queries: int) -> None:
-        """Run the next pass of n_queries at this precision."""
+    def set(self, precision: str, n_queries: int, batched: bool = False) -> None:
+        """Run the next pass of n_queries at this precision. batched: the queries of several
+        passes (batch.py), where int4 gives way to int8: torch's int4 kernel costs grow with the
+        rows, int8's much less (README, "Batched decode")."""
         p = self.resolve(precision)
         assert p in PRECISIONS[1:], p
         if p == "fp32" or n_queries >= SMALL:
             self.mode = p if p == "fp32" else "bf16"
         else:
-            self.mode = "fp32" if p == "bf16" else p
+            self.mode = "fp32" if p == "bf16" else "int8" if p == "int4" and batched else p
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """(m, C) -> (m, V): the output head as loaded, at every precision (a few rows a pass; its

@@ -18,7 +18,7 @@ from websockets.exceptions import ConnectionClosed
 from livekv.incremental.host_memory import release_freed_memory
 
 from . import ws_protocol as P
-from .repo_context import Alone
+from .connection_docs import ConnectionDocs
 from .session import Session, VersionError
 from .worker import Ticket
 
@@ -32,8 +32,9 @@ def _jsonable(x):
 class Connection:
     """One client: its send queue, its running completions and (worker-side) its documents."""
 
-    def __init__(self, cid: str, ws: ServerConnection, loop: asyncio.AbstractEventLoop):
-        self.cid, self.ws, self.loop = cid, ws, loop
+    def __init__(self, cid: str, ws: ServerConnection, loop: asyncio.AbstractEventLoop, contexts=None):
+        """contexts(engine): the server's SharedContexts for that engine (worker thread)."""
+        self.cid, self.ws, self.loop, self.contexts = cid, ws, loop, contexts
         self.queue: asyncio.Queue[str] = asyncio.Queue()
         self.closed = False
         self.streams: dict[Any, Ticket] = {}   # completion id -> its ticket (loop thread only)
@@ -53,7 +54,8 @@ class Connection:
     def session(self, engine) -> Session:
         """This connection's session (worker thread; made by its first job)."""
         if self._session is None or self._session.docs.engine is not engine:
-            self._session = Session(Alone(engine, engine.config.strategy, prefix=self.euri("")), encoding="utf-16")
+            docs = ConnectionDocs(engine, engine.config.strategy, self.contexts(engine), prefix=self.euri(""))
+            self._session = Session(docs, encoding="utf-16")
         return self._session
 
     def stats(self, engine, uri: str) -> dict:
@@ -83,12 +85,15 @@ class Connection:
 
 
 
-# -- jobs: fn(engine, conn, ...) on the worker thread, in arrival order --------------------------
-def open_job(engine, conn: Connection, id_, uri: str, text: str, version: int, ticket: Ticket):
+# -- jobs: fn(engine, conn, ...) on the worker thread, in arrival order. Those that run the model
+# are steppers (generators, incremental/batch.py): the worker batches their passes with other
+# connections' (an open's or an edit's encode chunk by chunk, a completion step by step).
+def open_job(engine, conn: Connection, id_, uri: str, text: str, version: int, ticket: Ticket, role: str):
     if conn.closed:
         return None
     s = conn.session(engine)
-    s.open(uri, text, version, should_stop=ticket.should_stop)
+    s.open(uri, text, version, settle=False, role=role)
+    yield from s.docs.settling(uri, ticket.should_stop)
     return warned(s, {"type": "ok", "id": id_, "version": version, "stats": conn.stats(engine, uri)})
 
 
@@ -97,9 +102,10 @@ def edit_job(engine, conn: Connection, id_, uri: str, version: int, changes: lis
         return None
     s = conn.session(engine)
     try:
-        s.change(uri, version, changes, settle=True)
+        s.change(uri, version, changes, settle=False)
     except VersionError as e:
         raise P.ProtocolError(P.BAD_VERSION, f"edit {e}; versions must increase with every edit") from None
+    yield from s.docs.settling(uri, edit=True)
     return warned(s, {"type": "ok", "id": id_, "version": version, "stats": conn.stats(engine, uri)})
 
 
@@ -123,9 +129,12 @@ def complete_job(engine, conn: Connection, id_, uri: str, line: int, char16: int
     def piece(text: str) -> None:
         pieces.append(text)
         conn.post_threadsafe({"type": "token", "id": id_, "text": text})
+    if conn.session(engine).docs.is_context(uri):
+        raise P.ProtocolError(P.BAD_REQUEST, f"{uri} was opened as a context file: completions run in this "
+                                             "connection's documents; open it without role to complete in it")
     # cancelled, edited or disconnected while queued: no model work (answer None)
-    answer = conn.session(engine).complete(uri, line, char16, should_stop=ticket.should_stop, on_piece=piece,
-                                           max_new_tokens=n)
+    answer = yield from conn.session(engine).completing(uri, line, char16, should_stop=ticket.should_stop,
+                                                        on_piece=piece, max_new_tokens=n)
     return {"type": "done", "id": id_, "text": "".join(pieces), "cancelled": answer is None or answer.stop == "cancelled",
             "stats": conn.stats(engine, uri)}
 
