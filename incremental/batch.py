@@ -1,7 +1,8 @@
 """Forward passes as data, and the scheduler that runs many of them in one forward.
 
 The work of one completion (decode.decoding) or one encode (encode.settling) is a *stepper*: a
-generator that yields a Pass each time it needs the model and is sent back that pass's result.
+generator that yields a Pass each time it needs the model and is sent back that pass's result
+(or None, to wait a step: shared.py's encode of a group another stepper is encoding).
 `alone` runs one stepper by itself, each pass a batch of one. A Scheduler runs many: each step,
 the pending pass of every stepper goes into one Transformer.run, which reads the weights once
 for all of their rows, and every stepper is advanced to its next pass. New steppers join between
@@ -51,11 +52,13 @@ class Pass:
         return int(self.ids.shape[0])
 
 
-def run(model, passes: list[Pass]) -> list:
-    """Each pass's result, from one forward per precision."""
+def run(model, passes: list[Pass | None]) -> list:
+    """Each pass's result, from one forward per precision (None for a None: a stepper that
+    waits this step out)."""
     groups: dict[str, list[int]] = {}
     for j, p in enumerate(passes):
-        groups.setdefault(p.precision, []).append(j)
+        if p is not None:
+            groups.setdefault(p.precision, []).append(j)
     out: list = [None] * len(passes)
     for idx in groups.values():
         for j, res in zip(idx, model.run([passes[j] for j in idx])):
@@ -71,7 +74,7 @@ def alone(model, stepper: Stepper):
             p = stepper.send(result)
         except StopIteration as done:
             return done.value
-        result = model.run([p])[0]
+        result = None if p is None else model.run([p])[0]
 
 
 def streaming(model, stepper: Stepper, pieces: list):
@@ -87,7 +90,7 @@ def streaming(model, stepper: Stepper, pieces: list):
             return done.value
         yield from pieces
         pieces.clear()
-        result = model.run([p])[0]
+        result = None if p is None else model.run([p])[0]
 
 
 @dataclass
@@ -126,6 +129,7 @@ class Scheduler:
         if not self.running:
             return 0
         batch, self.running = self.running, []
+        ran = sum(r.pending is not None for r in batch)
         try:
             results = run(self.model, [r.pending for r in batch])
         except BaseException as e:  # the forward failed: every stepper in it hears why
@@ -136,9 +140,9 @@ class Scheduler:
             if self._advance(r, res):
                 self.running.append(r)
         self.steps += 1
-        self.passes += len(batch)
-        self.widest = max(self.widest, len(batch))
-        return len(batch)
+        self.passes += ran
+        self.widest = max(self.widest, ran)
+        return ran
 
     def cancel_all(self, error: BaseException) -> None:
         """End every stepper with this error (the server is closing)."""

@@ -102,6 +102,28 @@ async def test_a_context_that_eight_connections_share_is_held_once(eng):
         assert store.groups == [] and store.tokens() == 0  # every reference went: nothing held
 
 
+async def test_connections_that_open_one_context_at_once_encode_it_once(eng):
+    """Four connections open the same long context at the same moment: one encodes it, chunk by
+    chunk, while the others wait for it; each is answered once it is whole."""
+    big = excerpt(SOURCE, 1000, 200)
+    n = len(eng.mirror.tokenize(big)[0])
+    assert n > 2 * eng.config.encode_chunk  # several chunks, several steps
+    with Server(eng) as srv:
+        socks = [await connect(srv.bg.url) for _ in range(4)]
+        try:
+            clients = [Client(w) for w in socks]
+            oks = await asyncio.gather(*[c.call("open", uri=f"file:///big{i}.py", text=big, role="context")
+                                         for i, c in enumerate(clients)])
+            for ok in oks:
+                st = ok["stats"]
+                assert st["dirty_tokens"] == 0 and st["tokens"] == n
+                assert st["tokens_encoded_total"] == n  # encoded once, not once per connection
+                assert st["workspace"]["server"]["context_groups"] == 1
+        finally:
+            for w in socks:
+                await w.close()
+
+
 async def test_an_edit_copies_the_editors_context_and_leaves_the_others(eng):
     with Server(eng) as srv:
         async with connect(srv.bg.url) as wa, connect(srv.bg.url) as wb:
