@@ -35,15 +35,20 @@ def group_keys(g, i: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     return kv.k[i].index_select(1, idx)[None], kv.v[i].index_select(1, idx)[None]
 
 
-def shared_attention(i: int, rows: list, scaling: float) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+def shared_attention(i: int, rows: list, scaling: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Layer i, after each pass attended to its own cache (PassAttention.attend, which leaves its
-    rotated queries in .q): for each pass, (out (1, H, m, D), lse (1, H, m)) of every shared
-    group it sees, each group attended once for all the passes that see it."""
-    parts: list[list] = [[] for _ in rows]
+    rotated queries in .q): for each shared group any pass sees, (out (1, H, n, D), lse
+    (1, H, n)) over every row of the batch, the group attended once for the rows of all the
+    passes that see it (zeros and -inf on the other rows: they weigh nothing in a merge)."""
     users: dict[int, tuple] = {}
     for j, r in enumerate(rows):
         for g in r.p.shared:
             users.setdefault(id(g), (g, []))[1].append(j)
+    if not users:
+        return []
+    sizes = [r.p.n for r in rows]
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    n, parts = int(starts[-1]), []
     for g, js in users.values():
         kv = group_keys(g, i)
         if kv is None:
@@ -51,7 +56,10 @@ def shared_attention(i: int, rows: list, scaling: float) -> list[list[tuple[torc
         qs = [rows[j].q for j in js]
         q = torch.cat(qs, dim=2) if len(qs) > 1 else qs[0]            # (1, H, sum m, D)
         out, lse = attend_lse(q, *kv, None, scaling)
-        sizes = [t.shape[2] for t in qs]
-        for j, o, lo in zip(js, out.split(sizes, 2), lse.split(sizes, 2)):
-            parts[j].append((o, lo))
+        if len(js) < len(rows):  # to the batch's rows
+            at = torch.from_numpy(np.concatenate([np.arange(starts[j], starts[j + 1]) for j in js])).to(q.device)
+            full = out.new_zeros(1, out.shape[1], n, out.shape[3])
+            full_lse = lse.new_full((1, lse.shape[1], n), float("-inf"))
+            out, lse = full.index_copy_(2, at, out), full_lse.index_copy_(2, at, lse)
+        parts.append((out, lse))
     return parts

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .attention import LAZY_MAX_QUERIES, PendingDeltas, attend, attend_lse, attention_with_deltas
+from .attention import LAZY_MAX_QUERIES, PendingDeltas, attend, attend_lse, attention_with_deltas, flash_rows
 from .batch import Pass
 
 
@@ -45,6 +45,10 @@ class PassAttention:
         self.pending = PendingDeltas(p.layout, p.n >= LAZY_MAX_QUERIES, model.inv_freq.to(dev))
         if self.pending.runs is not None and self.mask is not None:
             self.mask = self.mask[:, self.pending.cols]                # the runs' columns only
+        # attend_lse's mask, made once for every layer (a pass that sees groups apart needs it)
+        self.mask_rows = None
+        if p.shared and self.mask is not None:
+            self.mask_rows = flash_rows(self.mask, model.n_heads // model.n_kv_heads)
         self.slots = p.slots if isinstance(p.slots, int) else p.slots.to(dev)
         self.tables: dict[int, tuple] = {}
         self.x = x
@@ -77,7 +81,7 @@ class PassAttention:
         if pending.runs is None or pending.copy:
             K, V = pending.rotated(K, V)
             if apart:
-                return attend_lse(q_rot, K, V, self.mask, scaling)
+                return attend_lse(q_rot, K, V, self.mask, scaling, self.mask_rows)
             return attend(q_rot, K, V, self.mask, scaling), None
         out = attention_with_deltas(q, K, V, self._rope, pending.runs, self.mask, scaling, with_lse=apart)
         return out if apart else (out, None)

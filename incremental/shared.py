@@ -89,6 +89,7 @@ class SharedContexts:
             self.by_key[k] = g
             self.groups.append(g)
             self.members.append(g.member)
+            self.fit(keep=[g.member])
         elif g.doc is None:
             self.restore(g)
         g.refs += 1
@@ -154,8 +155,9 @@ class SharedContexts:
                 g.encoding = False
         return True
 
-    def restore(self, g: SharedGroup) -> None:
-        """An evicted group back, all its tokens to encode."""
+    def restore(self, g: SharedGroup, keep=()) -> None:
+        """An evicted group back, all its tokens to encode; the budget keeps `keep` (members
+        the caller needs with it)."""
         if g.doc is None:
             self._place(g)
             if g.member not in self.members:
@@ -163,7 +165,7 @@ class SharedContexts:
             for fn in self.on_change:
                 fn(g)
         g.member.used = time.monotonic()
-        self.fit(keep=g.member)
+        self.fit(keep=[g.member, *keep])
 
     # -- the budget ------------------------------------------------------------------------------
     def track(self, doc: Document, evict: Callable[[], None], active: bool = False) -> Member:
@@ -179,15 +181,15 @@ class SharedContexts:
     def tokens(self) -> int:
         return sum(m.tokens() for m in self.members)
 
-    def fit(self, keep: Member | None = None) -> int:
+    def fit(self, keep=()) -> int:
         """Evict whole groups, least recently used first by rank, until the budget holds (or
-        only groups in use are left). Returns how many went."""
+        only groups in use, or in `keep`, are left). Returns how many went."""
         gone = 0
         over = self.tokens() - self.max_cache_tokens
         for m in sorted(self.members, key=lambda m: (m.rank, m.used)):
             if over <= 0:
                 break
-            if m is keep or m.doc is None or m.doc.users:
+            if any(m is k for k in keep) or m.doc is None or m.doc.users:
                 continue
             over -= m.tokens()
             m.evict()

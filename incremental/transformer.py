@@ -98,9 +98,11 @@ class Transformer:
                 return [(k, v)]  # a probe's one pass
             parts = zip(rows, *(t.split(sizes, 2) for t in (q, qr, k, v)))
             own = [r.attend(i, *t, write=probe is None) for r, *t in parts]  # (out, lse)
+            o = own[0][0] if one else torch.cat([a for a, _ in own], 2)  # (1, H, n, D)
             shared = shared_attention(i, rows, self.scaling)   # context groups in another cache
-            outs = [(merge([o, *extra])[0] if extra else o[0]) for o, extra in zip(own, shared)]
-            o = torch.cat(outs, 2) if len(outs) > 1 else outs[0]       # (1, H, n, D)
+            if shared:  # a pass without groups apart weighs its own part 1 (lse 0) against none
+                lse = torch.cat([b if b is not None else a.new_zeros(a.shape[:3]) for a, b in own], 2)
+                o = merge([(o, lse), *shared])[0]
             x = x + proj.o(o.transpose(1, 2).reshape(1, n, -1), mode)
             gate, up = proj.gate_up(_norm(layer.post_attention_layernorm, x), mode)
             x = x + proj.down(layer.mlp.act_fn(gate) * up, mode)

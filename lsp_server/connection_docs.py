@@ -100,6 +100,17 @@ class ConnectionDocs:
             return done
         return (yield from self.own[uri].settling(should_stop, edit=edit))
 
+    def contexts_settling(self, should_stop=None):
+        """A stepper that brings back this connection's evicted contexts and encodes what they
+        lack, before its documents are used (an edit, a completion)."""
+        for g in list(self.contexts.values()):
+            if g.doc is None:
+                self.store.restore(g, keep=self._working_set())
+            g.member.used = time.monotonic()
+            if not (yield from self.store.settling(g, should_stop)):
+                return False
+        return True
+
     def _place(self, uri: str, text: str) -> Document:
         if self.engine.fim_ids is not None and self.engine.config.fim != "off":
             doc = self.engine.open(self.prefix + uri, text, strategy=self.strategy, settle=False)
@@ -113,7 +124,7 @@ class ConnectionDocs:
         if m is None:
             self.members[uri] = m = self.store.track(doc, lambda u=uri: self._evict(u))
         m.doc = doc
-        self.store.fit(keep=m)
+        self.store.fit(keep=[m, *self._working_set()])
         return doc
 
     def activate(self, uri: str):
@@ -159,6 +170,11 @@ class ConnectionDocs:
         self.engine.close(self.prefix + uri)
 
     # -- contexts ------------------------------------------------------------------------------
+    def _working_set(self) -> list:
+        """What this connection's next edit or completion needs: its contexts and active document."""
+        ms = [g.member for g in self.contexts.values()]
+        return ms + ([self.members[self.active_uri]] if self.active_uri in self.members else [])
+
     def _groups(self) -> list:
         return [g.doc for g in self.contexts.values() if g.doc is not None]
 

@@ -101,6 +101,7 @@ def edit_job(engine, conn: Connection, id_, uri: str, version: int, changes: lis
     if conn.closed:
         return None
     s = conn.session(engine)
+    yield from s.docs.contexts_settling()  # what the budget evicted comes back first
     try:
         s.change(uri, version, changes, settle=False)
     except VersionError as e:
@@ -132,6 +133,7 @@ def complete_job(engine, conn: Connection, id_, uri: str, line: int, char16: int
     if conn.session(engine).docs.is_context(uri):
         raise P.ProtocolError(P.BAD_REQUEST, f"{uri} was opened as a context file: completions run in this "
                                              "connection's documents; open it without role to complete in it")
+    yield from conn.session(engine).docs.contexts_settling(ticket.should_stop)
     # cancelled, edited or disconnected while queued: no model work (answer None)
     answer = yield from conn.session(engine).completing(uri, line, char16, should_stop=ticket.should_stop,
                                                         on_piece=piece, max_new_tokens=n)

@@ -179,6 +179,9 @@ async def test_one_budget_evicts_contexts_first_and_the_active_document_last(eng
             # b's activity does not take a's active document; a's next edit brings its context back
             await complete(b, DOCS[1])
             assert not (await a.call("stats", uri="file:///mine.py"))["stats"]["evicted"]
+            # a's next completion brings its context back first: the answer is as if never evicted
+            assert await complete(a, DOCS[0]) == reference(eng, DOCS[0], [CTX], LINE)
+            assert not (await a.call("stats", uri="file:///ctx.py"))["stats"]["evicted"]
             await a.call("edit", uri="file:///ctx.py", version=1, changes=[{"range": rng(0, 0), "text": "#\n"}])
             sa = (await a.call("stats", uri="file:///ctx.py"))["stats"]
             assert not sa["evicted"] and sa["text_sha256"] == sha("#\n" + CTX)
