@@ -1,6 +1,6 @@
 """Many editors on one `livekv serve`: batched decode against the serial server, in one run.
 
-    livekv bench team [--editors 1,2,4,8,16] [--completions 8] [--file-tokens 600]
+    livekv bench team [--editors 1,2,4,8,16] [--completions 10] [--file-tokens 600]
                       [--context-files 3] [--context-tokens 800] [--max-new-tokens 16]
                       [--threads 1] [--precision auto] [--out bench/out/team]
 
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="livekv bench team", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--editors", default="1,2,4,8,16", help="numbers of editors to run, comma-separated")
-    p.add_argument("--completions", type=int, default=8, help="completions each editor asks for")
+    p.add_argument("--completions", type=int, default=10, help="completions each editor asks for")
     p.add_argument("--file-tokens", type=int, default=600, help="each editor's file, cut to about this many tokens")
     p.add_argument("--context-files", type=int, default=3, help="context files every editor shares")
     p.add_argument("--context-tokens", type=int, default=800, help="each context file cut to about this")

@@ -208,7 +208,12 @@ class WsServer:
             if older.uri == euri:
                 older.cancel()
         ticket = self.worker.ticket(euri)
-        self._submit(conn, msg, S.complete_job, uri, line, char, n, ticket, ticket=ticket, stream=True, capped=True)
+        conn.completion_coming(uri)  # an edit queued before it leaves its tokens to its first pass
+        try:
+            self._submit(conn, msg, S.complete_job, uri, line, char, n, ticket, ticket=ticket, stream=True, capped=True)
+        except P.ProtocolError:
+            conn.completion_coming(uri, -1)
+            raise
 
     def _on_cancel(self, conn, msg, id_):
         ticket = conn.streams.get(id_)

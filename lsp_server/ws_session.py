@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
+from collections import Counter
 from typing import Any
 
 from websockets.asyncio.server import ServerConnection
@@ -41,11 +43,22 @@ class Connection:
         self.live: set[Ticket] = set()         # tickets of jobs not yet answered (loop thread only)
         self.capped: dict[Any, Ticket | None] = {}  # complete/stats ids not yet answered -> ticket (loop thread)
         self._session: Session | None = None   # worker thread only
+        self._coming: Counter = Counter()      # uri -> completions submitted, not started (both threads)
+        self._coming_lock = threading.Lock()
 
     def waiting(self) -> int:
         """Complete and stats requests still to be answered that have work to do (a cancelled or
         superseded completion answers at no cost: it does not count)."""
         return sum(t is None or not t.should_stop() for t in self.capped.values())
+
+    def completion_coming(self, uri: str, n: int = 1) -> None:
+        """A completion for uri was submitted (n 1, loop thread) or has started (n -1, worker)."""
+        with self._coming_lock:
+            self._coming[uri] += n
+
+    def completion_waiting(self, uri: str) -> bool:
+        with self._coming_lock:
+            return self._coming[uri] > 0
 
     def euri(self, uri: str) -> str:
         """The engine's name of this connection's document uri."""
@@ -106,7 +119,8 @@ def edit_job(engine, conn: Connection, id_, uri: str, version: int, changes: lis
         s.change(uri, version, changes, settle=False)
     except VersionError as e:
         raise P.ProtocolError(P.BAD_VERSION, f"edit {e}; versions must increase with every edit") from None
-    yield from s.docs.settling(uri, edit=True)
+    if not conn.completion_waiting(uri):  # else its new tokens ride in the completion's first pass
+        yield from s.docs.settling(uri, edit=True)
     return warned(s, {"type": "ok", "id": id_, "version": version, "stats": conn.stats(engine, uri)})
 
 
@@ -125,6 +139,7 @@ def stats_job(engine, conn: Connection, id_, uri: str):
 
 
 def complete_job(engine, conn: Connection, id_, uri: str, line: int, char16: int, n: int, ticket: Ticket):
+    conn.completion_coming(uri, -1)
     pieces = []
 
     def piece(text: str) -> None:

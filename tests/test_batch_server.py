@@ -128,3 +128,25 @@ async def test_a_long_paste_does_not_hold_another_connections_decode(eng, files,
     assert edit["type"] == "ok" and edit["stats"]["dirty_tokens"] == 0
     assert done["text"] == ref.text
     assert order == (["done", "edit"] if batch else ["edit", "done"])
+
+
+async def test_an_edit_followed_by_a_completion_encodes_in_the_completions_first_pass(eng, files):
+    """An edit with a completion for the same document right behind it leaves its new tokens to
+    the completion's first pass (one pass of the weights, not two); the answer is the edited
+    text's."""
+    text, line, col, _ = files[3]
+    typed = "value = total + 1"
+    lines = text.split("\n")
+    edited = "\n".join(lines[:line] + [lines[line] + typed] + lines[line + 1:])
+    want = reference(eng, edited, line, col + len(typed))
+    with Server(eng, batch=True) as srv:
+        async with connect(srv.bg.url) as ws:
+            c = Client(ws)
+            await c.call("open", uri="file:///r.py", text=text)
+            ie = await c.send("edit", uri="file:///r.py", version=1,
+                              changes=[{"range": {"start": {"line": line, "character": col},
+                                                  "end": {"line": line, "character": col}}, "text": typed}])
+            ic = await c.send("complete", uri="file:///r.py", line=line, character=col + len(typed))
+            edit, done = await c.reply(ie), await c.reply(ic)
+    assert edit["type"] == "ok" and edit["stats"]["tokens_encoded_last_edit"] == 0 < edit["stats"]["dirty_tokens"]
+    assert done["text"] == want.text and done["stats"]["tokens_encoded_last_edit"] > 0
