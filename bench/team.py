@@ -94,7 +94,8 @@ async def workspace_stats(url: str) -> dict:
         await c.call("open", uri="file:///probe.py", text="x = 1\n")
         st = (await c.call("stats", uri="file:///probe.py"))["stats"]
         c.reader.cancel()
-        return (st.get("workspace") or {}).get("server") or {}
+        ws = st.get("workspace") or {}
+        return dict(ws.get("server") or {}, batch=ws.get("batch"))
 
 
 async def phase(url: str, files: list[tuple[str, str]], contexts: dict[str, str], a: argparse.Namespace) -> dict:
@@ -107,7 +108,11 @@ async def phase(url: str, files: list[tuple[str, str]], contexts: dict[str, str]
     cache = asyncio.create_task(workspace_stats(url))  # while every editor holds its files
     records = await asyncio.gather(*tasks)
     wall = time.perf_counter() - t0
-    return dict(wall_s=wall, records=[r for rs in records for r in rs], cache=await cache)
+    cache, after = await cache, (await workspace_stats(url))["batch"]
+    before = cache["batch"]
+    steps = after["steps"] - before["steps"]
+    width = (after["passes"] - before["passes"]) / steps if steps else None  # the serial server runs none
+    return dict(wall_s=wall, records=[r for rs in records for r in rs], cache=cache, passes_per_step=width)
 
 
 def summarise(server: str, n: int, run: dict, load: LoadMeter) -> dict:
@@ -116,22 +121,25 @@ def summarise(server: str, n: int, run: dict, load: LoadMeter) -> dict:
     return dict(server=server, editors=n, completions=len(rs), wall_s=run["wall_s"],
                 throughput=len(rs) / run["wall_s"], first_p50=percentile(first, 50), first_p95=percentile(first, 95),
                 line_p50=percentile(line, 50), line_p95=percentile(line, 95),
-                reused=sum(r["reused"] for r in rs), empty=sum(r["empty"] for r in rs),
-                cancelled=sum(r["cancelled"] for r in rs), load=load.summary(), cache=run["cache"])
+                reused=sum(r["reused"] for r in rs), empty=sum(r["empty"] for r in rs), rode=sum(r["rode"] for r in rs),
+                cancelled=sum(r["cancelled"] for r in rs), load=load.summary(), cache=run["cache"],
+                passes_per_step=run["passes_per_step"])
 
 
 def table(rows: list[dict]) -> str:
     by = {(r["server"], r["editors"]): r for r in rows}
     lone = by.get(("batched", 1))
     out = ["| editors | server | completions/s | x serial | first token p50 / p95 ms | x lone p50 | "
-           "whole line p50 / p95 ms | reused | cache tokens (shared) | load |", "|---|---|---|---|---|---|---|---|---|---|"]
+           "whole line p50 / p95 ms | passes/step | reused | cache tokens (shared) | load |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         s = by.get(("serial", r["editors"]))
         x = f"{r['throughput'] / s['throughput']:.2f}" if s and r["server"] == "batched" else ""
         xl = f"{r['first_p50'] / lone['first_p50']:.2f}" if lone and r["server"] == "batched" else ""
         c = r["cache"]
+        w = f"{r['passes_per_step']:.1f}" if r["passes_per_step"] else ""
         out.append(f"| {r['editors']} | {r['server']} | {r['throughput']:.2f} | {x} | {r['first_p50']:.0f} / "
-                   f"{r['first_p95']:.0f} | {xl} | {r['line_p50']:.0f} / {r['line_p95']:.0f} | "
+                   f"{r['first_p95']:.0f} | {xl} | {r['line_p50']:.0f} / {r['line_p95']:.0f} | {w} | "
                    f"{r['reused']}/{r['completions']} | {c.get('tokens', '?')} ({c.get('shared_tokens', '?')}) | "
                    f"{r['load']['mean']:.1f} |")
     return "\n".join(out) + "\n"

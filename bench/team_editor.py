@@ -108,7 +108,7 @@ async def editor(url: str, uri: str, text: str, steps: list[Step], ready: asynci
                 await c.next(ie)
                 continue
             ic = await c.send("complete", uri=uri, line=st.line, character=st.character, maxNewTokens=max_new)
-            await c.next(ie)
+            edited = (await c.next(ie))[1]["stats"]
             first = None
             while True:
                 t, msg = await c.next(ic)
@@ -118,6 +118,7 @@ async def editor(url: str, uri: str, text: str, steps: list[Step], ready: asynci
                     break
             last = msg["stats"]["last_completion"]
             out.append(dict(first_ms=((first or t) - t0) * 1e3, line_ms=(t - t0) * 1e3, text=msg["text"],
-                            empty=first is None, reused=bool(last.get("reused")), cancelled=msg["cancelled"]))
+                            empty=first is None, reused=bool(last.get("reused")), cancelled=msg["cancelled"],
+                            rode=edited["tokens_encoded_last_edit"] == 0 < edited["dirty_tokens"]))
         c.reader.cancel()
         return out

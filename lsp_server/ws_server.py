@@ -63,6 +63,13 @@ class WsServer:
             self._contexts = SharedContexts(engine, self.opts.max_cache_tokens)
         return self._contexts
 
+    def batching(self) -> dict:
+        """The worker's batched steps so far: how many, the passes they ran, the widest."""
+        sched = self.worker.scheduler
+        if sched is None:
+            return dict(steps=0, passes=0, widest=0)
+        return dict(steps=sched.steps, passes=sched.passes, widest=sched.widest)
+
     async def start(self) -> None:
         # The transport's hard limit closes the connection (1009); below it, messages over
         # max_message_bytes are answered with a too_large error and the connection lives on.
@@ -82,7 +89,7 @@ class WsServer:
     async def serve_connection(self, ws: ServerConnection) -> None:
         """One client until it goes: `ws` has websockets' recv(decode=False), send, close and
         remote_address, and raises its ConnectionClosed once the client is gone."""
-        conn = S.Connection(f"c{next(self._ids)}", ws, asyncio.get_running_loop(), self.contexts)
+        conn = S.Connection(f"c{next(self._ids)}", ws, asyncio.get_running_loop(), self)
         log.info("%s connected from %s", conn.cid, ws.remote_address)
         sender = asyncio.create_task(conn.send_loop())
         try:

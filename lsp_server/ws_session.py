@@ -34,9 +34,10 @@ def _jsonable(x):
 class Connection:
     """One client: its send queue, its running completions and (worker-side) its documents."""
 
-    def __init__(self, cid: str, ws: ServerConnection, loop: asyncio.AbstractEventLoop, contexts=None):
-        """contexts(engine): the server's SharedContexts for that engine (worker thread)."""
-        self.cid, self.ws, self.loop, self.contexts = cid, ws, loop, contexts
+    def __init__(self, cid: str, ws: ServerConnection, loop: asyncio.AbstractEventLoop, server=None):
+        """server: the WsServer, whose contexts(engine) are shared by every connection and whose
+        batching() counts the worker's steps (worker thread)."""
+        self.cid, self.ws, self.loop, self.server = cid, ws, loop, server
         self.queue: asyncio.Queue[str] = asyncio.Queue()
         self.closed = False
         self.streams: dict[Any, Ticket] = {}   # completion id -> its ticket (loop thread only)
@@ -67,7 +68,7 @@ class Connection:
     def session(self, engine) -> Session:
         """This connection's session (worker thread; made by its first job)."""
         if self._session is None or self._session.docs.engine is not engine:
-            docs = ConnectionDocs(engine, engine.config.strategy, self.contexts(engine), prefix=self.euri(""))
+            docs = ConnectionDocs(engine, engine.config.strategy, self.server.contexts(engine), prefix=self.euri(""))
             self._session = Session(docs, encoding="utf-16")
         return self._session
 
@@ -75,6 +76,7 @@ class Connection:
         # the client's uri and version, not the engine's (doc.stats counts edits in "edits")
         st = self.session(engine).stats(uri)
         st["version"] = st.pop("client_version")
+        st["workspace"]["batch"] = self.server.batching()
         return st
 
     def post(self, msg: dict | None) -> None:
