@@ -9,10 +9,12 @@ connection's passes in one forward per step), one serial (--no-batch-decode: one
 connections taking turns, as before). For each number of editors it runs the same load on each,
 in alternating order: every editor is a websocket client (bench/team_editor.py) that opens the
 shared context files (`open` with role context) and its own stdlib module, then retypes lines of
-it in bursts, asking for a completion after each burst. Reports, per server and number of
-editors: completions per second over the run, p50/p95 of edit -> first token and of edit -> the
-whole line (done), the ratio of batched to serial, the cache tokens the batched server holds
-(shared and private), and the load average. Writes team.json, team.md and team.png to --out.
+it in bursts, asking for a completion after each burst. First, as the lone baseline, each
+editor's trace runs with nobody else on the server. Reports, per server and number of editors:
+completions per second over the run, p50/p95 of edit -> first token and of edit -> the whole
+line (done), the ratio of batched to serial and of first token to the same editors alone, the
+batch's passes per step, the cache tokens the server holds (shared ones once), and the load
+average. Writes team.json, team.md and team.png to --out.
 """
 from __future__ import annotations
 
@@ -98,10 +100,12 @@ async def workspace_stats(url: str) -> dict:
         return dict(ws.get("server") or {}, batch=ws.get("batch"))
 
 
-async def phase(url: str, files: list[tuple[str, str]], contexts: dict[str, str], a: argparse.Namespace) -> dict:
-    """n editors at once on one server; their records and the run's wall time."""
+async def phase(url: str, files: list[tuple[str, str]], contexts: dict[str, str], a: argparse.Namespace,
+                first: int = 0) -> dict:
+    """n editors at once on one server (editor i replays trace first + i); their records and the
+    run's wall time."""
     ready = asyncio.Barrier(len(files) + 1)
-    tasks = [asyncio.create_task(editor(url, uri, text, typing(text, a.completions, seed=i), ready, contexts,
+    tasks = [asyncio.create_task(editor(url, uri, text, typing(text, a.completions, seed=first + i), ready, contexts,
                                         a.max_new_tokens)) for i, (uri, text) in enumerate(files)]
     await ready.wait()
     t0 = time.perf_counter()
@@ -115,10 +119,12 @@ async def phase(url: str, files: list[tuple[str, str]], contexts: dict[str, str]
     return dict(wall_s=wall, records=[r for rs in records for r in rs], cache=cache, passes_per_step=width)
 
 
-def summarise(server: str, n: int, run: dict, load: LoadMeter) -> dict:
+def summarise(server: str, n: int, run: dict, load: LoadMeter, lone: list[list[dict]]) -> dict:
+    """One phase's figures; lone[i]: editor i's records when it ran alone (on the batched server)."""
     rs = run["records"]
     first, line = [r["first_ms"] for r in rs], [r["line_ms"] for r in rs]
-    return dict(server=server, editors=n, completions=len(rs), wall_s=run["wall_s"],
+    alone = [r["first_ms"] for rs_i in lone[:n] for r in rs_i]
+    return dict(server=server, editors=n, completions=len(rs), wall_s=run["wall_s"], lone_first_p50=percentile(alone, 50),
                 throughput=len(rs) / run["wall_s"], first_p50=percentile(first, 50), first_p95=percentile(first, 95),
                 line_p50=percentile(line, 50), line_p95=percentile(line, 95),
                 reused=sum(r["reused"] for r in rs), empty=sum(r["empty"] for r in rs), rode=sum(r["rode"] for r in rs),
@@ -128,14 +134,13 @@ def summarise(server: str, n: int, run: dict, load: LoadMeter) -> dict:
 
 def table(rows: list[dict]) -> str:
     by = {(r["server"], r["editors"]): r for r in rows}
-    lone = by.get(("batched", 1))
     out = ["| editors | server | completions/s | x serial | first token p50 / p95 ms | x lone p50 | "
            "whole line p50 / p95 ms | passes/step | reused | cache tokens (shared) | load |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         s = by.get(("serial", r["editors"]))
         x = f"{r['throughput'] / s['throughput']:.2f}" if s and r["server"] == "batched" else ""
-        xl = f"{r['first_p50'] / lone['first_p50']:.2f}" if lone and r["server"] == "batched" else ""
+        xl = f"{r['first_p50'] / r['lone_first_p50']:.2f}" if r["server"] == "batched" else ""
         c = r["cache"]
         w = f"{r['passes_per_step']:.1f}" if r["passes_per_step"] else ""
         out.append(f"| {r['editors']} | {r['server']} | {r['throughput']:.2f} | {x} | {r['first_p50']:.0f} / "
@@ -159,6 +164,8 @@ def plot(rows: list[dict], path: Path) -> None:
             ax.plot(xs, [r[k50] for r in rs], "o-", color=color, label=f"{server}" + (" p50" if k95 else ""))
             if k95:
                 ax.plot(xs, [r[k95] for r in rs], "o--", color=color, alpha=0.6, label=f"{server} p95")
+            if k50 == "first_p50" and server == "batched":
+                ax.plot(xs, [r["lone_first_p50"] for r in rs], "k:", label="each editor alone, p50")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("editors")
         ax.set_title(title)
@@ -202,13 +209,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for s in servers.values():
             asyncio.run(s.ready())
+        # the lone baseline: every editor's own trace with nobody else on the server
+        lone = [asyncio.run(phase(servers["batched"].url, [own[i]], ctx, a, first=i))["records"]
+                for i in range(max(a.editors))]
         for i, n in enumerate(a.editors):
             order = SERVERS if i % 2 == 0 else SERVERS[::-1]
             for name in order:
                 load = LoadMeter()
                 run = asyncio.run(phase(servers[name].url, own[:n], ctx, a))
                 load.sample()
-                rows.append(summarise(name, n, run, load))
+                rows.append(summarise(name, n, run, load, lone))
                 r = rows[-1]
                 print(f"[team] {n} editors, {name}: {r['throughput']:.2f} completions/s, first token p50 "
                       f"{r['first_p50']:.0f} ms, line p50 {r['line_p50']:.0f} ms (load {r['load']['mean']:.1f})",
