@@ -39,7 +39,8 @@ def typing(text: str, completions: int, seed: int) -> list[Step]:
     good = [i for i, ln in enumerate(lines) if i >= len(lines) // 5 and ln.isascii()
             and len(ln.strip()) >= 12 and not ln.strip().startswith(("#", '"', "'"))]
     if not good:
-        raise ValueError("the file has no lines to retype (ASCII code lines of 12 characters or more)")
+        raise ValueError("the file has no lines to retype (ASCII code lines of 12 characters or more, past its first "
+                         "fifth): give the editors more of their files (--file-tokens)")
     steps: list[Step] = []
     pauses = 0
     while pauses < completions:
