@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from livekv import kernels
 
+FLASH_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # (out, logsumexp)
 MAX_SCORES = 1 << 25  # score elements per query block: bounds the memory of one attention call
 # From this many queries on, scoring per run loses to rotating a copy of the keys and running SDPA
 # (measured on this CPU: 5.2 vs 5.6 ms a layer at 32 queries x 4k keys, 199 vs 634 at 512 x 16k).
@@ -104,19 +105,20 @@ def attend(q, K, V, attn_mask, scaling: float, bf16: bool = False):
     return torch.matmul(torch.softmax(s, dim=-1), V).view(1, H, n, D)
 
 
-def attention_with_deltas(q_raw, K, V, rope, runs, attn_mask, scaling: float):
+def attention_with_deltas(q_raw, K, V, rope, runs, attn_mask, scaling: float, with_lse: bool = False):
     """Attention where the keys of each run (a, b, d) belong d positions later than rotated;
     key columns outside every run are not attended.
 
     q_raw: (1, H, n, D) queries before RoPE; rope(q, d) rotates them to their positions minus d.
     K, V: (1, Hkv, N, D). attn_mask: (n, M) additive over the runs' columns, in run order, or
-    None. Returns (1, H, n, D)."""
+    None. Returns (1, H, n, D); with_lse, also each query's log-sum-exp of scores (1, H, n)."""
     _, H, n, D = q_raw.shape
     Hkv = K.shape[1]
     rep = H // Hkv                                              # query heads per kv head (GQA)
     M = sum(b - a for a, b, _ in runs)
     qd = {d: rope(q_raw, d).view(1, Hkv, rep, n, D) for d in sorted({r[2] for r in runs})}
     out = torch.empty(1, Hkv, rep, n, D, dtype=q_raw.dtype, device=q_raw.device)
+    lse = torch.empty(1, Hkv, rep, n, dtype=torch.float32, device=q_raw.device) if with_lse else None
     block = max(1, MAX_SCORES // max(1, H * M))
     for q0 in range(0, n, block):
         q1 = min(n, q0 + block)
@@ -130,6 +132,8 @@ def attention_with_deltas(q_raw, K, V, rope, runs, attn_mask, scaling: float):
         s = s.view(1, Hkv, rep, m, M).mul_(scaling)
         if attn_mask is not None:
             s += attn_mask[q0:q1].float()
+        if with_lse:
+            lse[:, :, :, q0:q1] = torch.logsumexp(s, dim=-1)
         p = F.softmax(s, dim=-1).to(V.dtype).view(1, Hkv, rep * m, M)
         o, at = None, 0
         for a, b, _ in runs:
@@ -137,4 +141,62 @@ def attention_with_deltas(q_raw, K, V, rope, runs, attn_mask, scaling: float):
             o = part if o is None else o.add_(part)
             at += b - a
         out[:, :, :, q0:q1] = o.view(1, Hkv, rep, m, D)
+    if with_lse:
+        return out.view(1, H, n, D), lse.view(1, H, n)
     return out.view(1, H, n, D)
+
+
+def attend_lse(q, K, V, attn_mask, scaling: float, mask_rows: torch.Tensor | None = None):
+    """Attention over every column of K, V with each query's log-sum-exp of scores, for merging
+    with attention over other columns (merge): q (1, H, n, D), K and V (1, Hkv, N, D), attn_mask
+    (n, N) additive or None. Returns (1, H, n, D) and (1, H, n) fp32 (-inf where a query sees
+    no column). On a CPU, torch's fused flash attention, each kv head's query heads as rows of
+    one matrix (GQA without copying keys): mask_rows is attn_mask repeated for them
+    (flash_rows), when the caller keeps it across layers; elsewhere plain matmuls, in blocks of
+    queries (MAX_SCORES)."""
+    _, H, n, D = q.shape
+    Hkv, N = K.shape[1], K.shape[2]
+    rep = H // Hkv
+    if q.device.type == "cpu" and q.dtype == K.dtype == V.dtype:
+        if mask_rows is None and attn_mask is not None:
+            mask_rows = flash_rows(attn_mask, rep)
+        o, lse = FLASH_CPU(q.reshape(1, Hkv, rep * n, D), K, V, attn_mask=mask_rows, scale=scaling)
+        lse = lse.reshape(1, H, n).float()
+        if attn_mask is not None:  # the kernel answers 0 for a row that sees nothing
+            lse = lse.masked_fill(torch.isneginf(attn_mask).all(-1), float("-inf"))
+        return o.reshape(1, H, n, D), lse
+    qg = q.view(1, Hkv, rep, n, D)
+    out = torch.empty(1, Hkv, rep, n, D, dtype=q.dtype, device=q.device)
+    lse = torch.empty(1, Hkv, rep, n, dtype=torch.float32, device=q.device)
+    block = max(1, MAX_SCORES // max(1, H * N))
+    for q0 in range(0, n, block):
+        q1 = min(n, q0 + block)
+        m = q1 - q0
+        s = torch.matmul(qg[:, :, :, q0:q1].reshape(1, Hkv, rep * m, D), K.transpose(-1, -2)).float()
+        s = s.view(1, Hkv, rep, m, N).mul_(scaling)
+        if attn_mask is not None:
+            s += attn_mask[q0:q1].float()
+        lse[:, :, :, q0:q1] = torch.logsumexp(s, dim=-1)
+        p = F.softmax(s, dim=-1).to(V.dtype).view(1, Hkv, rep * m, N)
+        out[:, :, :, q0:q1] = torch.matmul(p, V).view(1, Hkv, rep, m, D)
+    return out.view(1, H, n, D), lse.view(1, H, n)
+
+
+def flash_rows(attn_mask: torch.Tensor, rep: int) -> torch.Tensor:
+    """(n, N) -> (rep * n, N): the mask of each kv head's rep query heads stacked as rows."""
+    return attn_mask.repeat(rep, 1)
+
+
+def merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over the union of disjoint key sets from attention over each: parts of (out
+    (1, H, n, D), lse (1, H, n)), weighted by each part's share of the softmax's denominator.
+    A part whose keys a query does not see at all has lse -inf there and weighs nothing."""
+    if len(parts) == 1:
+        return parts[0]
+    lses = torch.stack([lse for _, lse in parts])                 # (P, 1, H, n)
+    top = lses.max(0).values
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    w = torch.exp(lses - top)                                      # (P, 1, H, n)
+    total = w.sum(0)
+    out = sum(wi[..., None].to(o.dtype) * o for wi, (o, _) in zip(w, parts)) / total[..., None].to(parts[0][0].dtype)
+    return out, top + torch.log(total)

@@ -108,7 +108,7 @@ def _deviation_at(doc, pool: np.ndarray, layer: int) -> np.ndarray:
     slots = r.slots(pool)
     k, v = model.forward(doc.kv, torch.from_numpy(doc.state.ids[pool]), torch.from_numpy(doc.positions[pool]),
                          torch.from_numpy(slots), layout.encoding(doc, pool, slots), probe=layer,
-                         precision=doc.config.precision)
+                         precision=doc.config.precision, shared=layout.apart(doc))
     at = torch.from_numpy(slots).to(k.device)
     kc, vc = doc.kv.k[layer, :, at][None], doc.kv.v[layer, :, at][None]     # (1, Hkv, m, D)
     dev = ((k - kc).norm(dim=-1) / (kc.norm(dim=-1) + 1e-6) + (v - vc).norm(dim=-1) / (vc.norm(dim=-1) + 1e-6))
@@ -136,6 +136,11 @@ def repair_cursor(doc, j: int) -> int:
 
 
 def ranked(doc, n: int) -> np.ndarray:
-    """For idle work: the n stale tokens the rule ranks highest (as if n were the budget)."""
-    return select(doc, np.zeros(0, dtype=np.int64) if doc.last_keep is None else doc.last_keep,
-                  doc.config.blend_rule.replace("deviation", "age"), n)
+    """For idle work: the n stale tokens the rule ranks highest (as if n were the budget). Where
+    the rule runs short (the window after the last edit holds fewer than n, while older edits
+    left stale tokens above it), the oldest of the rest fill it: idle time is never left unused
+    while a stale token waits."""
+    picked = select(doc, np.zeros(0, dtype=np.int64) if doc.last_keep is None else doc.last_keep,
+                    doc.config.blend_rule.replace("deviation", "age"), n)
+    rest = np.setdiff1d(candidates(doc), picked, assume_unique=True)
+    return np.union1d(picked, _age(doc, rest, None, 0, n - len(picked)))

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from typing import Callable, Iterator
 
-from .decode import Completion, decode, teacher_forced
+from . import batch
+from .batch import Stepper
+from .decode import Completion, decoding, teacher_forced
 from .stops import line_rest, stop_policy
 
 
@@ -17,7 +19,15 @@ class Completer:
     def suggest(self, line: int, col: int, n: int = 1, max_new_tokens: int | None = None,
                 should_stop: Callable[[], bool] | None = None, extra: str = "", reuse: bool = False,
                 on_piece: Callable[[str], None] | None = None, encoding: str = "utf-32", **caps) -> Completion:
-        """Up to n distinct suggestions at (line, col), from one batched decode.
+        """Up to n distinct suggestions at (line, col), from one batched decode: `suggesting`
+        run alone."""
+        return batch.alone(self.engine.model, self.suggesting(line, col, n, max_new_tokens, should_stop, extra, reuse,
+                                                              on_piece, encoding, **caps))
+
+    def suggesting(self, line: int, col: int, n: int = 1, max_new_tokens: int | None = None,
+                   should_stop: Callable[[], bool] | None = None, extra: str = "", reuse: bool = False,
+                   on_piece: Callable[[str], None] | None = None, encoding: str = "utf-32", **caps) -> Stepper:
+        """suggest as a stepper (batch.py), for a scheduler to run with other completions.
 
         reuse: answer from the suggestion last shown when the person has been typing it (no
         model call), and remember this one. extra: text taken as typed at the cursor first
@@ -33,15 +43,7 @@ class Completer:
                 comp = Completion(texts=[rest], stop="typed_ahead", reused=True)
                 self._stats["last_completion"] = comp.summary()
                 return comp
-        gen = self._decode(c, n, max_new_tokens, should_stop, extra, **caps)
-        while True:
-            try:
-                piece = next(gen)
-            except StopIteration as done:
-                comp = done.value
-                break
-            if on_piece is not None:
-                on_piece(piece)
+        comp = yield from self._decoding(c, n, max_new_tokens, should_stop, extra, on_piece, **caps)
         if reuse and not extra and comp.stop not in ("cancelled", "prompt_cap", "predict_cap"):
             self.typeahead.remember(self.text, c, comp.text)
         return comp
@@ -61,7 +63,10 @@ class Completer:
     def stream(self, line: int, col: int, max_new_tokens: int | None = None,
                should_stop: Callable[[], bool] | None = None, encoding: str = "utf-32", **caps) -> Iterator[str]:
         """Yield the completion at (line, col) piece by piece (one per decoded token at most)."""
-        yield from self._decode(self.offset(line, col, encoding), 1, max_new_tokens, should_stop, "", **caps)
+        pieces: list[str] = []
+        steps = self._decoding(self.offset(line, col, encoding), 1, max_new_tokens, should_stop, "", pieces.append,
+                               **caps)
+        yield from batch.streaming(self.engine.model, steps, pieces)
 
     def complete(self, line: int, col: int, max_new_tokens: int | None = None,
                  should_stop: Callable[[], bool] | None = None, encoding: str = "utf-32", **caps) -> str:
@@ -75,19 +80,19 @@ class Completer:
         completion machinery changes; dirty tokens before the cursor get encoded."""
         return teacher_forced(self, self.offset(line, col, encoding), forced)
 
-    def _decode(self, c, n, max_new_tokens, should_stop, extra, max_prompt_ms=None,
-                max_predict_ms=None, multiline=None, max_lines=None, record=True):
+    def _decoding(self, c, n, max_new_tokens, should_stop, extra, on_piece, max_prompt_ms=None,
+                  max_predict_ms=None, multiline=None, max_lines=None, record=True) -> Stepper:
         cfg = self.engine.config
         max_new = cfg.max_new_tokens if max_new_tokens is None else max_new_tokens
         checks = [("max_new_tokens", max_new), ("the number of candidates", n)]
         for name, v in checks + ([("max_lines", max_lines)] if max_lines is not None else []):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an integer of at least 1, got {v!r}")
-        comp = yield from decode(
+        comp = yield from decoding(
             self, c, n, max_new, should_stop, extra,
             max_prompt_ms=cfg.max_prompt_ms if max_prompt_ms is None else max_prompt_ms,
             max_predict_ms=cfg.max_predict_ms if max_predict_ms is None else max_predict_ms,
-            multiline=cfg.multiline if multiline is None else multiline, max_lines=max_lines)
+            multiline=cfg.multiline if multiline is None else multiline, max_lines=max_lines, on_piece=on_piece)
         if record:  # a prefetch is not a completion anybody asked for
             self._stats["completions"] += 1
             self._stats["prompt_caps"] += comp.incomplete

@@ -1,4 +1,5 @@
-"""The decode loop: greedy decoding from a Cursor, k candidates in one batched pass per step.
+"""The decode loop: greedy decoding from a Cursor, k candidates in one batched pass per step,
+as a stepper (batch.py): a scheduler can run the steps of many completions in one forward.
 
 The prompt layout (doc.prompt) gives the cursor's context and tail; layout.Completion says what
 each query sees. The completion's own tokens live in scratch slots past the document's end, so
@@ -17,7 +18,9 @@ from typing import Callable, Generator
 import numpy as np
 import torch
 
-from . import encode, layout
+from . import batch, encode, layout
+from .batch import Pass, Stepper
+from .group import in_use
 from .stops import stop_policy
 
 
@@ -50,18 +53,19 @@ class Completion:
 
 
 def _up_to_date(doc, j: int, comp: Completion, t0: float, should_stop, max_prompt_ms: float,
-                rider: encode.Rider | None = None) -> bool:
+                rider: encode.Rider | None = None) -> Stepper:
     """Encode what is dirty before the cursor (after it, nothing is attended now), within
     max_prompt_ms; the rider (the completion's tail) joins the last pass. False, with comp.stop
     saying why, when that did not happen."""
     dirty = int(doc.region.dirty[doc.region.local()][:j].sum())
     if not dirty:
         return True
+    yield from ()  # a stepper even when there is nothing to encode
     cancelled = lambda: should_stop is not None and should_stop()  # noqa: E731
     late = lambda: bool(max_prompt_ms) and (time.perf_counter() - t0) * 1e3 > max_prompt_ms  # noqa: E731
     if max_prompt_ms and dirty * doc.encode_ms_per_token > max_prompt_ms:
         comp.incomplete, comp.stop = True, "prompt_cap"   # would not fit: do not even start
-    elif not doc.settle(upto=j, should_stop=lambda: cancelled() or late(), rider=rider):
+    elif not (yield from doc.settling(upto=j, should_stop=lambda: cancelled() or late(), rider=rider)):
         comp.incomplete, comp.stop = (False, "cancelled") if cancelled() else (True, "prompt_cap")
     return not comp.stop
 
@@ -74,14 +78,15 @@ def teacher_forced(doc, c: int, forced: list[int]) -> torch.Tensor:
     eng = doc.engine
     cur = doc.prompt.cursor(doc, c, "", eng.config.token_healing)
     doc.before_completion(cur.j)
-    if not _up_to_date(doc, cur.j, Completion(), time.perf_counter(), None, 0):
+    if not batch.alone(eng.model, _up_to_date(doc, cur.j, Completion(), time.perf_counter(), None, 0)):
         raise RuntimeError("the cache could not be brought up to date")
     n_tail = len(cur.tail)
     seq = np.concatenate([cur.tail, np.asarray(forced, dtype=np.int64)])
     run = replace(cur, tail=seq)
     lay = layout.Completion(doc, run, len(seq) + 1)
     logits = eng.model.forward(doc.kv, torch.from_numpy(seq), torch.arange(cur.phi, cur.phi + len(seq)), lay.S,
-                               lay.tail(), logits_at=torch.arange(n_tail - 1, len(seq)), precision=doc.config.precision)
+                               lay.tail(), logits_at=torch.arange(n_tail - 1, len(seq)), precision=doc.config.precision,
+                               shared=layout.apart(doc))
     if cur.heal:
         first = logits[:1].masked_fill(~eng.healing_mask(cur.heal)[None], float("-inf"))
         logits = torch.cat([first, logits[1:]])
@@ -103,10 +108,32 @@ def _new_text(tok, context: list[int], ids: list[int], base: str, cur) -> str:
 def decode(doc, c: int, n: int, max_new: int, should_stop: Callable[[], bool] | None = None, extra: str = "",
            max_prompt_ms: float = 0, max_predict_ms: float = 0, multiline: bool = True,
            max_lines: int | None = None) -> Generator[str, None, Completion]:
-    """Yield candidate 0's text piece by piece as it becomes final; return the Completion."""
+    """Yield candidate 0's text piece by piece as it becomes final; return the Completion. The
+    decoding stepper run alone (a batch of one)."""
+    pieces: list[str] = []
+    steps = decoding(doc, c, n, max_new, should_stop, extra, max_prompt_ms, max_predict_ms, multiline, max_lines,
+                     on_piece=pieces.append)
+    return (yield from batch.streaming(doc.engine.model, steps, pieces))
+
+
+def decoding(doc, c: int, n: int, max_new: int, should_stop: Callable[[], bool] | None = None, extra: str = "",
+             max_prompt_ms: float = 0, max_predict_ms: float = 0, multiline: bool = True,
+             max_lines: int | None = None, on_piece: Callable[[str], None] | None = None) -> Stepper:
+    """A stepper (batch.py) that decodes the completion at char offset c: it yields each forward
+    pass (the prompt's encode chunks, the tail, one decode step of all active candidates) and
+    is sent back its result. on_piece(text) gets candidate 0's text piece by piece as it becomes
+    final. Returns the Completion. should_stop() is checked before every step."""
+    shared = layout.apart(doc)  # context groups in another cache, kept from the budget meanwhile
+    with in_use(doc, *shared):
+        return (yield from _decoding(doc, c, n, max_new, should_stop, extra, max_prompt_ms, max_predict_ms, multiline,
+                                     max_lines, on_piece, shared))
+
+
+def _decoding(doc, c, n, max_new, should_stop, extra, max_prompt_ms, max_predict_ms, multiline, max_lines, on_piece,
+              shared) -> Stepper:
     t0 = time.perf_counter()
     eng = doc.engine
-    model, kv, tok = eng.model, doc.kv, eng.tokenizer
+    kv, tok = doc.kv, eng.tokenizer
     stop_at = stop_policy(doc, c, extra, multiline, max_lines)
     comp = Completion(mode=stop_at.mode)
     cur = doc.prompt.cursor(doc, c, extra, eng.config.token_healing)
@@ -118,17 +145,21 @@ def decode(doc, c: int, n: int, max_new: int, should_stop: Callable[[], bool] | 
     # lazy layout, which a big encode compacts first
     lay = layout.Completion(doc, cur, need) if doc.region.order is None else None
     rider = None if lay is None else encode.Rider(tail, np.arange(phi, phi + n_tail), lay.S, lay.tail())
-    if not _up_to_date(doc, cur.j, comp, t0, should_stop, max_prompt_ms, rider):
+    if not (yield from _up_to_date(doc, cur.j, comp, t0, should_stop, max_prompt_ms, rider)):
         comp.texts = [""]
         comp.total_ms = (time.perf_counter() - t0) * 1e3
         return comp
     precision = doc.config.precision
     if rider is not None and rider.logits is not None:
         logits = rider.logits                                                 # (1, V)
+    elif should_stop is not None and should_stop():  # between the prompt's encode and the tail's pass
+        comp.texts, comp.stop = [""], "cancelled"
+        comp.total_ms = (time.perf_counter() - t0) * 1e3
+        return comp
     else:
         lay = lay or layout.Completion(doc, cur, need)
-        logits = model.forward(kv, torch.from_numpy(tail), torch.arange(phi, phi + n_tail), lay.S, lay.tail(),
-                               logits_at=torch.tensor([n_tail - 1]), precision=precision)  # (1, V)
+        logits = yield Pass(kv, torch.from_numpy(tail), torch.arange(phi, phi + n_tail), lay.S, lay.tail(),
+                            logits_at=torch.tensor([n_tail - 1]), precision=precision, shared=shared)  # (1, V)
     comp.ttft_ms = (time.perf_counter() - t0) * 1e3
     t_decode = time.perf_counter()
     context = tail.tolist()
@@ -153,7 +184,8 @@ def decode(doc, c: int, n: int, max_new: int, should_stop: Callable[[], bool] | 
             texts[cand], done = stop_at.cut(_new_text(tok, context, ids[cand], base, cur))
             if cand == 0 and len(texts[0]) > len(emitted):
                 piece, emitted = texts[0][len(emitted):], texts[0]
-                yield piece
+                if on_piece is not None:
+                    on_piece(piece)
             if done:
                 comp.stop = comp.stop or ("block_end" if stop_at.mode == "block" else "newline")
             else:
@@ -178,12 +210,14 @@ def decode(doc, c: int, n: int, max_new: int, should_stop: Callable[[], bool] | 
         slots = torch.tensor([first + cand for cand in active])
         q_ids = torch.tensor([ids[cand][-1] for cand in active])
         pos = torch.full((len(active),), phi + n_tail + step)
-        nexts = model.forward(kv, q_ids, pos, int(slots[0]) if len(active) == 1 else slots, lay.step(step, active, n),
-                              logits_at=torch.arange(len(active)), precision=precision, argmax=True).tolist()
+        nexts = (yield Pass(kv, q_ids, pos, int(slots[0]) if len(active) == 1 else slots, lay.step(step, active, n),
+                            logits_at=torch.arange(len(active)), argmax=True, precision=precision,
+                            shared=shared)).tolist()
         step += 1
     comp.texts, comp.ids = list(dict.fromkeys(texts)), ids[0]  # distinct, best first
     if emitted != comp.texts[0]:
         assert comp.texts[0].startswith(emitted), "streamed text was taken back"
-        yield comp.texts[0][len(emitted):]
+        if on_piece is not None:
+            on_piece(comp.texts[0][len(emitted):])
     comp.total_ms = (time.perf_counter() - t0) * 1e3
     return comp

@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from . import blend, encode, strategies
+from . import batch, blend, encode, strategies
 from .attention import LAZY_COMPACT_TOKENS
 from .completer import Completer
 from .group import PositionGroup
@@ -37,6 +37,7 @@ class Document(PositionGroup, Completer):
         self.state: MirrorState = engine.mirror.state(text)
         super().__init__(kv if kv is not None else engine.new_cache(256), pos0, sees, len(self.state.ids))
         self.version = 0
+        self._edit_t0 = 0.0  # when the last edit began
         self.last_keep: np.ndarray | None = None  # for tests and tools: the old index of each token
         self.encode_ms_per_token = 1.0  # an estimate, refined by every encode (for maxPromptMs)
         self.python = uri.lower().endswith(PYTHON_SUFFIXES)
@@ -93,6 +94,7 @@ class Document(PositionGroup, Completer):
         new.__dict__.update(self.__dict__)
         new.uri, new.strategy, new.kv, new.sees = uri, strategy, kv, list(self.sees)
         new.region = r.fork(kv, cap)
+        new.users = 0
         new._syntax, new._syntax_stale, new.typeahead = None, False, TypeAhead()
         new._stats = dict(self._stats)
         return new
@@ -122,7 +124,7 @@ class Document(PositionGroup, Completer):
         Raises ValueError (leaving text, tokens and cache untouched) when any change is invalid.
         With settle=False the new tokens are only marked for encoding; `settle` encodes them.
         """
-        t0 = time.perf_counter()
+        t0 = self._edit_t0 = time.perf_counter()
         mirror, st = self.engine.mirror, self.state
         origin = np.arange(len(st.ids), dtype=np.int64)
         spans = []  # (a, b, text) char offsets, for the syntax tree
@@ -198,6 +200,14 @@ class Document(PositionGroup, Completer):
         progress(done, total) after each chunk; False when should_stop() interrupted it (the
         rest stays dirty for the next edit or completion). rider: a completion's tail to run
         in the last chunk's pass (encode.Rider)."""
+        return batch.alone(self.engine.model, self.settling(should_stop, upto, progress, rider))
+
+    def settling(self, should_stop: Callable[[], bool] | None = None, upto: int | None = None,
+                 progress: Callable[[int, int], None] | None = None, rider: encode.Rider | None = None,
+                 edit: bool = False):
+        """settle as a stepper (batch.py): each chunk's forward pass is yielded, for a scheduler
+        to run with other documents' passes. edit: this encode finishes the last edit (made with
+        settle=False), whose wall time (edit_ms_last) it ends."""
         T = self.n if upto is None else min(upto, self.n)
         total, done = int(self.region.dirty_tokens()[:T].sum()), 0
         s = self._stats
@@ -216,7 +226,10 @@ class Document(PositionGroup, Completer):
                 self.encode_ms_per_token = 0.5 * self.encode_ms_per_token + 0.5 * ms_per_token
             if progress is not None:
                 progress(done, total)
-        return encode.settle(self, T, should_stop, chunk, rider)
+        done_all = yield from encode.settling(self, T, should_stop, chunk, rider)
+        if edit:
+            s["edit_ms_last"] = (time.perf_counter() - self._edit_t0) * 1e3
+        return done_all
 
     def refresh(self, max_tokens: int | None = None, should_stop: Callable[[], bool] | None = None,
                 ranked: bool = False) -> int:

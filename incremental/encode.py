@@ -1,7 +1,9 @@
 """Encoding: the forward passes that give a document's dirty tokens their K/V.
 
-An edit only marks tokens dirty (Region.splice); `settle` encodes them left to right, in chunks
-of config.encode_chunk queries, and can stop between chunks, leaving the rest dirty. `refresh`
+An edit only marks tokens dirty (Region.splice); `settling` encodes them left to right, in chunks
+of config.encode_chunk queries, and can stop between chunks, leaving the rest dirty. It is a
+stepper (batch.py): each chunk is a Pass, so a server's scheduler runs chunks between (or
+with) other documents' decode steps, and a long paste never holds the model for more than one. `refresh`
 marks the stalest tokens dirty and settles them (pie-refresh's idle work); `recompute` does it for
 any chosen tokens (blend.py's).
 """
@@ -15,6 +17,8 @@ import numpy as np
 import torch
 
 from . import layout
+from .batch import Pass, Stepper
+from .group import in_use
 
 
 @dataclass
@@ -29,47 +33,51 @@ class Rider:
     logits: torch.Tensor | None = None
 
 
-def settle(doc, T: int, should_stop: Callable[[], bool] | None,
-           chunk: Callable[[int, float | None], None], rider: Rider | None = None) -> bool:
-    """Encode doc's dirty tokens before index T. chunk(k, ms_per_token) is called after each
-    chunk of k tokens (ms_per_token None for chunks too small to say). Returns False when
-    should_stop() interrupted it; the rest stays dirty for later. A rider joins the last chunk
-    (not under a lazy layout, whose columns an encode may move)."""
-    r, model, size = doc.region, doc.engine.model, doc.config.encode_chunk
-    at = r.slots(np.arange(T))                                       # (T,) token -> slot
-    while True:
-        dirty = np.flatnonzero(r.dirty_tokens()[:T])
-        if not len(dirty):
-            return True
-        if should_stop is not None and should_stop():
-            return False
-        idx = dirty[:size]
-        last = int(idx[-1])
-        # a token encoded after a stale one is stale too: it attended to stale K/V
-        own = r.stale_tokens()[: last + 1] & ~r.dirty_tokens()[: last + 1]
-        others = any(g.has_stale() for g in doc.sees)
-        any_before = np.concatenate([[others], others | np.logical_or.accumulate(own)[:-1]])
-        slots = at[idx]
-        pos = doc.position_of(idx)
-        r.writing(idx, pos)
-        lay = layout.encoding(doc, idx, slots)
-        ids = doc.state.ids[idx]
-        rides = rider is not None and len(dirty) <= size and r.order is None
-        if rides:  # the tail after the chunk, in the same pass
-            n = len(rider.ids)
-            lay = layout.stack(lay, rider.layout)
-            ids, pos = np.concatenate([ids, rider.ids]), np.concatenate([pos, rider.pos])
-            slots = np.concatenate([slots, rider.slot + np.arange(n)])
-        contiguous = bool((np.diff(slots) == 1).all())
-        t0 = time.perf_counter()
-        out = model.forward(doc.kv, torch.from_numpy(ids), torch.from_numpy(pos),
-                            int(slots[0]) if contiguous else torch.from_numpy(slots), lay,
-                            logits_at=torch.tensor([len(ids) - 1]) if rides else None, precision=doc.config.precision)
-        if rides:
-            rider.logits = out
-        ms = (time.perf_counter() - t0) * 1e3 / len(idx) if len(idx) >= 32 and not rides else None
-        r.written(idx, any_before[idx])
-        chunk(len(idx), ms)
+def settling(doc, T: int, should_stop: Callable[[], bool] | None,
+             chunk: Callable[[int, float | None], None], rider: Rider | None = None) -> Stepper:
+    """A stepper that encodes doc's dirty tokens before index T. chunk(k, ms_per_token) is
+    called after each chunk of k tokens (ms_per_token None for chunks too small to say; in a
+    batch it includes the other passes'). Returns False when should_stop() interrupted it; the
+    rest stays dirty for later. A rider joins the last chunk (not under a lazy layout, whose
+    columns an encode may move)."""
+    r, size = doc.region, doc.config.encode_chunk
+    shared = layout.apart(doc)  # fixed for the whole encode, and kept from the budget meanwhile
+    with in_use(doc, *shared):
+        at = r.slots(np.arange(T))                                       # (T,) token -> slot
+        while True:
+            dirty = np.flatnonzero(r.dirty_tokens()[:T])
+            if not len(dirty):
+                return True
+            if should_stop is not None and should_stop():
+                return False
+            idx = dirty[:size]
+            last = int(idx[-1])
+            # a token encoded after a stale one is stale too: it attended to stale K/V
+            own = r.stale_tokens()[: last + 1] & ~r.dirty_tokens()[: last + 1]
+            others = any(g.has_stale() for g in doc.sees)
+            any_before = np.concatenate([[others], others | np.logical_or.accumulate(own)[:-1]])
+            slots = at[idx]
+            pos = doc.position_of(idx)
+            r.writing(idx, pos)
+            lay = layout.encoding(doc, idx, slots)
+            ids = doc.state.ids[idx]
+            rides = rider is not None and len(dirty) <= size and r.order is None
+            if rides:  # the tail after the chunk, in the same pass
+                n = len(rider.ids)
+                lay = layout.stack(lay, rider.layout)
+                ids, pos = np.concatenate([ids, rider.ids]), np.concatenate([pos, rider.pos])
+                slots = np.concatenate([slots, rider.slot + np.arange(n)])
+            contiguous = bool((np.diff(slots) == 1).all())
+            t0 = time.perf_counter()
+            out = yield Pass(doc.kv, torch.from_numpy(ids), torch.from_numpy(pos),
+                             int(slots[0]) if contiguous else torch.from_numpy(slots), lay,
+                             logits_at=torch.tensor([len(ids) - 1]) if rides else None, precision=doc.config.precision,
+                             shared=shared)
+            if rides:
+                rider.logits = out
+            ms = (time.perf_counter() - t0) * 1e3 / len(idx) if len(idx) >= 32 and not rides else None
+            r.written(idx, any_before[idx])
+            chunk(len(idx), ms)
 
 
 def recompute(doc, idx: np.ndarray, should_stop: Callable[[], bool] | None = None) -> int:

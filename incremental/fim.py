@@ -43,6 +43,10 @@ class _Before:
         return self._doc().region.slot0
 
     @property
+    def kv(self):
+        return self._doc().kv
+
+    @property
     def end(self) -> int:
         return self.slot0 + self.n
 

@@ -17,12 +17,25 @@ from .prompt import PrefixPrompt
 from .region import Region
 
 
+@contextmanager
+def in_use(*groups):
+    """While a stepper reads or writes these groups (across its yields), a budget leaves them be."""
+    for g in groups:
+        g.users += 1
+    try:
+        yield
+    finally:
+        for g in groups:
+            g.users -= 1
+
+
 class PositionGroup:
     """Mixed into Document; its methods are the only ones that change pos0, sees and prompt."""
 
     def __init__(self, kv, pos0: int, sees: Sequence, n: int):
         """n tokens to be encoded from pos0 in a new region of kv, after the groups `sees`."""
         self.kv, self.pos0, self.sees = kv, pos0, list(sees)
+        self.users = 0  # running steppers that read or write this group (in_use): not to be evicted
         self.prompt = PrefixPrompt()
         self.region = Region(kv, n)
         self.region.place(self.position_of(np.arange(n)))

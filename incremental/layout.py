@@ -39,12 +39,24 @@ def stack(a: Layout, b: Layout) -> Layout:
 
 
 def context(doc, width: int) -> torch.Tensor:
-    """(width,) bool: the encoded tokens of the groups doc attends to besides itself."""
+    """(width,) bool: the encoded tokens of the groups doc attends to besides itself, in its
+    own cache (the others are apart)."""
     vis = torch.zeros(width, dtype=torch.bool)
-    for g in doc.sees:
+    for g in beside(doc, doc.sees):
         slots, encoded = g.encoded()
         vis[slots] = torch.from_numpy(encoded)
     return vis
+
+
+def beside(doc, groups) -> list:
+    """Those of the groups whose K/V live in doc's own cache."""
+    return [g for g in groups if g.kv is doc.kv]
+
+
+def apart(doc) -> tuple:
+    """The groups doc sees that live in another cache (a server's shared contexts): a pass
+    attends to them apart from its layout (Pass.shared, hydragen.py)."""
+    return tuple(g for g in doc.sees if g.kv is not doc.kv)
 
 
 def keys_end(groups) -> int:
@@ -60,7 +72,7 @@ def encoding(doc, idx: np.ndarray, slots: np.ndarray) -> Layout:
     last = int(idx[-1])
     extra = [(rows, g) for rows, g in doc.prompt.also_sees(doc, idx) if rows.any()]
     own_end = r.slot0 + last + 1 if r.order is None else r.end
-    n_keys = max(own_end, keys_end(list(doc.sees) + [g for _, g in extra]))
+    n_keys = max(own_end, keys_end(beside(doc, list(doc.sees) + [g for _, g in extra])))
     if r.order is None:
         cols = torch.arange(n_keys)
         mine = (cols[None, :] >= r.slot0) & (cols[None, :] <= torch.from_numpy(slots)[:, None])
@@ -83,7 +95,7 @@ class Completion:
     def __init__(self, doc, cursor, need: int):
         self.S = doc.region.scratch(need)          # the target group's slots
         self.n_tail = len(cursor.tail)
-        self.others = keys_end(list(doc.sees) + doc.prompt.decode_groups())
+        self.others = keys_end(beside(doc, list(doc.sees) + doc.prompt.decode_groups()))
         width = max(self.S + need, self.others)
         self.visible = context(doc, width)         # the groups before this document ...
         doc.prompt.visible(doc, self.visible, cursor)  # ... and its own tokens the completion reads

@@ -130,6 +130,19 @@ def resolve_device_dtype(device: str | None, dtype: str | None) -> tuple[torch.d
     return dev, getattr(torch, name)
 
 
+def load_tokenizer(model: str | None, cache: Path):
+    """A model's tokenizer without its weights (a benchmark cutting files to a token count)."""
+    from transformers import AutoTokenizer
+    name = model or EMBEDDED
+    if name in (EMBEDDED, CODER) or (name.endswith(".gguf") and Path(name).is_file()):
+        gguf = embedded_gguf() if name == EMBEDDED else coder_gguf(cache) if name == CODER else Path(name).resolve()
+        target = _converted_dir(cache, gguf)
+        if (target / "livekv-ok").exists():
+            return AutoTokenizer.from_pretrained(target)
+        return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    return AutoTokenizer.from_pretrained(name)
+
+
 def load_model(model: str | None, device: torch.device, dtype: torch.dtype, cache: Path):
     """Return (hf_model, tokenizer, name), the model in eval mode on `device` in `dtype`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -133,22 +133,25 @@ class Precision:
                        else False)
 
     def prepare(self, precision: str) -> None:
-        """Make the weight formats this precision's passes read now, not in a request's first pass."""
+        """Make the weight formats this precision's passes read now, not in a request's first pass
+        (int4 with int8: a batch of several passes runs int8, set)."""
         p = self.resolve(precision)
-        for mode in {"fp32": (), "bf16": ("bf16",), "int8": ("bf16", "int8"), "int4": ("bf16", "int4")}[p]:
+        for mode in {"fp32": (), "bf16": ("bf16",), "int8": ("bf16", "int8"), "int4": ("bf16", "int8", "int4")}[p]:
             for proj in (q for lp in self.layers for q in lp.all()):
                 proj.format(mode)
         if self.device.type == "cpu":
             self.lm_head.format("int8")  # argmax's ranking head
 
-    def set(self, precision: str, n_queries: int) -> None:
-        """Run the next pass of n_queries at this precision."""
+    def set(self, precision: str, n_queries: int, batched: bool = False) -> None:
+        """Run the next pass of n_queries at this precision. batched: the queries of several
+        passes (batch.py), where int4 gives way to int8: torch's int4 kernel costs grow with the
+        rows, int8's much less (README, "Batched decode")."""
         p = self.resolve(precision)
         assert p in PRECISIONS[1:], p
         if p == "fp32" or n_queries >= SMALL:
             self.mode = p if p == "fp32" else "bf16"
         else:
-            self.mode = "fp32" if p == "bf16" else p
+            self.mode = "fp32" if p == "bf16" else "int8" if p == "int4" and batched else p
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """(m, C) -> (m, V): the output head as loaded, at every precision (a few rows a pass; its

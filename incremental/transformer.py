@@ -10,14 +10,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .attention import LAZY_MAX_QUERIES, PendingDeltas, attend, attention_with_deltas
+from .attention import merge
+from .batch import Pass
+from .hydragen import shared_attention
 from .layout import Layout
+from .pass_attention import PassAttention, Rope
 from .precision import Precision
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
 
 
 # the RMSNorms whose forward is exactly F.rms_norm's math (one fused op instead of eight)
@@ -58,44 +56,33 @@ class Transformer:
         p = next(hf.parameters())
         self.device, self.dtype = p.device, p.dtype
 
-    @torch.inference_mode()
     def forward(self, kv, ids: torch.Tensor, pos: torch.Tensor, slots, layout: Layout,
                 logits_at: torch.Tensor | None = None, probe: int | None = None, precision: str = "fp32",
-                argmax: bool = False):
-        """Run tokens `ids` at positions `pos`, writing their K/V into `slots` of `kv`.
-
-        ids, pos: (n,). slots: an int (the n tokens go to slots [slots, slots + n)) or a (n,) index
-        tensor. Each query attends to kv slots [0, layout.n_keys) where layout.mask (n, n_keys) is
-        True (all when None); the new tokens must lie inside that range, with no delta pending.
-        Returns logits (len(logits_at), V) for the selected query rows, or None. With `probe`,
+                argmax: bool = False, shared: tuple = ()):
+        """Run tokens `ids` at positions `pos`, writing their K/V into `slots` of `kv`: one Pass
+        (batch.py says what each argument means and what comes back) run alone. With `probe`,
         nothing is written: cached tokens are run again through the layers before `probe` and
-        their fresh (K, V) at layer `probe`, each (1, Hkv, n, D), are returned (blend.py). With
-        `argmax`, the selected rows' greedy tokens (len(logits_at),) instead of their logits.
-        precision: of the linear layers (precision.py); the rest runs in the cache's dtype."""
-        n, n_keys, mask = ids.shape[0], layout.n_keys, layout.mask
-        self.precision.set(precision, n)
+        their fresh (K, V) at layer `probe`, each (1, Hkv, n, D), are returned (blend.py)."""
+        return self.run([Pass(kv, ids, pos, slots, layout, logits_at, argmax, precision, shared)], probe)[0]
+
+    @torch.inference_mode()
+    def run(self, passes: list[Pass], probe: int | None = None) -> list:
+        """One forward over several passes: their rows go through the norms, projections, MLP
+        and output head together, so the weights are read once for all of them; RoPE, K/V
+        writes and attention are per pass, each against its own cache and layout (ragged: no
+        padding). The passes must share one precision; the weights it uses are chosen for all
+        of their rows (Precision.set). Returns each
+        pass's result. A pass alone is a batch of one: there is one path."""
+        sizes = [p.n for p in passes]
+        n = sum(sizes)
+        self.precision.set(passes[0].precision, n, batched=len(passes) > 1)
+        one = len(passes) == 1
+        ids = passes[0].ids if one else torch.cat([p.ids for p in passes])
+        pos = (passes[0].pos if one else torch.cat([p.pos for p in passes])).to(self.device)
         x = self.embed(ids.to(self.device)[None])                      # (1, n, C)
-        cos, sin = self.rotary(x, pos.to(self.device)[None])           # (1, n, D)
-        cos, sin = cos[:, None], sin[:, None]                          # (1, 1, n, D)
-        attn_mask = None
-        if mask is not None:
-            attn_mask = torch.zeros(mask.shape, dtype=x.dtype, device=self.device)
-            attn_mask.masked_fill_(~mask.to(self.device), float("-inf"))  # (n, n_keys)
-        contiguous = isinstance(slots, int)
-        pending = PendingDeltas(layout, n >= LAZY_MAX_QUERIES, self.inv_freq.to(self.device))
-        if pending.runs is not None and attn_mask is not None:
-            attn_mask = attn_mask[:, pending.cols]                     # the runs' columns only
-        tables = {}
-
-        def rope(q, d):  # q rotated to its positions minus d
-            if d not in tables:
-                c, s = self.rotary(x, (pos - d).to(self.device)[None])
-                tables[d] = c[:, None], s[:, None]
-            c, s = tables[d]
-            return q * c + _rotate_half(q) * s
-
-        if not contiguous:
-            slots = slots.to(self.device)
+        cos, sin = self.rotary(x, pos[None])                           # (1, n, D)
+        rope = Rope(cos[:, None], sin[:, None])                        # every row at its position
+        rows = [PassAttention(self, p, x) for p in passes]
         mode = self.precision.mode
         for i, layer in enumerate(self.layers):
             a, proj = layer.self_attn, self.precision.layers[i]
@@ -106,33 +93,38 @@ class Transformer:
             if self.qk_norm:
                 q, k = a.q_norm(q), a.k_norm(k)
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (1, H|Hkv, n, D)
-            k = k * cos + _rotate_half(k) * sin
-            if i == probe:
-                return k, v
-            if probe is not None:
-                pass  # a probe attends to the cache as it is
-            elif contiguous:
-                kv.k[i, :, slots: slots + n] = k[0]
-                kv.v[i, :, slots: slots + n] = v[0]
-            else:
-                kv.k[i].index_copy_(1, slots, k[0])
-                kv.v[i].index_copy_(1, slots, v[0])
-            K, V = kv.layer(i, n_keys)                                 # (1, Hkv, n_keys, D)
-            if pending.runs is None or pending.copy:
-                K, V = pending.rotated(K, V)
-                q = q * cos + _rotate_half(q) * sin
-                o = attend(q, K, V, attn_mask, self.scaling, bf16=mode == "bf16" and self.device.type == "cpu")
-            else:
-                o = attention_with_deltas(q, K, V, rope, pending.runs, attn_mask, self.scaling)
+            k, qr = rope(k), rope(q)
+            if probe is not None and i == probe:
+                return [(k, v)]  # a probe's one pass
+            parts = zip(rows, *(t.split(sizes, 2) for t in (q, qr, k, v)))
+            own = [r.attend(i, *t, write=probe is None) for r, *t in parts]  # (out, lse)
+            o = own[0][0] if one else torch.cat([a for a, _ in own], 2)  # (1, H, n, D)
+            shared = shared_attention(i, rows, self.scaling)   # context groups in another cache
+            if shared:  # a pass without groups apart weighs its own part 1 (lse 0) against none
+                lse = torch.cat([b if b is not None else a.new_zeros(a.shape[:3]) for a, b in own], 2)
+                o = merge([(o, lse), *shared])[0]
             x = x + proj.o(o.transpose(1, 2).reshape(1, n, -1), mode)
             gate, up = proj.gate_up(_norm(layer.post_attention_layernorm, x), mode)
             x = x + proj.down(layer.mlp.act_fn(gate) * up, mode)
-        if logits_at is None:
-            return None
-        h = _norm(self.norm, x[0, logits_at.to(self.device)])          # (m, C)
-        if argmax:
-            return self.precision.argmax(h).cpu()                      # (m,)
-        return self.precision.logits(h).float()                        # (m, V)
+        return self._heads(passes, x)
+
+    def _heads(self, passes: list[Pass], x: torch.Tensor) -> list:
+        """Each pass's selected rows through the output head: the greedy ones in one call, the
+        ones that want logits in another."""
+        at, picked = 0, {True: [], False: []}
+        for j, p in enumerate(passes):
+            if p.logits_at is not None:
+                picked[p.argmax].append((j, at + p.logits_at.to(self.device)))
+            at += p.n
+        out = [None] * len(passes)
+        for greedy, chosen in picked.items():
+            if not chosen:
+                continue
+            h = _norm(self.norm, x[0, torch.cat([r for _, r in chosen])])  # (m, C)
+            res = self.precision.argmax(h).cpu() if greedy else self.precision.logits(h).float()
+            for (j, r), part in zip(chosen, res.split([len(r) for _, r in chosen])):
+                out[j] = part                                          # (m,) tokens or (m, V) logits
+        return out
 
     @torch.inference_mode()
     def check_against_hf(self, kv_factory, tokens: list[int]) -> float:

@@ -54,6 +54,13 @@ class ServeOptions(Settings):
     max_queued: int = setting(16, "complete and stats requests one connection may have waiting; beyond it "
                                   "they get a busy error (edits, opens and closes are always taken, and not counted)",
                               min=1)
+    max_cache_tokens: int = setting(200_000, "tokens of KV cache for every connection together: their documents, "
+                                    "and each context file once however many share it; past it the least recently "
+                                    "used file's cache goes (context files first, a connection's active document "
+                                    "last)", min=1)
+    batch_decode: bool = setting(True, "run the forward passes of every connection's completions and encodes "
+                                       "together, one pass of the weights per step for all of them; off: one job "
+                                       "at a time, connections taking turns")
     demo: bool = setting(False, "also serve the browser demo page at /")
     demo_file: str | None = setting(None, "the file the demo opens (default: the stdlib's bisect.py)", metavar="FILE")
     replicas: int = setting(0, "run under Ray Serve with this many replicas, each with its own model, on --host and "

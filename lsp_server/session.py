@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+from livekv.incremental import batch
 from livekv.incremental.host_memory import release_freed_memory
 from livekv.incremental.lines import resolve
 from livekv.incremental.stops import line_rest
@@ -91,13 +92,14 @@ class Session:
 
     # -- documents ---------------------------------------------------------------------------
     def open(self, uri: str, text: str, version: int, progress: Callable[[int, int], None] | None = None,
-             should_stop: Callable[[], bool] | None = None, settle: bool = True):
+             should_stop: Callable[[], bool] | None = None, settle: bool = True, **where):
         """Open (or re-open, replacing) a document; settle: encode it now, interruptibly. All or
-        nothing: when it fails the document is not open (a re-open's old text is gone too)."""
+        nothing: when it fails the document is not open (a re-open's old text is gone too).
+        where: what the documents' home takes besides (connection_docs: a context's role)."""
         (text,) = self._clean(uri, [text])
         warning, replaced = self.warning, self.replaced.get(uri, 0)
         try:
-            doc = self.docs.open(uri, text, progress=progress, should_stop=should_stop, settle=settle)
+            doc = self.docs.open(uri, text, progress=progress, should_stop=should_stop, settle=settle, **where)
         except BaseException:
             if not self.docs.is_open(uri):
                 self.forget(uri)
@@ -165,6 +167,13 @@ class Session:
         """The suggestions at the cursor (several when n > 1); on_piece(text) streams the first
         as it is decoded. None when should_stop() before any work (cancelled, or the document
         changed since the request). caps: as Document.suggest (max_new_tokens, max_prompt_ms...)."""
+        return batch.alone(self.docs.engine.model, self.completing(uri, line, character, n, should_stop, on_piece,
+                                                                   **caps))
+
+    def completing(self, uri: str, line: int, character: int, n: int = 1,
+                   should_stop: Callable[[], bool] | None = None, on_piece: Callable[[str], None] | None = None,
+                   **caps):
+        """complete as a stepper (incremental/batch.py), for the worker to batch with others."""
         self.docs.text(uri)  # KeyError: not open
         if should_stop is not None and should_stop():
             return None
@@ -174,7 +183,8 @@ class Session:
         character = doc.position(c, self.encoding)[1]  # clamped: the suggestion goes at the line's end
         decodes = doc.stats["completions"]
         with self.docs.view(doc):
-            comp = doc.suggest(line, col, n=n, reuse=True, should_stop=should_stop, on_piece=on_piece, **caps)
+            comp = yield from doc.suggesting(line, col, n=n, reuse=True, should_stop=should_stop, on_piece=on_piece,
+                                             **caps)
         texts = self._served(uri, doc, comp)
         if comp.reused and on_piece is not None and texts[0]:
             on_piece(texts[0])

@@ -29,6 +29,9 @@ BUSY = "busy"
 INTERNAL = "internal"
 
 TYPES = ("hello", "open", "edit", "close", "complete", "cancel", "stats")
+# an open's role: one of the connection's documents, or a context file its documents see (shared
+# with every connection that has the same text as context)
+ROLES = ("document", "context")
 
 
 class ProtocolError(Exception):

@@ -34,6 +34,7 @@ from websockets.exceptions import ConnectionClosed
 
 from . import ws_protocol as P
 from . import ws_session as S
+from livekv.incremental.shared import SharedContexts
 from .options import ServeOptions
 from .worker import Worker
 from .ws_http import DEMO_PAGE, LOOPBACK, allowed_origins, check_request, load_demo  # noqa: F401 (re-exported)
@@ -52,6 +53,21 @@ class WsServer:
         self._ids = itertools.count(1)
         self._server = None
         self._demo = load_demo(opts.demo_file) if opts.demo else None
+        self._contexts: SharedContexts | None = None
+
+    def contexts(self, engine) -> SharedContexts:
+        """The context groups every connection shares, and the server's one budget (worker
+        thread: the first job that needs them makes them, for the engine it runs on)."""
+        if self._contexts is None or self._contexts.engine is not engine:
+            self._contexts = SharedContexts(engine, self.opts.max_cache_tokens)
+        return self._contexts
+
+    def batching(self) -> dict:
+        """The worker's batched steps so far: how many, the passes they ran, the widest."""
+        sched = self.worker.scheduler
+        if sched is None:
+            return dict(steps=0, passes=0, widest=0)
+        return dict(steps=sched.steps, passes=sched.passes, widest=sched.widest)
 
     async def start(self) -> None:
         # The transport's hard limit closes the connection (1009); below it, messages over
@@ -72,7 +88,7 @@ class WsServer:
     async def serve_connection(self, ws: ServerConnection) -> None:
         """One client until it goes: `ws` has websockets' recv(decode=False), send, close and
         remote_address, and raises its ConnectionClosed once the client is gone."""
-        conn = S.Connection(f"c{next(self._ids)}", ws, asyncio.get_running_loop())
+        conn = S.Connection(f"c{next(self._ids)}", ws, asyncio.get_running_loop(), self)
         log.info("%s connected from %s", conn.cid, ws.remote_address)
         sender = asyncio.create_task(conn.send_loop())
         try:
@@ -165,9 +181,12 @@ class WsServer:
     def _on_open(self, conn, msg, id_):
         uri, text = P.field(msg, "uri", str), P.field(msg, "text", str)
         version = P.field(msg, "version", int, default=0)
+        role = P.field(msg, "role", str, default="document")
+        if role not in P.ROLES:
+            raise P.ProtocolError(P.BAD_REQUEST, f"role must be one of {', '.join(P.ROLES)}, got {role!r}")
         self.worker.bump(conn.euri(uri))  # a completion on the old text is stale now
         ticket = self.worker.ticket()
-        self._submit(conn, msg, S.open_job, uri, text, version, ticket, ticket=ticket)
+        self._submit(conn, msg, S.open_job, uri, text, version, ticket, role, ticket=ticket)
 
     def _on_edit(self, conn, msg, id_):
         uri, version, changes = P.field(msg, "uri", str), P.field(msg, "version", int), P.changes(msg)
@@ -195,7 +214,12 @@ class WsServer:
             if older.uri == euri:
                 older.cancel()
         ticket = self.worker.ticket(euri)
-        self._submit(conn, msg, S.complete_job, uri, line, char, n, ticket, ticket=ticket, stream=True, capped=True)
+        conn.completion_coming(uri)  # an edit queued before it leaves its tokens to its first pass
+        try:
+            self._submit(conn, msg, S.complete_job, uri, line, char, n, ticket, ticket=ticket, stream=True, capped=True)
+        except P.ProtocolError:
+            conn.completion_coming(uri, -1)
+            raise
 
     def _on_cancel(self, conn, msg, id_):
         ticket = conn.streams.get(id_)
@@ -249,7 +273,7 @@ def run_ws_server(config, opts: ServeOptions) -> int:
         log.warning("listening on %s without --token: anyone who can reach this port can use the model", opts.host)
     if log.getEffectiveLevel() > logging.DEBUG:  # websockets logs every connection at INFO
         logging.getLogger("websockets").setLevel(logging.WARNING)
-    worker = Worker(lambda: Engine.from_config(config))  # loads the model on its own thread
+    worker = Worker(lambda: Engine.from_config(config), batch=opts.batch_decode)  # loads the model on its own thread
 
     async def main() -> None:
         server = WsServer(worker, opts)

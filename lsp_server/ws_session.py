@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
+from collections import Counter
 from typing import Any
 
 from websockets.asyncio.server import ServerConnection
@@ -18,7 +20,7 @@ from websockets.exceptions import ConnectionClosed
 from livekv.incremental.host_memory import release_freed_memory
 
 from . import ws_protocol as P
-from .repo_context import Alone
+from .connection_docs import ConnectionDocs
 from .session import Session, VersionError
 from .worker import Ticket
 
@@ -32,19 +34,32 @@ def _jsonable(x):
 class Connection:
     """One client: its send queue, its running completions and (worker-side) its documents."""
 
-    def __init__(self, cid: str, ws: ServerConnection, loop: asyncio.AbstractEventLoop):
-        self.cid, self.ws, self.loop = cid, ws, loop
+    def __init__(self, cid: str, ws: ServerConnection, loop: asyncio.AbstractEventLoop, server=None):
+        """server: the WsServer, whose contexts(engine) are shared by every connection and whose
+        batching() counts the worker's steps (worker thread)."""
+        self.cid, self.ws, self.loop, self.server = cid, ws, loop, server
         self.queue: asyncio.Queue[str] = asyncio.Queue()
         self.closed = False
         self.streams: dict[Any, Ticket] = {}   # completion id -> its ticket (loop thread only)
         self.live: set[Ticket] = set()         # tickets of jobs not yet answered (loop thread only)
         self.capped: dict[Any, Ticket | None] = {}  # complete/stats ids not yet answered -> ticket (loop thread)
         self._session: Session | None = None   # worker thread only
+        self._coming: Counter = Counter()      # uri -> completions submitted, not started (both threads)
+        self._coming_lock = threading.Lock()
 
     def waiting(self) -> int:
         """Complete and stats requests still to be answered that have work to do (a cancelled or
         superseded completion answers at no cost: it does not count)."""
         return sum(t is None or not t.should_stop() for t in self.capped.values())
+
+    def completion_coming(self, uri: str, n: int = 1) -> None:
+        """A completion for uri was submitted (n 1, loop thread) or has started (n -1, worker)."""
+        with self._coming_lock:
+            self._coming[uri] += n
+
+    def completion_waiting(self, uri: str) -> bool:
+        with self._coming_lock:
+            return self._coming[uri] > 0
 
     def euri(self, uri: str) -> str:
         """The engine's name of this connection's document uri."""
@@ -53,13 +68,15 @@ class Connection:
     def session(self, engine) -> Session:
         """This connection's session (worker thread; made by its first job)."""
         if self._session is None or self._session.docs.engine is not engine:
-            self._session = Session(Alone(engine, engine.config.strategy, prefix=self.euri("")), encoding="utf-16")
+            docs = ConnectionDocs(engine, engine.config.strategy, self.server.contexts(engine), prefix=self.euri(""))
+            self._session = Session(docs, encoding="utf-16")
         return self._session
 
     def stats(self, engine, uri: str) -> dict:
         # the client's uri and version, not the engine's (doc.stats counts edits in "edits")
         st = self.session(engine).stats(uri)
         st["version"] = st.pop("client_version")
+        st["workspace"]["batch"] = self.server.batching()
         return st
 
     def post(self, msg: dict | None) -> None:
@@ -83,12 +100,15 @@ class Connection:
 
 
 
-# -- jobs: fn(engine, conn, ...) on the worker thread, in arrival order --------------------------
-def open_job(engine, conn: Connection, id_, uri: str, text: str, version: int, ticket: Ticket):
+# -- jobs: fn(engine, conn, ...) on the worker thread, in arrival order. Those that run the model
+# are steppers (generators, incremental/batch.py): the worker batches their passes with other
+# connections' (an open's or an edit's encode chunk by chunk, a completion step by step).
+def open_job(engine, conn: Connection, id_, uri: str, text: str, version: int, ticket: Ticket, role: str):
     if conn.closed:
         return None
     s = conn.session(engine)
-    s.open(uri, text, version, should_stop=ticket.should_stop)
+    s.open(uri, text, version, settle=False, role=role)
+    yield from s.docs.settling(uri, ticket.should_stop)
     return warned(s, {"type": "ok", "id": id_, "version": version, "stats": conn.stats(engine, uri)})
 
 
@@ -96,10 +116,13 @@ def edit_job(engine, conn: Connection, id_, uri: str, version: int, changes: lis
     if conn.closed:
         return None
     s = conn.session(engine)
+    yield from s.docs.contexts_settling()  # what the budget evicted comes back first
     try:
-        s.change(uri, version, changes, settle=True)
+        s.change(uri, version, changes, settle=False)
     except VersionError as e:
         raise P.ProtocolError(P.BAD_VERSION, f"edit {e}; versions must increase with every edit") from None
+    if not conn.completion_waiting(uri):  # else its new tokens ride in the completion's first pass
+        yield from s.docs.settling(uri, edit=True)
     return warned(s, {"type": "ok", "id": id_, "version": version, "stats": conn.stats(engine, uri)})
 
 
@@ -118,14 +141,19 @@ def stats_job(engine, conn: Connection, id_, uri: str):
 
 
 def complete_job(engine, conn: Connection, id_, uri: str, line: int, char16: int, n: int, ticket: Ticket):
+    conn.completion_coming(uri, -1)
     pieces = []
 
     def piece(text: str) -> None:
         pieces.append(text)
         conn.post_threadsafe({"type": "token", "id": id_, "text": text})
+    if conn.session(engine).docs.is_context(uri):
+        raise P.ProtocolError(P.BAD_REQUEST, f"{uri} was opened as a context file: completions run in this "
+                                             "connection's documents; open it without role to complete in it")
+    yield from conn.session(engine).docs.contexts_settling(ticket.should_stop)
     # cancelled, edited or disconnected while queued: no model work (answer None)
-    answer = conn.session(engine).complete(uri, line, char16, should_stop=ticket.should_stop, on_piece=piece,
-                                           max_new_tokens=n)
+    answer = yield from conn.session(engine).completing(uri, line, char16, should_stop=ticket.should_stop,
+                                                        on_piece=piece, max_new_tokens=n)
     return {"type": "done", "id": id_, "text": "".join(pieces), "cancelled": answer is None or answer.stop == "cancelled",
             "stats": conn.stats(engine, uri)}
 

@@ -17,17 +17,17 @@ class CountingForward:
     """Counts forward passes and their query rows (the model itself runs for real)."""
 
     def __init__(self, model):
-        self.model, self.real, self.calls = model, model.forward, []
+        self.model, self.real, self.calls = model, model.run, []
 
     def __enter__(self):
-        def fwd(kv, ids, *a, **kw):
-            self.calls.append(len(ids))
-            return self.real(kv, ids, *a, **kw)
-        self.model.forward = fwd
+        def run(passes, *a, **kw):
+            self.calls.extend(p.n for p in passes)
+            return self.real(passes, *a, **kw)
+        self.model.run = run
         return self
 
     def __exit__(self, *exc):
-        self.model.forward = self.real
+        self.model.run = self.real
 
 
 # -- stops and brackets (pure) ---------------------------------------------------------------

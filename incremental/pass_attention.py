@@ -1,0 +1,89 @@
+"""One pass's attention inside a batched forward (Transformer.run): RoPE at its positions, its
+K/V written into its own cache, and attention over the columns its layout shows it there.
+
+A pass whose document sees context groups held in another cache (Pass.shared: the server's
+shared contexts, shared.py) attends to those apart (hydragen.py), so here it also returns each
+query's log-sum-exp, and the two are merged (attention.merge).
+"""
+from __future__ import annotations
+
+import torch
+
+from .attention import LAZY_MAX_QUERIES, PendingDeltas, attend, attend_lse, attention_with_deltas, flash_rows
+from .batch import Pass
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Rope:
+    """RoPE at given positions: cos and sin (1, 1, n, D)."""
+
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor):
+        self.cos, self.sin = cos, sin
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        """Keys or queries (1, H, n, D) rotated to their positions."""
+        return t * self.cos + rotate_half(t) * self.sin
+
+
+class PassAttention:
+    """One pass's share of a batched forward: its RoPE tables, its mask over its layout's
+    columns and its pending deltas. It writes the pass's K/V into the pass's own cache and
+    attends there."""
+
+    def __init__(self, model, p: Pass, x: torch.Tensor):
+        self.model, self.p, dev = model, p, model.device
+        self.pos = p.pos.to(dev)
+        mask = p.layout.mask
+        self.mask = None
+        if mask is not None:
+            self.mask = torch.zeros(mask.shape, dtype=x.dtype, device=dev)
+            self.mask.masked_fill_(~mask.to(dev), float("-inf"))        # (n, n_keys)
+        self.pending = PendingDeltas(p.layout, p.n >= LAZY_MAX_QUERIES, model.inv_freq.to(dev))
+        if self.pending.runs is not None and self.mask is not None:
+            self.mask = self.mask[:, self.pending.cols]                # the runs' columns only
+        # attend_lse's mask, made once for every layer (a pass that sees groups apart needs it)
+        self.mask_rows = None
+        if p.shared and self.mask is not None:
+            self.mask_rows = flash_rows(self.mask, model.n_heads // model.n_kv_heads)
+        self.slots = p.slots if isinstance(p.slots, int) else p.slots.to(dev)
+        self.tables: dict[int, tuple] = {}
+        self.x = x
+        self.q: torch.Tensor | None = None  # this layer's queries at their positions (hydragen.py reads them)
+
+    def _rope(self, q: torch.Tensor, d: int) -> torch.Tensor:
+        """q rotated to its positions minus d (a pending delta)."""
+        if d not in self.tables:
+            c, s = self.model.rotary(self.x, (self.pos - d)[None])
+            self.tables[d] = c[:, None], s[:, None]
+        c, s = self.tables[d]
+        return q * c + rotate_half(q) * s
+
+    def attend(self, i: int, q, q_rot, k, v, write: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Layer i, this pass's rows: queries before and after RoPE (1, H, m, D), keys (after)
+        and values (1, Hkv, m, D) -> its attention over its own cache (1, H, m, D), and its
+        log-sum-exp (1, H, m) when it sees groups apart (None otherwise)."""
+        kv, slots, m = self.p.kv, self.slots, q.shape[2]
+        if not write:
+            pass  # a probe attends to the cache as it is
+        elif isinstance(slots, int):
+            kv.k[i, :, slots: slots + m] = k[0]
+            kv.v[i, :, slots: slots + m] = v[0]
+        else:
+            kv.k[i].index_copy_(1, slots, k[0])
+            kv.v[i].index_copy_(1, slots, v[0])
+        K, V = kv.layer(i, self.p.layout.n_keys)                       # (1, Hkv, n_keys, D)
+        pending, scaling, apart = self.pending, self.model.scaling, bool(self.p.shared)
+        self.q = q_rot
+        if pending.runs is None or pending.copy:
+            K, V = pending.rotated(K, V)
+            if apart:
+                return attend_lse(q_rot, K, V, self.mask, scaling, self.mask_rows)
+            # an encode at precision bf16 attends in bf16 too (the cache stays fp32)
+            bf16 = self.model.precision.mode == "bf16" and self.model.device.type == "cpu"
+            return attend(q_rot, K, V, self.mask, scaling, bf16=bf16), None
+        out = attention_with_deltas(q, K, V, self._rope, pending.runs, self.mask, scaling, with_lse=apart)
+        return out if apart else (out, None)
