@@ -17,6 +17,7 @@ import time
 import torch
 from torch._dynamo.utils import counters
 
+from livekv.incremental.batch import Pass
 from livekv.incremental.layout import Layout
 
 CACHE_LENGTHS = (4096, 16384)
@@ -48,8 +49,8 @@ class Step:
     def fixed_no_grad(self) -> torch.Tensor:
         """fixed() under no_grad instead of inference_mode, for torch.compile: Dynamo's guards on
         tensors it makes of the layout's numpy arrays fail inside inference mode."""
-        return type(self.eng.model).forward.__wrapped__(self.eng.model, self.kv, self.ids, self.pos, self.n - 1,
-                                                        self.fixed_layout, logits_at=self.at, precision="fp32")
+        step = Pass(self.kv, self.ids, self.pos, self.n - 1, self.fixed_layout, logits_at=self.at, precision="fp32")
+        return type(self.eng.model).run.__wrapped__(self.eng.model, [step])[0]
 
     def fixed(self) -> torch.Tensor:
         """The fixed-shape step: device inputs, no mask; what is captured."""

@@ -90,7 +90,9 @@ function requestSuggestion() {
     g.streaming = false;
     if (ghost === g) ta.dataset.streaming = "false";
     if (r.type === "error") { logError(`complete: ${r.code}: ${r.message}`); return; }
-    if (!r.cancelled) showCompletion(r.stats.last_completion);
+    if (r.cancelled) return;
+    showCompletion(r.stats.last_completion);
+    showCost(r.stats);  // an edit queued right before its completion is encoded in that completion's pass
   });
 }
 
@@ -131,7 +133,9 @@ document.addEventListener("selectionchange", () => {
 });
 
 // -- the cost panel ----------------------------------------------------------------------------
-function showEdit(n, s) {
+let lastRow = null;  // the history row of the newest edit
+
+function showCost(s) {
   const enc = s.tokens_encoded_last_edit, full = s.full_reencode_tokens;
   $("edit-encoded").textContent = enc;
   $("edit-rotated").textContent = s.keys_rotated_last_edit;
@@ -140,11 +144,23 @@ function showEdit(n, s) {
   $("doc-tokens").textContent = s.tokens;
   $("saved").textContent = full ? `${(100 * (1 - enc / full)).toFixed(1)} % of the encoding` : "–";
   $("bar-edit").style.width = `${full ? Math.min(100, 100 * enc / full) : 0}%`;
-  const row = document.createElement("tr");
-  row.innerHTML = `<td>${n}</td><td>${enc}</td><td>${s.keys_rotated_last_edit}</td><td>${s.edit_ms_last.toFixed(1)}</td><td>${full}</td>`;
+  if (lastRow) {
+    const cells = lastRow.children;
+    cells[1].textContent = enc;
+    cells[2].textContent = s.keys_rotated_last_edit;
+    cells[3].textContent = s.edit_ms_last.toFixed(1);
+    cells[4].textContent = full;
+  }
+}
+
+function showEdit(n, s) {
+  const row = lastRow = document.createElement("tr");
+  row.innerHTML = "<td></td>".repeat(5);
+  row.children[0].textContent = n;
   const body = $("history");
   body.prepend(row);
   while (body.children.length > 10) body.lastChild.remove();
+  showCost(s);
 }
 
 function showCompletion(c) {
