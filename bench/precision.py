@@ -1,6 +1,7 @@
 """Each precision against fp32 on the same files and cursors: what `auto` is chosen from.
 
     livekv bench precision [--model M] [--lengths 1024,4096] [--points 24] [--precisions fp32,bf16,int8,int4]
+                           [--rows 1,2,4,8,12,16]
 
 For each length a real file (the scaling run's stdlib corpus) is opened once per precision and
 encoded at it (`full`: the first open of a file and its first one-token completion, since a FIM
@@ -11,6 +12,9 @@ encode (ms, and × fp32's), time to first token, the whole line, decode ms/token
 with fp32. Wall
 times and this process's CPU times are both kept: on a shared machine the CPU times are the
 steadier ratio.
+
+--rows times one layer's projections (qkv, o, gate_up, down) in each weight format for so many
+query rows: what a batch of decode steps costs by format (BATCH_BF16 in precision.py).
 """
 from __future__ import annotations
 
@@ -20,6 +24,8 @@ import statistics
 import sys
 import time
 from pathlib import Path
+
+import torch
 
 from livekv.bench.runner import LoadMeter, cell, log, markdown
 from livekv.bench.scaling import corpus
@@ -100,6 +106,29 @@ def table(summary: list[dict]) -> str:
                       f"{cell(s['agreement'], 'frac')} ({s['points']})"] for s in summary])
 
 
+def projection_rows(model, rows: list[int], reps: int = 100) -> list[dict]:
+    """Median µs of layer 0's four projections on (1, r, C) inputs, per weight format and r."""
+    lp, width = model.precision.layers[0], model.hf.config.hidden_size
+    inter = lp.down.weight.shape[1]
+    out = []
+    for r in rows:
+        x, h = torch.randn(1, r, width), torch.randn(1, r, inter)
+        for mode in ("fp32", "bf16", "int8", "int4"):
+            def step():
+                lp.qkv(x, mode), lp.o(x, mode), lp.gate_up(x, mode), lp.down(h, mode)
+            step()  # makes the format
+            times = [timed(step)[1] for _ in range(reps)]
+            out.append(dict(rows=r, format=mode, us=round(1e3 * statistics.median(times), 1)))
+    return out
+
+
+def rows_table(timings: list[dict]) -> str:
+    modes = list(dict.fromkeys(t["format"] for t in timings))
+    by = {(t["rows"], t["format"]): t["us"] for t in timings}
+    body = [[str(r)] + [cell(by[r, m], "n") for m in modes] for r in dict.fromkeys(t["rows"] for t in timings)]
+    return markdown(["query rows"] + [f"{m} µs" for m in modes], body)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="livekv bench precision", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="as Engine.load's (default: the embedded SmolLM2-135M)")
@@ -108,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--precisions", default="fp32,bf16,int8,int4", help="fp32 first: the reference")
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rows", default="1,2,4,8,12,16", help="query rows to time the projections at ('' skips)")
     ap.add_argument("--out", default="bench/out/precision")
     a = ap.parse_args(argv)
     precisions = [p for p in a.precisions.split(",") if p]
@@ -121,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     engine = Engine.load(a.model, precision="fp32", threads=a.threads, max_new_tokens=a.max_new_tokens)
     out, load, rows = Path(a.out), LoadMeter(), []
     out.mkdir(parents=True, exist_ok=True)
-    for length in [int(x) for x in a.lengths.split(",")]:
+    for length in [int(x) for x in a.lengths.split(",") if x]:
         log(f"precision: {length} tokens, {','.join(precisions)}")
         rows += run_length(engine, length, precisions, a.points, a.max_new_tokens)
         load.sample()
@@ -132,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     (out / "table.md").write_text(table(summary))
     print(table(summary))
     print(f"auto on this machine and model: {engine.model.precision.resolve('auto')}")
+    if a.rows:
+        timings = projection_rows(engine.model, [int(r) for r in a.rows.split(",")])
+        (out / "rows.json").write_text(json.dumps(timings, indent=1))
+        print(rows_table(timings))
     return 0
 
 

@@ -35,6 +35,9 @@ from .config import PRECISIONS
 from .quant import Int4, Int8
 
 SMALL = 16  # queries in a pass below which int8/int4 weights are used (decode steps, a short tail)
+# Rows of a batch of several passes from which bf16 weights replace int8/int4: bf16's AMX matmul
+# costs about the same for 1-12 rows, the int kernels grow with the rows (README, "Many editors").
+BATCH_BF16 = 6
 RESCORE = 64  # the int8 head's best tokens that argmax scores again with the head as loaded
 
 
@@ -133,10 +136,9 @@ class Precision:
                        else False)
 
     def prepare(self, precision: str) -> None:
-        """Make the weight formats this precision's passes read now, not in a request's first pass
-        (int4 with int8: a batch of several passes runs int8, set)."""
+        """Make the weight formats this precision's passes read now, not in a request's first pass."""
         p = self.resolve(precision)
-        for mode in {"fp32": (), "bf16": ("bf16",), "int8": ("bf16", "int8"), "int4": ("bf16", "int8", "int4")}[p]:
+        for mode in {"fp32": (), "bf16": ("bf16",), "int8": ("bf16", "int8"), "int4": ("bf16", "int4")}[p]:
             for proj in (q for lp in self.layers for q in lp.all()):
                 proj.format(mode)
         if self.device.type == "cpu":
@@ -144,14 +146,13 @@ class Precision:
 
     def set(self, precision: str, n_queries: int, batched: bool = False) -> None:
         """Run the next pass of n_queries at this precision. batched: the queries of several
-        passes (batch.py), where int4 gives way to int8: torch's int4 kernel costs grow with the
-        rows, int8's much less (README, "Batched decode")."""
+        passes (batch.py), which from BATCH_BF16 rows read bf16 weights instead of int8/int4."""
         p = self.resolve(precision)
         assert p in PRECISIONS[1:], p
-        if p == "fp32" or n_queries >= SMALL:
+        if p == "fp32" or n_queries >= SMALL or (batched and n_queries >= BATCH_BF16):
             self.mode = p if p == "fp32" else "bf16"
         else:
-            self.mode = "fp32" if p == "bf16" else "int8" if p == "int4" and batched else p
+            self.mode = "fp32" if p == "bf16" else p
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """(m, C) -> (m, V): the output head as loaded, at every precision (a few rows a pass; its

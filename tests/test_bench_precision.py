@@ -4,7 +4,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from livekv.bench.precision import points, summarize, table
+from livekv.bench.precision import points, projection_rows, rows_table, summarize, table
 
 from conftest import stdlib_source
 
@@ -39,3 +39,11 @@ def test_summary_scores_against_fp32_and_divides_by_its_encode():
     assert s["int4"]["agreement"] == 0.75 and s["fp32"]["agreement"] == 1.0
     assert s["int4"]["full_speedup_cpu"] == 3.0 and s["int4"]["decode_ms_p50"] == 31.5
     assert "| 98 | int4 | 300 (300, 3.00×) | 8 | 62 | 31.5 (30.0) | 0.750 (4) |" in table(summarize(rows))
+
+
+def test_projection_rows_time_every_format_at_every_row_count(tiny_engine):
+    timings = projection_rows(tiny_engine.model, [1, 3], reps=3)
+    assert [(t["rows"], t["format"]) for t in timings] == [(r, m) for r in (1, 3) for m in ("fp32", "bf16", "int8", "int4")]
+    assert all(t["us"] > 0 for t in timings)
+    table_ = rows_table(timings)
+    assert table_.splitlines()[0] == "| query rows | fp32 µs | bf16 µs | int8 µs | int4 µs |" and len(table_.splitlines()) == 4
