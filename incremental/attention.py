@@ -165,21 +165,8 @@ def attend_lse(q, K, V, attn_mask, scaling: float, mask_rows: torch.Tensor | Non
         if attn_mask is not None:  # the kernel answers 0 for a row that sees nothing
             lse = lse.masked_fill(torch.isneginf(attn_mask).all(-1), float("-inf"))
         return o.reshape(1, H, n, D), lse
-    qg = q.view(1, Hkv, rep, n, D)
-    out = torch.empty(1, Hkv, rep, n, D, dtype=q.dtype, device=q.device)
-    lse = torch.empty(1, Hkv, rep, n, dtype=torch.float32, device=q.device)
-    block = max(1, MAX_SCORES // max(1, H * N))
-    for q0 in range(0, n, block):
-        q1 = min(n, q0 + block)
-        m = q1 - q0
-        s = torch.matmul(qg[:, :, :, q0:q1].reshape(1, Hkv, rep * m, D), K.transpose(-1, -2)).float()
-        s = s.view(1, Hkv, rep, m, N).mul_(scaling)
-        if attn_mask is not None:
-            s += attn_mask[q0:q1].float()
-        lse[:, :, :, q0:q1] = torch.logsumexp(s, dim=-1)
-        p = F.softmax(s, dim=-1).to(V.dtype).view(1, Hkv, rep * m, N)
-        out[:, :, :, q0:q1] = torch.matmul(p, V).view(1, Hkv, rep, m, D)
-    return out.view(1, H, n, D), lse.view(1, H, n)
+    # elsewhere: one run of keys with no delta (q is already at its positions)
+    return attention_with_deltas(q, K, V, lambda t, _d: t, [(0, N, 0)], attn_mask, scaling, with_lse=True)
 
 
 def flash_rows(attn_mask: torch.Tensor, rep: int) -> torch.Tensor:

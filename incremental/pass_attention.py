@@ -52,6 +52,9 @@ class PassAttention:
         self.slots = p.slots if isinstance(p.slots, int) else p.slots.to(dev)
         self.tables: dict[int, tuple] = {}
         self.x = x
+        # an encode at precision bf16 attends in bf16 too (the cache stays fp32); Transformer.run
+        # sets the pass's precision before it makes its PassAttentions
+        self.bf16 = model.precision.mode == "bf16" and dev.type == "cpu"
         self.q: torch.Tensor | None = None  # this layer's queries at their positions (hydragen.py reads them)
 
     def _rope(self, q: torch.Tensor, d: int) -> torch.Tensor:
@@ -82,8 +85,6 @@ class PassAttention:
             K, V = pending.rotated(K, V)
             if apart:
                 return attend_lse(q_rot, K, V, self.mask, scaling, self.mask_rows)
-            # an encode at precision bf16 attends in bf16 too (the cache stays fp32)
-            bf16 = self.model.precision.mode == "bf16" and self.model.device.type == "cpu"
-            return attend(q_rot, K, V, self.mask, scaling, bf16=bf16), None
+            return attend(q_rot, K, V, self.mask, scaling, bf16=self.bf16), None
         out = attention_with_deltas(q, K, V, self._rope, pending.runs, self.mask, scaling, with_lse=apart)
         return out if apart else (out, None)

@@ -12,6 +12,7 @@ import pytest
 from websockets.asyncio.client import connect
 
 from conftest import excerpt, stdlib_source, tiny_llama, train_tokenizer
+from lsp_helpers import eventually
 from livekv.lsp_server.worker import Worker
 from livekv.lsp_server.ws_server import BackgroundServer, ServeOptions
 from ws_helpers import HANG, Client
@@ -131,14 +132,6 @@ async def test_a_long_paste_does_not_hold_another_connections_decode(eng, files,
     assert order == (["done", "edit"] if batch else ["edit", "done"])
 
 
-async def until(cond) -> None:
-    for _ in range(int(HANG / 0.01)):
-        if cond():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("the server never got there")
-
-
 async def test_an_edit_followed_by_a_completion_encodes_in_the_completions_first_pass(eng, files):
     """An edit with a completion for the same document right behind it leaves its new tokens to
     the completion's first pass (one pass of the weights, not two); the answer is the edited
@@ -156,12 +149,14 @@ async def test_an_edit_followed_by_a_completion_encodes_in_the_completions_first
             # edit rides only when its completion is already queued as it starts
             gate = threading.Event()
             srv.worker.submit(lambda _engine: gate.wait(HANG))
-            await until(lambda: srv.worker.queued() == 0)  # the worker holds
+            async def queued(k):
+                return srv.worker.queued() == k
+            await eventually(lambda: queued(0), "the worker to hold", HANG)
             ie = await c.send("edit", uri="file:///r.py", version=1,
                               changes=[{"range": {"start": {"line": line, "character": col},
                                                   "end": {"line": line, "character": col}}, "text": typed}])
             ic = await c.send("complete", uri="file:///r.py", line=line, character=col + len(typed))
-            await until(lambda: srv.worker.queued() == 2)  # the edit, and its completion behind it
+            await eventually(lambda: queued(2), "the edit, and its completion behind it", HANG)
             gate.set()
             edit, done = await c.reply(ie), await c.reply(ic)
     assert edit["type"] == "ok" and edit["stats"]["tokens_encoded_last_edit"] == 0 < edit["stats"]["dirty_tokens"]
