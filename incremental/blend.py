@@ -7,7 +7,8 @@ new tokens (they are marked dirty, and Document.settle encodes them with a full 
 mask), and, at each completion, the stale ones among the blend_cursor tokens before the cursor. Which
 ones after the edit, by `blend_rule`:
 
-    window     the first stale tokens after the edit (pie-window's choice, at this budget)
+    window     the first stale tokens after each change of the edit, nearest first (pie-window's
+               choice, at this budget, shared among a rename's many places)
     age        those whose K/V are oldest: staleness compounds over edits, and these missed most
     structure  those that hold the edit's identifiers, nearest first, then the window
     deviation  CacheBlend's test: a pool of up to four times the budget (window and age) run
@@ -61,7 +62,16 @@ def select(doc, keep: np.ndarray, rule: str, n: int) -> np.ndarray:
 
 
 def _window(doc, cand, keep, first, n):
-    return cand[cand >= first][:n]
+    """The stale tokens nearest after a change of the edit: an editor's rename changes many
+    places in one batch, and each needs the tokens right after it (pie-window re-encodes a
+    window after every change). Without changes (idle work), the first after `first`."""
+    ch = change_points(keep) if keep is not None else cand[:0]
+    if not len(ch):
+        return cand[cand >= first][:n]
+    last = np.searchsorted(ch, cand, side="right") - 1    # the change at or before each candidate
+    c = cand[last >= 0]
+    d = c - ch[last[last >= 0]]                           # tokens since that change
+    return np.sort(c[np.lexsort((c, d))[:n]])
 
 
 def _age(doc, cand, keep, first, n):

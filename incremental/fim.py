@@ -125,8 +125,10 @@ class FimStream:
         """Bring the stream to cursor c: the tail is the middle marker, then the text from the
         gap to the cursor (and `extra`), its last token healed."""
         if self.move_gap(doc, self.gap_for(doc, c)):
-            # the suffix right after the marker is what a middle must join up with: refresh it
-            idx = np.arange(self.gap, min(doc.n, self.gap + doc.engine.config.refresh_window))
+            if doc.strategy == "full":  # the exact cache: all that the move left stale, as a rebuild
+                idx = np.arange(doc.n)
+            else:  # the suffix right after the marker is what a middle must join up with: refresh it
+                idx = np.arange(self.gap, min(doc.n, self.gap + doc.engine.config.refresh_window))
             doc.region.mark_dirty(idx[doc.region.stale_tokens()[idx]])
         self.settle(doc)
         self.suffix_marker.settle()

@@ -55,6 +55,9 @@ class PassAttention:
         # an encode at precision bf16 attends in bf16 too (the cache stays fp32); Transformer.run
         # sets the pass's precision before it makes its PassAttentions
         self.bf16 = model.precision.mode == "bf16" and dev.type == "cpu"
+        self.mask_sdpa = self.mask  # attend()'s, cast once for all layers
+        if self.bf16 and self.mask is not None:
+            self.mask_sdpa = self.mask.to(torch.bfloat16)
         self.q: torch.Tensor | None = None  # this layer's queries at their positions (hydragen.py reads them)
 
     def _rope(self, q: torch.Tensor, d: int) -> torch.Tensor:
@@ -85,6 +88,6 @@ class PassAttention:
             K, V = pending.rotated(K, V)
             if apart:
                 return attend_lse(q_rot, K, V, self.mask, scaling, self.mask_rows)
-            return attend(q_rot, K, V, self.mask, scaling, bf16=self.bf16), None
+            return attend(q_rot, K, V, self.mask_sdpa, scaling, bf16=self.bf16), None
         out = attention_with_deltas(q, K, V, self._rope, pending.runs, self.mask, scaling, with_lse=apart)
         return out if apart else (out, None)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
 from livekv.incremental import blend
 from livekv.incremental.config import BLEND_RULES
@@ -207,3 +207,24 @@ def test_deviation_narrows_its_pool_layer_by_layer_to_the_budget(deep_engine, ed
                 blend.select(doc, keep, "deviation", n)
     finally:
         deep_engine.close(doc.uri)
+
+
+@settings(max_examples=25, **FAST)
+@given(st.lists(st.integers(0, 37), min_size=2, max_size=6, unique=True), st.integers(1, 40))
+def test_a_batch_of_changes_shares_the_window_nearest_first(configured, lines, n):
+    """A rename changes many places in one batch: the window takes the stale tokens nearest after
+    any of its changes, not only the first change's."""
+    eng = configured(blend_ratio=1.0, blend_cap=1000)
+    doc = eng.open("file:///r.py", TEXT, strategy="pie")
+    doc.edit((0, 0), (0, 0), "import os\n")  # stale tokens everywhere below, before the batch
+    doc.edit_batch([((ln, 0), (ln, 0), "x_ = 1; ") for ln in sorted(lines, reverse=True)])
+    keep, cand = doc.last_keep, blend.candidates(doc)
+    ch = change_points(keep)
+    assume(len(ch) >= 2)  # changes on neighbouring lines can retokenize into one
+    picked = blend.select(doc, keep, "window", n)
+    last = np.searchsorted(ch, cand, side="right") - 1
+    dist = np.where(last >= 0, cand - ch[np.maximum(last, 0)], np.iinfo(np.int64).max)
+    chosen = np.isin(cand, picked)
+    assert len(picked) == min(n, int((last >= 0).sum())) and doc.stale[picked].all()
+    if chosen.any() and (~chosen & (last >= 0)).any():  # nearest first: none left out is nearer
+        assert dist[chosen].max() <= dist[~chosen & (last >= 0)].min()

@@ -3,6 +3,7 @@ must be exactly the PSM prompt's, and moving the cursor must be a splice, not a 
 from __future__ import annotations
 
 import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from livekv.incremental.fim import FimStream
 
@@ -93,3 +94,28 @@ def test_a_fork_is_an_independent_stream(fim_engine):
     twin.edit((0, 0), (0, 0), "import os\n")
     assert doc.text == TEXT and doc.complete(line, 0) == want
     assert torch.equal(stream_kv(doc)[0], stream_kv(doc.fork("file:///fk3.py"))[0])
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.integers(0, 22), st.sampled_from(["", "    x = 1\n", "y"]), st.integers(1, 22)),
+                min_size=1, max_size=3))
+def test_full_on_a_stream_is_the_rebuilt_prompt_at_every_completion(fim_engine, steps):
+    """`full` keeps the exact cache on a FIM stream too: after edits and cursor moves (an edit
+    re-encodes past the gap, a move shifts tokens across it), a completion sees exactly the PSM
+    prompt rebuilt at its cursor."""
+    doc = FimStream.open(fim_engine, "file:///full.py", TEXT, "full", gap_at=len(TEXT) // 2)
+    try:
+        for at, text, cursor in steps:
+            doc.edit((at, 0), (at, 0), text)
+            line = min(cursor, doc.text.count("\n") - 1)
+            got = doc.complete(line, 0)
+            fresh = FimStream.open(fim_engine, "file:///rebuilt.py", doc.text, "pie", gap_at=doc.offset(line, 0))
+            try:
+                assert fresh.prompt.gap == doc.prompt.gap and not doc.stale.any()
+                (k, v), (kf, vf) = stream_kv(doc), stream_kv(fresh)
+                assert torch.allclose(k, kf, atol=1e-4) and torch.allclose(v, vf, atol=1e-4)
+                assert got == fresh.complete(line, 0)
+            finally:
+                fim_engine.close(fresh.uri)
+    finally:
+        fim_engine.close(doc.uri)
