@@ -125,10 +125,14 @@ class FimStream:
         """Bring the stream to cursor c: the tail is the middle marker, then the text from the
         gap to the cursor (and `extra`), its last token healed."""
         if self.move_gap(doc, self.gap_for(doc, c)):
+            w = doc.engine.config.refresh_window
             if doc.strategy == "full":  # the exact cache: all that the move left stale, as a rebuild
                 idx = np.arange(doc.n)
-            else:  # the suffix right after the marker is what a middle must join up with: refresh it
-                idx = np.arange(self.gap, min(doc.n, self.gap + doc.engine.config.refresh_window))
+            else:
+                # what a middle joins up with, on both sides of the marker: the suffix right after
+                # it, and the text right before it, which, when the cursor moved down, was encoded
+                # as suffix (after the marker) and would still read as text after the cursor
+                idx = np.arange(max(0, self.gap - w), min(doc.n, self.gap + w))
             doc.region.mark_dirty(idx[doc.region.stale_tokens()[idx]])
         self.settle(doc)
         self.suffix_marker.settle()

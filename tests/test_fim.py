@@ -67,6 +67,28 @@ def test_moving_the_cursor_is_a_splice_not_a_rebuild(fim_engine):
     assert torch.allclose(stream_kv(doc)[0][0], stream_kv(fresh)[0][0], atol=1e-5)
 
 
+
+def test_moving_the_cursor_down_re_encodes_the_text_that_became_prefix(fim_engine):
+    """Moving the cursor down a line turns that line from suffix into prefix: encoded after the
+    marker, it would still read as text after the cursor. Within refresh_window of the gap it is
+    encoded again, so the prefix is exactly the rebuilt prompt's, every layer."""
+    c = TEXT.index("\n", len(TEXT) // 2) + 1
+    line = TEXT[:c].count("\n") + 1  # a line below the gap's
+    doc = FimStream.open(fim_engine, "file:///down.py", TEXT, "pie", gap_at=c)
+    try:
+        old = doc.prompt.gap
+        doc.complete(line, 0)
+        g = doc.prompt.gap
+        assert 0 < g - old <= fim_engine.config.refresh_window and not doc.stale[:g].any()
+        rebuilt = FimStream.open(fim_engine, "file:///down-rb.py", doc.text, "pie", gap_at=doc.offset(line, 0))
+        assert rebuilt.prompt.gap == g
+        (k, v), (kr, vr) = stream_kv(doc), stream_kv(rebuilt)
+        assert torch.allclose(k[:, :, : g + 1], kr[:, :, : g + 1], atol=1e-5)  # marker and prefix
+        assert torch.allclose(v[:, :, : g + 1], vr[:, :, : g + 1], atol=1e-5)
+        fim_engine.close(rebuilt.uri)
+    finally:
+        fim_engine.close(doc.uri)
+
 def test_completion_reads_the_suffix_exactly_as_the_psm_prompt(fim_engine):
     """Unlike masked prefix decoding, a FIM completion depends on the text after the cursor; on a
     freshly built stream its first step is exactly the model's on the PSM prompt."""
