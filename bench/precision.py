@@ -45,18 +45,24 @@ def points(text: str, k: int) -> list[int]:
     return [good[i] for i in sorted({int(j * len(good) / k) for j in range(k)})] if good else []
 
 
-def run_length(engine, length: int, precisions: list[str], n_points: int, max_new: int) -> list[dict]:
+def run_length(engine, length: int, precisions: list[str], n_points: int, max_new: int, opens: int = 3) -> list[dict]:
+    """Each precision's open `opens` times (in turns, so the machine's drift falls on all alike),
+    then its completions at the same new lines."""
     text = corpus(engine, length)
     docs, rows = {}, []
     lines = points(text, n_points + 1)
-    for p in precisions:
-        doc = engine.open(f"file:///precision/{p}.py", text, settle=False)
-        doc.configure(precision=p)
-        engine.model.precision.prepare(p)  # the weight formats are made at load: not part of any timing
-        # a FIM stream encodes at its first cursor: so "full" is the open and the first completion
-        _, wall, cpu = timed(lambda: (doc.settle(), doc.suggest(lines[0], 0, max_new_tokens=1, multiline=False)))
-        docs[p] = doc
-        rows.append(dict(kind="full", precision=p, length=length, tokens=doc.n, wall_ms=wall, cpu_ms=cpu))
+    for k in range(opens):
+        for p in precisions:
+            doc = engine.open(f"file:///precision/{p}-{k}.py", text, settle=False)
+            doc.configure(precision=p)
+            engine.model.precision.prepare(p)  # the weight formats are made at load: not part of any timing
+            # a FIM stream encodes at its first cursor: so "full" is the open and the first completion
+            _, wall, cpu = timed(lambda: (doc.settle(), doc.suggest(lines[0], 0, max_new_tokens=1, multiline=False)))
+            rows.append(dict(kind="full", precision=p, length=length, tokens=doc.n, wall_ms=wall, cpu_ms=cpu))
+            if k < opens - 1:
+                engine.close(doc.uri)
+            else:
+                docs[p] = doc
     for line in lines[1:]:
         ref = None
         for p in precisions:
@@ -78,16 +84,19 @@ def run_length(engine, length: int, precisions: list[str], n_points: int, max_ne
 def summarize(rows: list[dict]) -> list[dict]:
     out = []
     for length in sorted({r["length"] for r in rows}):
-        full32 = next((r for r in rows if r["kind"] == "full" and r["precision"] == "fp32" and r["length"] == length), None)
+        med = lambda xs: statistics.median(xs) if xs else None  # noqa: E731
+
+        def opens(p, key):  # the median of a precision's opens
+            return med([r[key] for r in rows if r["kind"] == "full" and r["precision"] == p and r["length"] == length])
+        cpu32 = opens("fp32", "cpu_ms")
         for p in dict.fromkeys(r["precision"] for r in rows):
             full = next(r for r in rows if r["kind"] == "full" and r["precision"] == p and r["length"] == length)
             pts = [r for r in rows if r["kind"] == "point" and r["precision"] == p and r["length"] == length]
             dec = [r["decode_ms_per_token"] for r in pts if r["decode_ms_per_token"] is not None]
             scored = [r["agree"] for r in pts if r["agree"] is not None]
-            med = lambda xs: statistics.median(xs) if xs else None  # noqa: E731
-            out.append(dict(length=length, precision=p, tokens=full["tokens"], full_ms=full["wall_ms"],
-                            full_cpu_ms=full["cpu_ms"],
-                            full_speedup_cpu=full32["cpu_ms"] / full["cpu_ms"] if full32 else None,
+            out.append(dict(length=length, precision=p, tokens=full["tokens"], full_ms=opens(p, "wall_ms"),
+                            full_cpu_ms=opens(p, "cpu_ms"),
+                            full_speedup_cpu=cpu32 / opens(p, "cpu_ms") if cpu32 else None,
                             ttft_ms_p50=med([r["ttft_ms"] for r in pts]), line_ms_p50=med([r["line_ms"] for r in pts]),
                             decode_ms_p50=med(dec),
                             cpu_ms_per_step_p50=med([r["cpu_ms_per_step"] for r in pts]),
@@ -135,12 +144,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lengths", default="1024,4096")
     ap.add_argument("--points", type=int, default=24, help="completions per length (default %(default)s)")
     ap.add_argument("--precisions", default="fp32,bf16,int8,int4", help="fp32 first: the reference")
+    ap.add_argument("--opens", type=int, default=3, help="opens per precision and length, the median reported "
+                    "(default %(default)s)")
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rows", default="1,2,4,8,12,16", help="query rows to time the projections at ('' skips)")
     ap.add_argument("--out", default="bench/out/precision")
     a = ap.parse_args(argv)
     precisions = [p for p in a.precisions.split(",") if p]
+    if a.opens < 1:
+        ap.error("--opens must be at least 1")
     if precisions[:1] != ["fp32"]:
         ap.error("--precisions must start with fp32, the reference the others are scored against")
     from livekv.incremental import Engine
@@ -153,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     for length in [int(x) for x in a.lengths.split(",") if x]:
         log(f"precision: {length} tokens, {','.join(precisions)}")
-        rows += run_length(engine, length, precisions, a.points, a.max_new_tokens)
+        rows += run_length(engine, length, precisions, a.points, a.max_new_tokens, a.opens)
         load.sample()
     summary = summarize(rows)
     (out / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -47,3 +47,11 @@ def test_projection_rows_time_every_format_at_every_row_count(tiny_engine):
     assert all(t["us"] > 0 for t in timings)
     table_ = rows_table(timings)
     assert table_.splitlines()[0] == "| query rows | fp32 µs | bf16 µs | int8 µs | int4 µs |" and len(table_.splitlines()) == 4
+
+
+def test_the_open_is_the_median_of_its_opens():
+    rows = [dict(kind="full", precision=p, length=100, tokens=98, wall_ms=w, cpu_ms=w) for p, ws in
+            (("fp32", (900.0, 2000.0, 950.0)), ("int4", (300.0, 250.0, 900.0))) for w in ws]
+    s = {r["precision"]: r for r in summarize(rows)}
+    assert s["fp32"]["full_ms"] == 950.0 and s["int4"]["full_cpu_ms"] == 300.0
+    assert s["int4"]["full_speedup_cpu"] == 950.0 / 300.0
