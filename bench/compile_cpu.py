@@ -12,22 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 import types
 from pathlib import Path
-
-
-def median_ms(fn, reps: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
 
 
 def measure(engine, n: int, reps: int) -> dict:
@@ -35,6 +23,7 @@ def measure(engine, n: int, reps: int) -> dict:
     import torch
     import torch._dynamo
 
+    from livekv.bench.gpu import median_ms
     from livekv.bench.gpu_decode import Step
     step = Step(types.SimpleNamespace(engine=lambda: engine), n)
     eager = step.fixed().clone()

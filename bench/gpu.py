@@ -75,25 +75,34 @@ class Bench:
     def median_ms(self, fn, reps: int = 20, warmup: int = 3) -> float:
         """Median ms of fn() after warm-up: CUDA events on the GPU, the host clock on the CPU (a
         dry run only checks that numbers come out: 3 reps after 1 warm-up)."""
-        import torch
         if self.dry:
             reps, warmup = 3, 1
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(reps):
-            if self.device == "cuda":
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                b.synchronize()
-                times.append(a.elapsed_time(b))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
+        return median_ms(fn, reps, warmup, cuda_ms if self.device == "cuda" else host_ms)
+
+
+def host_ms(fn) -> float:
+    """ms of one call of fn by the host clock."""
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def cuda_ms(fn) -> float:
+    """ms of one call of fn on the GPU, by CUDA events."""
+    import torch
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    fn()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b)
+
+
+def median_ms(fn, reps: int = 20, warmup: int = 3, one=host_ms) -> float:
+    """Median ms of fn() over reps calls after warmup calls, each timed by one(fn)."""
+    for _ in range(warmup):
+        fn()
+    return statistics.median(one(fn) for _ in range(reps))
 
 
 def environment(dry: bool) -> dict:

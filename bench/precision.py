@@ -94,9 +94,9 @@ def summarize(rows: list[dict]) -> list[dict]:
             pts = [r for r in rows if r["kind"] == "point" and r["precision"] == p and r["length"] == length]
             dec = [r["decode_ms_per_token"] for r in pts if r["decode_ms_per_token"] is not None]
             scored = [r["agree"] for r in pts if r["agree"] is not None]
+            cpu = opens(p, "cpu_ms")
             out.append(dict(length=length, precision=p, tokens=full["tokens"], full_ms=opens(p, "wall_ms"),
-                            full_cpu_ms=opens(p, "cpu_ms"),
-                            full_speedup_cpu=cpu32 / opens(p, "cpu_ms") if cpu32 else None,
+                            full_cpu_ms=cpu, full_speedup_cpu=cpu32 / cpu if cpu32 else None,
                             ttft_ms_p50=med([r["ttft_ms"] for r in pts]), line_ms_p50=med([r["line_ms"] for r in pts]),
                             decode_ms_p50=med(dec),
                             cpu_ms_per_step_p50=med([r["cpu_ms_per_step"] for r in pts]),

@@ -65,7 +65,7 @@ def _window(doc, cand, keep, first, n):
     """The stale tokens nearest after a change of the edit: an editor's rename changes many
     places in one batch, and each needs the tokens right after it (pie-window re-encodes a
     window after every change). Without changes (idle work), the first after `first`."""
-    ch = change_points(keep) if keep is not None else cand[:0]
+    ch = change_points(keep)
     if not len(ch):
         return cand[cand >= first][:n]
     last = np.searchsorted(ch, cand, side="right") - 1    # the change at or before each candidate
