@@ -98,6 +98,7 @@ class _Running:
     stepper: Stepper
     done: Callable[[Any, BaseException | None], None]
     pending: Pass | None = None
+    fresh: bool = True  # its first pass has not run yet
 
 
 class Scheduler:
@@ -105,14 +106,22 @@ class Scheduler:
 
     add() a stepper between steps; step() runs one step. When a stepper ends, done(value, None)
     is called with what it returned, or done(None, error) with what it raised. Not
-    thread-safe: the thread that drives the model calls everything here."""
+    thread-safe: the thread that drives the model calls everything here.
 
-    def __init__(self, model):
-        self.model = model
+    first_passes_first: the first passes of steppers that joined since the last step (a
+    completion's edit and prompt, the start of an encode) run in a step of their own, ahead of
+    the others' next passes, which wait that one step: a new completion's first token then
+    waits for the step under way and its own, not for the whole batch's decode step. Never two
+    such steps in a row, so no stepper waits more than one step for another's."""
+
+    def __init__(self, model, first_passes_first: bool = False):
+        self.model, self.first_passes_first = model, first_passes_first
+        self._ahead = False  # the last step ran first passes ahead of the others
         self.running: list[_Running] = []
         self.steps = 0
         self.passes = 0  # passes run so far, over all steps
         self.widest = 0  # the most passes one step has run
+        self.ahead_steps = 0  # steps that ran first passes ahead of the others
 
     def __len__(self) -> int:
         return len(self.running)
@@ -129,6 +138,12 @@ class Scheduler:
         if not self.running:
             return 0
         batch, self.running = self.running, []
+        fresh = [r for r in batch if r.fresh]
+        self._ahead = self.first_passes_first and not self._ahead and 0 < len(fresh) < len(batch)
+        if self._ahead:
+            batch, self.running = fresh, [r for r in batch if not r.fresh]
+        for r in batch:
+            r.fresh = False
         ran = sum(r.pending is not None for r in batch)
         try:
             results = run(self.model, [r.pending for r in batch])
@@ -140,6 +155,7 @@ class Scheduler:
             if self._advance(r, res):
                 self.running.append(r)
         self.steps += 1
+        self.ahead_steps += self._ahead
         self.passes += ran
         self.widest = max(self.widest, ran)
         return ran

@@ -78,7 +78,8 @@ class LivekvReplica:
                                f"Ray cluster with {SESSION_HEADER_ENV}={P.WORKSPACE_HEADER.lower()} in its "
                                "environment (on every node)")
         self.replica = serve.get_replica_context().replica_id.unique_id
-        self.worker = Worker(lambda: Engine.from_config(config), batch=opts.batch_decode)
+        self.worker = Worker(lambda: Engine.from_config(config), batch=opts.batch_decode,
+                         first_passes_first=opts.first_passes_first)
         # Wait for the model: the replica joins the hash ring only once it can serve, and a model
         # that cannot load fails the deployment, saying why, instead of every request.
         self.worker.submit(lambda engine: None).result()

@@ -73,13 +73,15 @@ class Worker:
     forward passes): with `batch` on, the steppers of every owner run together in a Scheduler,
     one forward per step for all of them, and new ones join between steps (continuous
     batching). Between two steps the worker starts the next job of every owner that has none
-    running, oldest first, so a plain job (a close, stats) waits for one step at most, and an
-    encode (an edit, an open, a paste) joins the batch chunk by chunk instead of holding the
-    model. An owner's jobs still run one at a time, in the order it submitted them. With
-    `batch` off, every job runs alone to its end, owners taking turns (the serial server)."""
+    running, oldest first, and when that job is plain and ends at once (an edit's bookkeeping),
+    the owner's next one too (the completion behind it). So a plain job (a close, stats) waits
+    for one step at most, and an encode (an edit, an open, a paste) joins the batch chunk by
+    chunk instead of holding the model. An owner's jobs still run one at a time, in the order
+    it submitted them. With `batch` off, every job runs alone to its end, owners taking turns
+    (the serial server)."""
 
-    def __init__(self, load: Callable[[], Any], batch: bool = True):
-        self._load, self.batch = load, batch
+    def __init__(self, load: Callable[[], Any], batch: bool = True, first_passes_first: bool = True):
+        self._load, self.batch, self.first_passes_first = load, batch, first_passes_first
         self.engine = None
         self.load_error: BaseException | None = None
         self.closing = False
@@ -151,6 +153,13 @@ class Worker:
                 self._ready.wait()
             return sorted((self._take(o) for o in idle), key=lambda item: item[0])
 
+    def _follow(self, owner):
+        """The owner's next job when it has one and nothing running; else None."""
+        with self._ready:
+            if owner in self._busy or owner not in self._queues:
+                return None
+            return self._take(owner)
+
     def _next_alone(self):
         """Unbatched: the next job, round-robin over owners; None once closing."""
         with self._ready:
@@ -177,6 +186,10 @@ class Worker:
         while (items := self._next_batch()) is not None:
             for item in items:
                 self._start(item)
+                # a plain job (an edit's bookkeeping, stats) ends at once: its owner's next job (the
+                # completion that follows an edit) starts now, not a whole batched step later
+                while (item := self._follow(item[5])) is not None:
+                    self._start(item)
             if self.scheduler is not None and len(self.scheduler):
                 try:
                     self.scheduler.step()
@@ -212,7 +225,8 @@ class Worker:
     def _join(self, stepper, fut: cf.Future, owner) -> None:
         model = self.engine.model
         if self.scheduler is None or (self.scheduler.model is not model and not len(self.scheduler)):
-            self.scheduler = Scheduler(model)  # the first, or the engine was replaced (LSP settings)
+            # the first, or the engine was replaced (LSP settings)
+            self.scheduler = Scheduler(model, self.first_passes_first)
 
         def done(value, error) -> None:
             self._busy.discard(owner)

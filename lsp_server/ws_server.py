@@ -63,11 +63,12 @@ class WsServer:
         return self._contexts
 
     def batching(self) -> dict:
-        """The worker's batched steps so far: how many, the passes they ran, the widest."""
+        """The worker's batched steps so far: how many, the passes they ran, the widest, and how many
+        ran new completions' first passes ahead of the others'."""
         sched = self.worker.scheduler
         if sched is None:
-            return dict(steps=0, passes=0, widest=0)
-        return dict(steps=sched.steps, passes=sched.passes, widest=sched.widest)
+            return dict(steps=0, passes=0, widest=0, ahead=0)
+        return dict(steps=sched.steps, passes=sched.passes, widest=sched.widest, ahead=sched.ahead_steps)
 
     async def start(self) -> None:
         # The transport's hard limit closes the connection (1009); below it, messages over
@@ -273,7 +274,9 @@ def run_ws_server(config, opts: ServeOptions) -> int:
         log.warning("listening on %s without --token: anyone who can reach this port can use the model", opts.host)
     if log.getEffectiveLevel() > logging.DEBUG:  # websockets logs every connection at INFO
         logging.getLogger("websockets").setLevel(logging.WARNING)
-    worker = Worker(lambda: Engine.from_config(config), batch=opts.batch_decode)  # loads the model on its own thread
+    # loads the model on its own thread
+    worker = Worker(lambda: Engine.from_config(config), batch=opts.batch_decode,
+                    first_passes_first=opts.first_passes_first)
 
     async def main() -> None:
         server = WsServer(worker, opts)

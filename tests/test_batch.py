@@ -52,10 +52,10 @@ def cursor(doc, k: int) -> tuple[int, int]:
     return line, len(lines[line])
 
 
-def together(eng, requests, joins) -> list:
+def together(eng, requests, joins, first_passes_first: bool = False) -> list:
     """Each request (doc, line, col, n) as a stepper of one Scheduler, request i joining before
     step joins[i]; returns their Completions."""
-    sched, out = Scheduler(eng.model), {}
+    sched, out = Scheduler(eng.model, first_passes_first), {}
     order = sorted(range(len(requests)), key=lambda i: joins[i])
     step = 0
     while order or len(sched):
@@ -77,8 +77,8 @@ REQUESTS = st.lists(st.tuples(st.integers(0, len(DOCS) - 1), st.integers(0, 50),
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(REQUESTS)
-def test_batched_decode_gives_the_tokens_of_each_completion_alone(eng, reqs):
+@given(REQUESTS, st.booleans())
+def test_batched_decode_gives_the_tokens_of_each_completion_alone(eng, reqs, first_passes_first):
     alone_docs, batch_docs = open_docs(eng, "alone"), open_docs(eng, "batch")
     try:
         expected = []
@@ -86,13 +86,42 @@ def test_batched_decode_gives_the_tokens_of_each_completion_alone(eng, reqs):
             doc = alone_docs[d]
             expected.append(doc.suggest(*cursor(doc, k), n=n))
         got, _ = together(eng, [(batch_docs[d], *cursor(batch_docs[d], k), n) for d, k, n, _ in reqs],
-                              [j for *_, j in reqs])
+                              [j for *_, j in reqs], first_passes_first)
         for e, g in zip(expected, got):
             assert (g.texts, g.ids, g.first_tokens, g.stop, g.steps) == (e.texts, e.ids, e.first_tokens, e.stop, e.steps)
         for a, b in zip(alone_docs, batch_docs):
             assert a.stats["stale_tokens"] == b.stats["stale_tokens"] and a.text == b.text
     finally:
         close_docs(eng, alone_docs + batch_docs)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 12), st.integers(1, 6)), min_size=1, max_size=8), st.booleans())
+def test_first_passes_first_runs_a_new_stepper_next_and_delays_the_others_one_step_at_most(arrivals, first):
+    """Steppers (joining before step j, wanting k passes) record the step that ran each pass:
+    a new one's first pass runs in the very next step; the others' passes are one step apart,
+    or two when first passes went ahead (first_passes_first), never more."""
+    sched, ran = Scheduler(None, first_passes_first=first), {}
+
+    def stepper(i: int, k: int):
+        for _ in range(k):
+            yield None  # a pass-free step: the model is not called
+            ran.setdefault(i, []).append(sched.steps)
+    order, step = sorted(range(len(arrivals)), key=lambda i: arrivals[i][0]), 0
+    joined = {}
+    while order or len(sched):
+        while order and arrivals[order[0]][0] <= step:
+            i = order.pop(0)
+            joined[i] = sched.steps
+            sched.add(stepper(i, arrivals[i][1]), lambda v, e: None)
+        sched.step()
+        step += 1
+    for i, (_, k) in enumerate(arrivals):
+        assert len(ran[i]) == k and ran[i][0] == joined[i]
+        gaps = {b - a for a, b in zip(ran[i], ran[i][1:])}
+        assert gaps <= ({1, 2} if first else {1})
+    assert (sched.ahead_steps > 0) == (first and any(len(ran[i]) > 1 and max(
+        b - a for a, b in zip(ran[i], ran[i][1:])) == 2 for i in ran))
 
 
 def test_one_step_runs_every_pending_pass_in_one_forward(eng):

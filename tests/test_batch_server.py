@@ -161,3 +161,39 @@ async def test_an_edit_followed_by_a_completion_encodes_in_the_completions_first
             edit, done = await c.reply(ie), await c.reply(ic)
     assert edit["type"] == "ok" and edit["stats"]["tokens_encoded_last_edit"] == 0 < edit["stats"]["dirty_tokens"]
     assert done["text"] == want.text and done["stats"]["tokens_encoded_last_edit"] > 0
+
+
+def test_a_job_behind_a_plain_one_starts_in_the_same_gap_between_steps():
+    """An edit's bookkeeping is a plain job that ends at once; the completion its connection
+    queued behind it must start before the next batched step, not one step later (a whole
+    step of every other editor's decode added to its first token)."""
+    worker = Worker(lambda: type("Engine", (), {"model": None})(), batch=True)
+    held, release, started = threading.Event(), threading.Event(), {}
+
+    def other_editor(_engine):  # a stepper that holds the worker inside its first step
+        def steps():
+            yield None  # a pass-free step: waits a step out
+            held.set()
+            release.wait(HANG)
+            yield None
+        return steps()
+
+    def edit(_engine):
+        started["edit"] = worker.scheduler.steps
+
+    def completion(_engine):
+        def steps():
+            started["completion"] = worker.scheduler.steps
+            yield None
+        return steps()
+
+    try:
+        worker.submit(other_editor, owner="a")
+        assert held.wait(HANG)
+        e = worker.submit(edit, owner="b")
+        c = worker.submit(completion, owner="b")
+        release.set()
+        e.result(HANG), c.result(HANG)
+    finally:
+        worker.close(timeout=HANG)
+    assert started == {"edit": 1, "completion": 1}
