@@ -2,7 +2,7 @@
 
     livekv bench team [--editors 1,2,4,8,16] [--completions 10] [--file-tokens 600]
                       [--context-files 3] [--context-tokens 800] [--max-new-tokens 16]
-                      [--threads 1] [--precision auto] [--out bench/out/team]
+                      [--threads 1] [--precision auto] [--batched-args FLAGS] [--out bench/out/team]
 
 Starts two `livekv serve` processes on this machine: one batched (--batch-decode: every
 connection's passes in one forward per step), one serial (--no-batch-decode: one job at a time,
@@ -54,6 +54,9 @@ class Serve:
                "--threads", str(a.threads),
                "--precision", a.precision, "--max-new-tokens", str(a.max_new_tokens),
                "--batch-decode" if batched else "--no-batch-decode"]
+        if batched:
+            cmd += a.batched_args.split()
+        self.cmd = cmd
         if a.model:
             cmd += ["--model", a.model]
         env = dict(os.environ, OMP_NUM_THREADS=str(a.threads))
@@ -116,7 +119,8 @@ async def phase(url: str, files: list[tuple[str, str]], contexts: dict[str, str]
     before = cache["batch"]
     steps = after["steps"] - before["steps"]
     width = (after["passes"] - before["passes"]) / steps if steps else None  # the serial server runs none
-    return dict(wall_s=wall, records=[r for rs in records for r in rs], cache=cache, passes_per_step=width)
+    return dict(wall_s=wall, records=[r for rs in records for r in rs], cache=cache, passes_per_step=width,
+                ahead_steps=after["ahead"] - before["ahead"])
 
 
 def summarise(server: str, n: int, run: dict, load: LoadMeter, lone: list[list[dict]]) -> dict:
@@ -129,7 +133,7 @@ def summarise(server: str, n: int, run: dict, load: LoadMeter, lone: list[list[d
                 line_p50=percentile(line, 50), line_p95=percentile(line, 95),
                 reused=sum(r["reused"] for r in rs), empty=sum(r["empty"] for r in rs), rode=sum(r["rode"] for r in rs),
                 cancelled=sum(r["cancelled"] for r in rs), load=load.summary(), cache=run["cache"],
-                passes_per_step=run["passes_per_step"])
+                passes_per_step=run["passes_per_step"], ahead_steps=run["ahead_steps"])
 
 
 def table(rows: list[dict]) -> str:
@@ -196,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads of each server")
     p.add_argument("--precision", default="auto")
     p.add_argument("--model", default=None)
+    p.add_argument("--batched-args", default="", metavar="FLAGS",
+                   help="more `livekv serve` flags for the batched server, e.g. --batched-args=--no-first-passes-first")
     p.add_argument("--out", default="bench/out/team")
     a = p.parse_args(argv)
     a.editors = [int(x) for x in a.editors.split(",")]
@@ -227,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         for s in servers.values():
             s.close()
     rows.sort(key=lambda r: (r["editors"], r["server"]))
-    (out / "team.json").write_text(json.dumps(dict(args=vars(a), rows=rows), indent=1))
+    commands = {name: s.cmd[s.cmd.index("serve"):] for name, s in servers.items()}
+    (out / "team.json").write_text(json.dumps(dict(args=vars(a), servers=commands, rows=rows), indent=1))
     (out / "team.md").write_text(table(rows))
     plot(rows, out / "team.png")
     print(table(rows))

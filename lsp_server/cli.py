@@ -6,7 +6,8 @@
     livekv serve [--host H] [--port P]      the websocket streaming server (--demo: browser page;
                                             --replicas N: N replicas under Ray Serve)
     livekv settings [--json|--markdown W]   every setting: flag, LSP name, type, default
-    livekv bench traces|replay|edit-cost|kernel|groups|fim|report|gpu|precision|team|compile-cpu ...   benchmarks (see bench/)
+    livekv bench traces|replay|edit-cost|kernel|groups|fim|report|peer|memory|gpu|precision|team|
+                 team-step|compile-cpu ...       benchmarks (see bench/)
 
 Flags are generated from the settings dataclasses: the engine's Config (--model, --strategy,
 --max-new-tokens, ...) on every command, plus LspOptions on `lsp` and ServeOptions on `serve`.
@@ -27,7 +28,8 @@ BENCHES = {"traces": "livekv.bench.traces", "replay": "livekv.bench.replay", "ed
            "kernel": "livekv.bench.kernel", "groups": "livekv.bench.groups", "fim": "livekv.bench.fim",
            "report": "livekv.bench.report", "peer": "livekv.bench.peer",
            "memory": "livekv.bench.memory", "gpu": "livekv.bench.gpu", "precision": "livekv.bench.precision",
-           "team": "livekv.bench.team", "compile-cpu": "livekv.bench.compile_cpu"}
+           "team": "livekv.bench.team", "team-step": "livekv.bench.team_step",
+           "compile-cpu": "livekv.bench.compile_cpu"}
 
 
 def _complete(ns) -> int:

@@ -61,9 +61,10 @@ class ServeOptions(Settings):
     batch_decode: bool = setting(True, "run the forward passes of every connection's completions and encodes "
                                        "together, one pass of the weights per step for all of them; off: one job "
                                        "at a time, connections taking turns")
-    first_passes_first: bool = setting(True, "with --batch-decode: the first pass of a completion that has just "
-                                             "arrived runs in a step of its own, ahead of the others' next decode "
-                                             "step (a faster first token, for a little throughput)")
+    first_passes_first: bool = setting(False, "with --batch-decode: the first pass of a completion that has just "
+                                              "arrived runs in a step of its own, ahead of the others' next decode "
+                                              "step: a sooner first token, for fewer completions per second "
+                                              "(README, Many editors)")
     demo: bool = setting(False, "also serve the browser demo page at /")
     demo_file: str | None = setting(None, "the file the demo opens (default: the stdlib's bisect.py)", metavar="FILE")
     replicas: int = setting(0, "run under Ray Serve with this many replicas, each with its own model, on --host and "

@@ -80,7 +80,7 @@ class Worker:
     it submitted them. With `batch` off, every job runs alone to its end, owners taking turns
     (the serial server)."""
 
-    def __init__(self, load: Callable[[], Any], batch: bool = True, first_passes_first: bool = True):
+    def __init__(self, load: Callable[[], Any], batch: bool = True, first_passes_first: bool = False):
         self._load, self.batch, self.first_passes_first = load, batch, first_passes_first
         self.engine = None
         self.load_error: BaseException | None = None
