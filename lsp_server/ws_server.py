@@ -7,17 +7,16 @@ reads slowly only delays its own replies. Each connection has its own documents 
 are "<connection id>:<uri>", closed when the connection ends.
 
 Fairness: connections take turns on the worker, one job each, so a client with many requests
-queued delays another's by one job; a newer completion for a document cancels that
-connection's older ones for it (they answer cancelled); and past --max-queued complete and stats
-requests waiting (cancelled ones do not count), a connection's next ones get a busy error. Edits,
-opens and closes are never refused, nor counted.
+queued delays another's by one job; a newer completion for a document cancels that connection's
+older ones for it (they answer cancelled); and past --max-queued complete and stats requests
+waiting (cancelled ones do not count), a connection's next ones get a busy error. Edits, opens
+and closes are never refused, nor counted.
 
 With --demo the same port serves the browser demo (editor-clients/web/) over plain HTTP, so the
-page's origin is the server's own and is allowed without --allow-origin.
-
-`serve_connection` speaks the protocol over any transport that looks like a websockets
-connection; under Ray Serve (ray_replica.py) each replica runs one WsServer that is never
-started, fed the connections Ray's proxy hands it.
+page's origin is the server's own and is allowed without --allow-origin. `serve_connection`
+speaks the protocol over any transport that looks like a websockets connection; under Ray Serve
+(ray_replica.py) each replica runs one WsServer that is never started, fed the connections Ray's
+proxy hands it.
 """
 from __future__ import annotations
 
@@ -63,8 +62,7 @@ class WsServer:
         return self._contexts
 
     def batching(self) -> dict:
-        """The worker's batched steps so far: how many, the passes they ran, the widest, and how many
-        ran new completions' first passes ahead of the others'."""
+        """The worker's batched steps so far: how many, the passes they ran, the widest, `ahead`."""
         sched = self.worker.scheduler
         if sched is None:
             return dict(steps=0, passes=0, widest=0, ahead=0)
@@ -274,8 +272,7 @@ def run_ws_server(config, opts: ServeOptions) -> int:
         log.warning("listening on %s without --token: anyone who can reach this port can use the model", opts.host)
     if log.getEffectiveLevel() > logging.DEBUG:  # websockets logs every connection at INFO
         logging.getLogger("websockets").setLevel(logging.WARNING)
-    # loads the model on its own thread
-    worker = Worker(lambda: Engine.from_config(config), batch=opts.batch_decode,
+    worker = Worker(lambda: Engine.from_config(config), batch=opts.batch_decode,  # loads the model on its thread
                     first_passes_first=opts.first_passes_first)
 
     async def main() -> None:
