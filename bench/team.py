@@ -56,9 +56,9 @@ class Serve:
                "--batch-decode" if batched else "--no-batch-decode"]
         if batched:
             cmd += a.batched_args.split()
-        self.cmd = cmd
         if a.model:
             cmd += ["--model", a.model]
+        self.cmd = cmd
         env = dict(os.environ, OMP_NUM_THREADS=str(a.threads))
         self.log = log.open("w")
         self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stderr=self.log)
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", default="auto")
     p.add_argument("--model", default=None)
     p.add_argument("--batched-args", default="", metavar="FLAGS",
-                   help="more `livekv serve` flags for the batched server, e.g. --batched-args=--no-first-passes-first")
+                   help="more `livekv serve` flags for the batched server, e.g. --batched-args=--first-passes-first")
     p.add_argument("--out", default="bench/out/team")
     a = p.parse_args(argv)
     a.editors = [int(x) for x in a.editors.split(",")]

@@ -25,8 +25,7 @@ def documents(engine, a: argparse.Namespace) -> list:
     from livekv.incremental.document import Document
 
     from .team import inputs
-    a.editors = [max(a.passes)]
-    own, ctx = inputs(a, engine.tokenizer)
+    own, ctx = inputs(argparse.Namespace(**vars(a), editors=[max(a.passes)]), engine.tokenizer)
     shared = engine.new_cache(4096)
     contexts = []
     for uri, text in ctx.items():  # groups from one base, as the server's shared store places them

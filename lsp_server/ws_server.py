@@ -6,11 +6,11 @@ send queue drained by its own task, so the loop never waits on a client's socket
 reads slowly only delays its own replies. Each connection has its own documents too: engine uris
 are "<connection id>:<uri>", closed when the connection ends.
 
-Fairness: connections take turns on the worker, one job each, so a client with many requests
-queued delays another's by one job; a newer completion for a document cancels that connection's
-older ones for it (they answer cancelled); and past --max-queued complete and stats requests
-waiting (cancelled ones do not count), a connection's next ones get a busy error. Edits, opens
-and closes are never refused, nor counted.
+Fairness: connections take turns on the worker, one job each (and those behind it that end at
+once), so a client with many requests queued delays another's by one job of model work; a newer
+completion for a document cancels that connection's older ones (they answer cancelled); past
+--max-queued complete and stats requests waiting (cancelled ones do not count), a connection's
+next ones get a busy error. Edits, opens and closes are never refused, nor counted.
 
 With --demo the same port serves the browser demo (editor-clients/web/) over plain HTTP, so the
 page's origin is the server's own and is allowed without --allow-origin. `serve_connection`
