@@ -48,6 +48,8 @@ class Config(Settings):
                                  min=1)
     fresh_tail: int = setting(1, "tokens before the cursor run fresh for each completion", min=1)
     token_healing: bool = setting(True, "re-generate the token before the cursor, constrained to its text")
+    heal_draft: bool = setting(True, "with token healing: run the token taken back in the prompt's pass too, so "
+                               "that when the model types it again its next token needs no pass of its own")
     fim: str = setting("auto", "auto: keep a FIM token stream when the model has FIM tokens; off",
                        choices=("auto", "off"))
     phi: str = setting("cursor", "the completion's first position: right after the cursor, or after the end",

@@ -38,6 +38,7 @@ class Completion:
     incomplete: bool = False      # maxPromptMs fired: the cache was not up to date in time
     capped: bool = False          # maxPredictMs fired: the text is cut at a token boundary
     reused: bool = False          # answered from the suggestion being typed, no model call
+    drafted: bool = False         # the healing draft held: the second token came with the first
     first_tokens: list = field(default_factory=list)  # each candidate's first token id
     ids: list = field(default_factory=list)           # candidate 0's decoded token ids
 
@@ -141,25 +142,35 @@ def _decoding(doc, c, n, max_new, should_stop, extra, max_prompt_ms, max_predict
     comp.prefix_tokens, comp.tail_tokens = cur.j, len(tail)
     doc.before_completion(cur.j)
     n_tail, need = len(tail), len(tail) + max_new * n + 1
+    # The healing draft: the token healing took back runs after the tail, in the slot and at the
+    # position of the first decoded token. When the model types it again (at a line's end it
+    # usually does, and that shows nothing yet), that row's logits are the second token's, and
+    # the first visible text comes one pass sooner. Not for whitespace, which the model mostly
+    # extends (a newline into the next line's indentation): there the row would cost for nothing.
+    draft = int(bool(heal.strip()) and n == 1 and max_new > 1 and cur.healed >= 0 and eng.config.heal_draft)
+    run = np.append(tail, cur.healed) if draft else tail                     # (n_tail + draft,)
     # the tail rides with the encode of what an edit left dirty (one pass, not two); not under a
     # lazy layout, which a big encode compacts first
     lay = layout.Completion(doc, cur, need) if doc.region.order is None else None
-    rider = None if lay is None else encode.Rider(tail, np.arange(phi, phi + n_tail), lay.S, lay.tail())
+    rider = None if lay is None else encode.Rider(run, np.arange(phi, phi + len(run)), lay.S, lay.tail(draft),
+                                                  rows=1 + draft)
     if not (yield from _up_to_date(doc, cur.j, comp, t0, should_stop, max_prompt_ms, rider)):
         comp.texts = [""]
         comp.total_ms = (time.perf_counter() - t0) * 1e3
         return comp
     precision = doc.config.precision
     if rider is not None and rider.logits is not None:
-        logits = rider.logits                                                 # (1, V)
+        logits = rider.logits                                                 # (1 + draft, V)
     elif should_stop is not None and should_stop():  # between the prompt's encode and the tail's pass
         comp.texts, comp.stop = [""], "cancelled"
         comp.total_ms = (time.perf_counter() - t0) * 1e3
         return comp
     else:
         lay = lay or layout.Completion(doc, cur, need)
-        logits = yield Pass(kv, torch.from_numpy(tail), torch.arange(phi, phi + n_tail), lay.S, lay.tail(),
-                            logits_at=torch.tensor([n_tail - 1]), precision=precision, shared=shared)  # (1, V)
+        logits = yield Pass(kv, torch.from_numpy(run), torch.arange(phi, phi + len(run)), lay.S, lay.tail(draft),
+                            logits_at=torch.arange(n_tail - 1, len(run)), precision=precision,
+                            shared=shared)                                    # (1 + draft, V)
+    logits, drafted = logits[:1], logits[1:]
     comp.ttft_ms = (time.perf_counter() - t0) * 1e3
     t_decode = time.perf_counter()
     context = tail.tolist()
@@ -168,6 +179,8 @@ def _decoding(doc, c, n, max_new, should_stop, extra, max_prompt_ms, max_predict
         logits = logits.masked_fill(~eng.healing_mask(heal)[None], float("-inf"))
     nexts = torch.topk(logits[0], n).indices.tolist()                        # k distinct first tokens
     comp.first_tokens = list(nexts)
+    ahead = int(drafted[0].argmax()) if draft and nexts[0] == cur.healed else None  # step 0's token
+    comp.drafted = ahead is not None
     ids = [[] for _ in range(n)]
     texts = [""] * n
     active = list(range(n))
@@ -205,6 +218,10 @@ def _decoding(doc, c, n, max_new, should_stop, extra, max_prompt_ms, max_predict
         if max_predict_ms and texts[0] and (time.perf_counter() - t_decode) * 1e3 > max_predict_ms:
             comp.stop, comp.capped = "predict_cap", True
             break
+        if ahead is not None:  # step 0 ran as the draft, in the prompt's pass
+            nexts, ahead = [ahead], None
+            step += 1
+            continue
         # one forward for every active candidate: each sees the context, the tail and its own tokens
         first = lay.first_slot(step, n)
         slots = torch.tensor([first + cand for cand in active])

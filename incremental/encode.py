@@ -25,11 +25,12 @@ from .group import in_use
 class Rider:
     """Queries that ride along with an encode's last forward pass: a completion's tail, so that
     an edit followed by a completion costs one pass of the weights, not two. `logits` is set
-    (the last row's, (1, V)) when it rode."""
+    (the last `rows` rows', (rows, V)) when it rode."""
     ids: np.ndarray            # (n,) the tail
     pos: np.ndarray            # (n,) its positions
     slot: int                  # its first scratch slot
     layout: layout.Layout      # its rows
+    rows: int = 1              # how many of its last rows give logits
     logits: torch.Tensor | None = None
 
 
@@ -71,8 +72,8 @@ def settling(doc, T: int, should_stop: Callable[[], bool] | None,
             t0 = time.perf_counter()
             out = yield Pass(doc.kv, torch.from_numpy(ids), torch.from_numpy(pos),
                              int(slots[0]) if contiguous else torch.from_numpy(slots), lay,
-                             logits_at=torch.tensor([len(ids) - 1]) if rides else None, precision=doc.config.precision,
-                             shared=shared)
+                             logits_at=torch.arange(len(ids) - rider.rows, len(ids)) if rides else None,
+                             precision=doc.config.precision, shared=shared)
             if rides:
                 rider.logits = out
             ms = (time.perf_counter() - t0) * 1e3 / len(idx) if len(idx) >= 32 and not rides else None

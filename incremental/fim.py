@@ -145,14 +145,14 @@ class FimStream:
             # <|fim_middle|>, where the model would read it as part of the middle and indent again.
             soft, before = before, ""
         forced = doc.engine.mirror.tokenize(before)[0] if before else np.zeros(0, np.int64)
-        text = ""
+        text, healed = "", -1
         if heal:
-            forced, text = heal_last(doc.engine, forced)
+            forced, text, healed = heal_last(doc.engine, forced)
         tail = np.concatenate([[self.middle_id], forced]).astype(np.int64)
         # A token the cursor cuts ("    \n" at an indented empty line) starts the suffix but
         # holds text from before the cursor too; the completion does not look at it.
         cut = g < doc.n and int(st.starts[g]) < c
-        return Cursor(g, tail, text, phi=doc.pos0 + doc.n + 1, soft=soft, cut=cut)
+        return Cursor(g, tail, text, phi=doc.pos0 + doc.n + 1, soft=soft, cut=cut, healed=healed)
 
     def visible(self, doc, vis, cursor: Cursor) -> None:
         """A completion sees the whole stream: markers, prefix and suffix."""

@@ -102,8 +102,10 @@ class Completion:
         self.visible[self.S: self.S + self.n_tail] = True
         self.kv, self.columns = doc.kv, doc.kv.columns(width)
 
-    def tail(self) -> Layout:
-        S, n = self.S, self.n_tail
+    def tail(self, draft: int = 0) -> Layout:
+        """The tail's rows, causal; with `draft` more rows after it in the first decode step's
+        slots (decode.py's healing draft), which see what that step's token would see."""
+        S, n = self.S, self.n_tail + draft
         n_keys = max(S + n, self.others)
         mask = self.visible[:n_keys].repeat(n, 1)                      # (n_tail, n_keys)
         mask[:, S: S + n] = torch.ones(n, n, dtype=torch.bool).tril()

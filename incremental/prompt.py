@@ -27,6 +27,7 @@ class Cursor:
     phi: int               # the position of tail[0]: where the target group starts
     soft: str = ""         # FIM: indentation the model writes again, taken off the answer
     cut: bool = False      # FIM: the token after the gap holds text from before the cursor
+    healed: int = -1       # the token healing took back (-1: none)
 
 
 def cursor_context(doc, c: int, extra: str = "", fresh: int | None = None) -> tuple[int, np.ndarray]:
@@ -55,17 +56,17 @@ def cursor_context(doc, c: int, extra: str = "", fresh: int | None = None) -> tu
     return j, mirror.tokenize(st.text[e:c] + extra)[0]
 
 
-def heal_last(engine, ids: np.ndarray, keep: int = 0) -> tuple[np.ndarray, str]:
+def heal_last(engine, ids: np.ndarray, keep: int = 0) -> tuple[np.ndarray, str, int]:
     """Token healing: take the last token back (keeping at least `keep`) and return its text,
-    which the first generated token must re-type. A cursor that cuts a token ("ret|urn",
+    which the first generated token must re-type, and its id (-1 when none was taken). A cursor that cuts a token ("ret|urn",
     "\\n|    x") then gets the tokens the model knows ("return", "\\n    ") instead of a fragment
     it never saw. Nothing is taken back from a byte fragment of a character."""
     if len(ids) <= keep:
-        return ids, ""
+        return ids, "", -1
     heal = engine.token_text(int(ids[-1]))
     if not heal or "\ufffd" in heal:
-        return ids, ""
-    return ids[:-1], heal
+        return ids, "", -1
+    return ids[:-1], heal, int(ids[-1])
 
 
 def start_token(tok) -> int:
@@ -100,16 +101,16 @@ class PrefixPrompt:
         token is taken back (a tail of one gets one more token first, to keep one to run)."""
         cfg = doc.engine.config
         j, tail = cursor_context(doc, c, extra)
-        text = ""
+        text, healed = "", -1
         if heal:
             if len(tail) < 2:
                 j, tail = cursor_context(doc, c, extra, fresh=cfg.fresh_tail + 1)
-            tail, text = heal_last(doc.engine, tail, keep=1)
+            tail, text, healed = heal_last(doc.engine, tail, keep=1)
         if len(tail) == 0:  # cursor at the very start: there is no context at all
             tail = np.array([start_token(doc.engine.tokenizer)], dtype=np.int64)
         # phi, the target group's first position: right after the cursor, or after the document
         phi = doc.pos0 + (j if cfg.phi == "cursor" else doc.n)
-        return Cursor(j, tail, text, phi)
+        return Cursor(j, tail, text, phi, healed=healed)
 
     def visible(self, doc, vis, cursor: Cursor) -> None:
         vis[doc.region.span(cursor.j)] = True

@@ -7,7 +7,7 @@
                                             --replicas N: N replicas under Ray Serve)
     livekv settings [--json|--markdown W]   every setting: flag, LSP name, type, default
     livekv bench traces|replay|edit-cost|kernel|groups|fim|report|peer|memory|gpu|precision|team|
-                 team-step|compile-cpu ...       benchmarks (see bench/)
+                 team-step|heal-draft|compile-cpu ...  benchmarks (see bench/)
 
 Flags are generated from the settings dataclasses: the engine's Config (--model, --strategy,
 --max-new-tokens, ...) on every command, plus LspOptions on `lsp` and ServeOptions on `serve`.
@@ -29,7 +29,7 @@ BENCHES = {"traces": "livekv.bench.traces", "replay": "livekv.bench.replay", "ed
            "report": "livekv.bench.report", "peer": "livekv.bench.peer",
            "memory": "livekv.bench.memory", "gpu": "livekv.bench.gpu", "precision": "livekv.bench.precision",
            "team": "livekv.bench.team", "team-step": "livekv.bench.team_step",
-           "compile-cpu": "livekv.bench.compile_cpu"}
+           "heal-draft": "livekv.bench.heal_draft", "compile-cpu": "livekv.bench.compile_cpu"}
 
 
 def _complete(ns) -> int:
