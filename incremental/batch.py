@@ -35,8 +35,9 @@ class Pass:
     sees (layout.py); the new tokens lie inside its columns, with no delta pending. shared:
     groups in another cache (shared contexts) whose encoded tokens every query sees besides
     (hydragen.py). The result sent back: None without logits_at; else, for the rows logits_at
-    selects, logits (m, V), or their greedy tokens (m,) with argmax. precision: of the linear
-    layers (precision.py)."""
+    selects, logits (m, V), or their greedy tokens (m,) with argmax; allow (m, V) bool: with
+    argmax, the tokens each of those rows may pick (token healing's), None for any. precision:
+    of the linear layers (precision.py)."""
     kv: Any
     ids: torch.Tensor
     pos: torch.Tensor
@@ -46,6 +47,7 @@ class Pass:
     argmax: bool = False
     precision: str = "fp32"
     shared: tuple = ()
+    allow: torch.Tensor | None = None
 
     @property
     def n(self) -> int:

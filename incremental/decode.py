@@ -149,37 +149,45 @@ def _decoding(doc, c, n, max_new, should_stop, extra, max_prompt_ms, max_predict
     # extends (a newline into the next line's indentation): there the row would cost for nothing.
     draft = int(bool(heal.strip()) and n == 1 and max_new > 1 and cur.healed >= 0 and eng.config.heal_draft)
     run = np.append(tail, cur.healed) if draft else tail                     # (n_tail + draft,)
+    # One candidate is chosen as a decode step chooses (Precision.argmax: on a CPU the int8 head
+    # ranks, the best are scored again), with healing's mask; k candidates need the logits.
+    greedy, allow = n == 1, None
+    if greedy and heal:
+        mask = eng.healing_mask(heal)[None]                                   # (1, V)
+        allow = torch.cat([mask, torch.ones_like(mask)]) if draft else mask  # (1 + draft, V)
     # the tail rides with the encode of what an edit left dirty (one pass, not two); not under a
     # lazy layout, which a big encode compacts first
     lay = layout.Completion(doc, cur, need) if doc.region.order is None else None
     rider = None if lay is None else encode.Rider(run, np.arange(phi, phi + len(run)), lay.S, lay.tail(draft),
-                                                  rows=1 + draft)
+                                                  rows=1 + draft, argmax=greedy, allow=allow)
     if not (yield from _up_to_date(doc, cur.j, comp, t0, should_stop, max_prompt_ms, rider)):
         comp.texts = [""]
         comp.total_ms = (time.perf_counter() - t0) * 1e3
         return comp
     precision = doc.config.precision
     if rider is not None and rider.logits is not None:
-        logits = rider.logits                                                 # (1 + draft, V)
+        first = rider.logits                               # (1 + draft,) tokens or (1, V) logits
     elif should_stop is not None and should_stop():  # between the prompt's encode and the tail's pass
         comp.texts, comp.stop = [""], "cancelled"
         comp.total_ms = (time.perf_counter() - t0) * 1e3
         return comp
     else:
         lay = lay or layout.Completion(doc, cur, need)
-        logits = yield Pass(kv, torch.from_numpy(run), torch.arange(phi, phi + len(run)), lay.S, lay.tail(draft),
-                            logits_at=torch.arange(n_tail - 1, len(run)), precision=precision,
-                            shared=shared)                                    # (1 + draft, V)
-    logits, drafted = logits[:1], logits[1:]
+        first = yield Pass(kv, torch.from_numpy(run), torch.arange(phi, phi + len(run)), lay.S, lay.tail(draft),
+                           logits_at=torch.arange(n_tail - 1, len(run)), argmax=greedy, precision=precision,
+                           shared=shared, allow=allow)
     comp.ttft_ms = (time.perf_counter() - t0) * 1e3
     t_decode = time.perf_counter()
     context = tail.tolist()
     base = tok.decode(context, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-    if heal:  # the first new token must re-type the text taken back (prompt.heal_last)
-        logits = logits.masked_fill(~eng.healing_mask(heal)[None], float("-inf"))
-    nexts = torch.topk(logits[0], n).indices.tolist()                        # k distinct first tokens
+    if greedy:
+        nexts = first[:1].tolist()
+    else:
+        if heal:  # the first new token must re-type the text taken back (prompt.heal_last)
+            first = first.masked_fill(~eng.healing_mask(heal)[None], float("-inf"))
+        nexts = torch.topk(first[0], n).indices.tolist()                     # k distinct first tokens
     comp.first_tokens = list(nexts)
-    ahead = int(drafted[0].argmax()) if draft and nexts[0] == cur.healed else None  # step 0's token
+    ahead = int(first[1]) if draft and nexts[0] == cur.healed else None      # step 0's token, drafted
     comp.drafted = ahead is not None
     ids = [[] for _ in range(n)]
     texts = [""] * n

@@ -25,12 +25,14 @@ from .group import in_use
 class Rider:
     """Queries that ride along with an encode's last forward pass: a completion's tail, so that
     an edit followed by a completion costs one pass of the weights, not two. `logits` is set
-    (the last `rows` rows', (rows, V)) when it rode."""
+    when it rode: the last `rows` rows' (rows, V), or with argmax their tokens (rows,)."""
     ids: np.ndarray            # (n,) the tail
     pos: np.ndarray            # (n,) its positions
     slot: int                  # its first scratch slot
     layout: layout.Layout      # its rows
     rows: int = 1              # how many of its last rows give logits
+    argmax: bool = False       # their greedy tokens instead (Pass.argmax), among those allowed
+    allow: torch.Tensor | None = None
     logits: torch.Tensor | None = None
 
 
@@ -73,6 +75,7 @@ def settling(doc, T: int, should_stop: Callable[[], bool] | None,
             out = yield Pass(doc.kv, torch.from_numpy(ids), torch.from_numpy(pos),
                              int(slots[0]) if contiguous else torch.from_numpy(slots), lay,
                              logits_at=torch.arange(len(ids) - rider.rows, len(ids)) if rides else None,
+                             argmax=rides and rider.argmax, allow=rider.allow if rides else None,
                              precision=doc.config.precision, shared=shared)
             if rides:
                 rider.logits = out

@@ -159,14 +159,21 @@ class Precision:
         rounding is what flips close greedy choices)."""
         return self.lm_head(h, "fp32")
 
-    def argmax(self, h: torch.Tensor) -> torch.Tensor:
-        """(m, C) -> (m,): the token the output head as loaded ranks first. On a CPU the int8 head
-        ranks every token (a quarter of the bytes), and its RESCORE best are scored again as
-        loaded: the same choice unless the true first falls outside them."""
+    def argmax(self, h: torch.Tensor, allow: torch.Tensor | None = None) -> torch.Tensor:
+        """(m, C) -> (m,): the token the output head as loaded ranks first, among those `allow`
+        (m, V) permits when given. On a CPU the int8 head ranks every token (a quarter of the
+        bytes), and its RESCORE best are scored again as loaded: the same choice unless the true
+        first falls outside them."""
         if self.device.type != "cpu":
-            return self.logits(h).argmax(-1)
-        cand = self.lm_head(h, "int8").topk(RESCORE, dim=-1).indices           # (m, R)
+            logits = self.logits(h)
+            return (logits if allow is None else logits.masked_fill(~allow, float("-inf"))).argmax(-1)
+        rank = self.lm_head(h, "int8")                                          # (m, V)
+        if allow is not None:
+            rank = rank.masked_fill(~allow, float("-inf"))
+        cand = rank.topk(RESCORE, dim=-1).indices                               # (m, R)
         exact = torch.einsum("mc,mrc->mr", h, self.lm_head.weight[cand])        # (m, R)
         if self.lm_head.bias is not None:
             exact += self.lm_head.bias[cand]
+        if allow is not None:  # fewer than RESCORE allowed: the rest of the R are not
+            exact = exact.masked_fill(~allow.gather(1, cand), float("-inf"))
         return cand.gather(1, exact.argmax(-1, keepdim=True))[:, 0]

@@ -116,12 +116,17 @@ class Transformer:
             if p.logits_at is not None:
                 picked[p.argmax].append((j, at + p.logits_at.to(self.device)))
             at += p.n
+        allow = None
+        if any(passes[j].allow is not None for j, _ in picked[True]):
+            allow = torch.cat([passes[j].allow.to(self.device) if passes[j].allow is not None else
+                               torch.ones(len(r), self.vocab_size, dtype=torch.bool, device=self.device)
+                               for j, r in picked[True]])                 # (m, V)
         out = [None] * len(passes)
         for greedy, chosen in picked.items():
             if not chosen:
                 continue
             h = _norm(self.norm, x[0, torch.cat([r for _, r in chosen])])  # (m, C)
-            res = self.precision.argmax(h).cpu() if greedy else self.precision.logits(h).float()
+            res = self.precision.argmax(h, allow).cpu() if greedy else self.precision.logits(h).float()
             for (j, r), part in zip(chosen, res.split([len(r) for _, r in chosen])):
                 out[j] = part                                          # (m,) tokens or (m, V) logits
         return out

@@ -7,6 +7,7 @@ import logging
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from livekv.bench.metrics import divergence
 from livekv.incremental import Config, Engine
@@ -99,3 +100,24 @@ def test_auto_is_decided_by_the_machine_and_the_model_alone(engine, tiny, caplog
     assert f"precision {P.resolve('auto')} (auto)" in caplog.text
     with pytest.raises(ValueError, match="not one of"):
         Config(precision="int3")
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.integers(0, 2**31 - 1), st.sampled_from([1, 3, 40, 500, None]))
+def test_greedy_ranking_picks_the_best_allowed_token_of_the_head_as_loaded(tiny, seed, n_allowed):
+    """Precision.argmax (the int8 head ranks, its best are scored again) picks what the fp32 head
+    picks, among the tokens `allow` permits (token healing's), however few those are."""
+    g = torch.Generator().manual_seed(seed)
+    prec = tiny.model.precision
+    prec.prepare("fp32")  # the ranking head is made at every precision on a CPU
+    h = torch.randn(3, tiny.model.hf.config.hidden_size, generator=g)                     # (m, C)
+    V = tiny.model.vocab_size
+    allow = None
+    if n_allowed is not None:
+        allow = torch.zeros(3, V, dtype=torch.bool)
+        for row in range(3):
+            allow[row, torch.randperm(V, generator=g)[:n_allowed]] = True
+    exact = prec.logits(h)
+    if allow is not None:
+        exact = exact.masked_fill(~allow, float("-inf"))
+    assert prec.argmax(h, allow).tolist() == exact.argmax(-1).tolist()
