@@ -39,6 +39,8 @@ class Engine:
         self._healing: dict[str, torch.Tensor] = {}
         probe = self.mirror.tokenize("def add(a, b):\n    return a + b\n")[0].tolist()[:12]
         self.model.check_against_hf(self.new_cache, probe)
+        if config.token_healing:  # the vocabulary's text, which healing masks are made from: not on a first completion
+            self.vocab_text()
 
     @classmethod
     def load(cls, model: str | None = None, strategy: str = "pie", device: str | None = None,
@@ -77,16 +79,20 @@ class Engine:
     def token_text(self, token: int) -> str:
         return self.tokenizer.decode([token], skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
+    def vocab_text(self) -> list[str]:
+        """Each token id's text ("\\0" for stop tokens, which healing never picks), decoded once."""
+        if self._vocab_text is None:
+            V = self.model.vocab_size
+            text = self.tokenizer.batch_decode([[i] for i in range(V)], skip_special_tokens=False,
+                                               clean_up_tokenization_spaces=False)
+            self._vocab_text = [t if i not in self.stop_ids else "\0" for i, t in enumerate(text)]
+        return self._vocab_text
+
     def healing_mask(self, prefix: str) -> torch.Tensor:
         """(V,) bool: the tokens whose text starts with prefix (cached per prefix)."""
         mask = self._healing.get(prefix)
         if mask is None:
-            if self._vocab_text is None:
-                V = self.model.vocab_size
-                self._vocab_text = self.tokenizer.batch_decode([[i] for i in range(V)], skip_special_tokens=False,
-                                                               clean_up_tokenization_spaces=False)
-                self._vocab_text = [t if i not in self.stop_ids else "\0" for i, t in enumerate(self._vocab_text)]
-            mask = torch.tensor([t.startswith(prefix) for t in self._vocab_text], dtype=torch.bool)
+            mask = torch.tensor([t.startswith(prefix) for t in self.vocab_text()], dtype=torch.bool)
             if len(self._healing) > 256:
                 self._healing.clear()
             self._healing[prefix] = mask

@@ -107,7 +107,7 @@ class Completion:
         slots (decode.py's healing draft), which see what that step's token would see."""
         S, n = self.S, self.n_tail + draft
         n_keys = max(S + n, self.others)
-        mask = self.visible[:n_keys].repeat(n, 1)                      # (n_tail, n_keys)
+        mask = self.visible[:n_keys].repeat(n, 1)                      # (n, n_keys)
         mask[:, S: S + n] = torch.ones(n, n, dtype=torch.bool).tril()
         return Layout(self.kv, mask, columns=self.columns)
 
