@@ -5,10 +5,10 @@
 
 One engine with the draft (Config.heal_draft, decode.py) and one without open the same file;
 at every `--every`th line each completes at the line's start, in its middle (a pause while
-typing) and at its end, the two engines
-taking turns (which goes first alternates by rep). Reported by kind of cursor: how often the
-draft held, and the p50/p90 of call -> first visible piece with and without it; and whether
-every answer was the same (it must be: the draft only saves a pass).
+typing) and at its end, the two engines taking turns (which goes first alternates by rep).
+Reported by kind of cursor: how often the draft held, and the p50/p90 of call -> first visible
+piece with and without it; and whether every answer was the same (it must be: the draft only
+saves a pass).
 """
 from __future__ import annotations
 

@@ -144,8 +144,8 @@ def _decoding(doc, c, n, max_new, should_stop, extra, max_prompt_ms, max_predict
     n_tail, need = len(tail), len(tail) + max_new * n + 1
     # The healing draft: the token healing took back runs after the tail, in the slot and at the
     # position of the first decoded token. When the model types it again (at a line's end it
-    # usually does, and that shows nothing yet), that row's logits are the second token's, and
-    # the first visible text comes one pass sooner. Not for whitespace, which the model mostly
+    # usually does, and that shows nothing yet), that row gives the second token, and the
+    # first visible text comes one pass sooner. Not for whitespace, which the model mostly
     # extends (a newline into the next line's indentation): there the row would cost for nothing.
     draft = int(bool(heal.strip()) and n == 1 and max_new > 1 and cur.healed >= 0 and eng.config.heal_draft)
     run = np.append(tail, cur.healed) if draft else tail                     # (n_tail + draft,)
