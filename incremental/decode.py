@@ -142,18 +142,20 @@ def _decoding(doc, c, n, max_new, should_stop, extra, max_prompt_ms, max_predict
     comp.prefix_tokens, comp.tail_tokens = cur.j, len(tail)
     doc.before_completion(cur.j)
     n_tail, need = len(tail), len(tail) + max_new * n + 1
+    # One candidate is chosen as a decode step chooses (Precision.argmax: on a CPU the int8 head
+    # ranks, the best are scored again), with healing's mask; k candidates need the logits.
+    greedy = n == 1
     # The healing draft: the token healing took back runs after the tail, in the slot and at the
     # position of the first decoded token. When the model types it again (at a line's end it
     # usually does, and that shows nothing yet), that row gives the second token, and the
     # first visible text comes one pass sooner. Not for whitespace, which the model mostly
     # extends (a newline into the next line's indentation): there the row would cost for nothing.
-    draft = int(bool(heal.strip()) and n == 1 and max_new > 1 and cur.healed >= 0 and eng.config.heal_draft)
+    draft = int(greedy and max_new > 1 and bool(heal.strip()) and eng.config.heal_draft)
+    assert not draft or cur.healed >= 0, "healing took text back without its token"
     run = np.append(tail, cur.healed) if draft else tail                     # (n_tail + draft,)
-    # One candidate is chosen as a decode step chooses (Precision.argmax: on a CPU the int8 head
-    # ranks, the best are scored again), with healing's mask; k candidates need the logits.
-    greedy, allow = n == 1, None
-    if greedy and heal:
-        mask = eng.healing_mask(heal)[None]                                   # (1, V)
+    mask = eng.healing_mask(heal)[None] if heal else None                   # (1, V)
+    allow = None
+    if greedy and mask is not None:
         allow = torch.cat([mask, torch.ones_like(mask)]) if draft else mask  # (1 + draft, V)
     # the tail rides with the encode of what an edit left dirty (one pass, not two); not under a
     # lazy layout, which a big encode compacts first
@@ -183,8 +185,8 @@ def _decoding(doc, c, n, max_new, should_stop, extra, max_prompt_ms, max_predict
     if greedy:
         nexts = first[:1].tolist()
     else:
-        if heal:  # the first new token must re-type the text taken back (prompt.heal_last)
-            first = first.masked_fill(~eng.healing_mask(heal)[None], float("-inf"))
+        if mask is not None:  # the first new token must re-type the text taken back (prompt.heal_last)
+            first = first.masked_fill(~mask, float("-inf"))
         nexts = torch.topk(first[0], n).indices.tolist()                     # k distinct first tokens
     comp.first_tokens = list(nexts)
     ahead = int(first[1]) if draft and nexts[0] == cur.healed else None      # step 0's token, drafted

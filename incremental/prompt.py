@@ -58,9 +58,10 @@ def cursor_context(doc, c: int, extra: str = "", fresh: int | None = None) -> tu
 
 def heal_last(engine, ids: np.ndarray, keep: int = 0) -> tuple[np.ndarray, str, int]:
     """Token healing: take the last token back (keeping at least `keep`) and return its text,
-    which the first generated token must re-type, and its id (-1 when none was taken). A cursor that cuts a token ("ret|urn",
-    "\\n|    x") then gets the tokens the model knows ("return", "\\n    ") instead of a fragment
-    it never saw. Nothing is taken back from a byte fragment of a character."""
+    which the first generated token must re-type, and its id (-1 when none was taken). A cursor
+    that cuts a token ("ret|urn", "\\n|    x") then gets the tokens the model knows ("return",
+    "\\n    ") instead of a fragment it never saw. Nothing is taken back from a byte fragment of
+    a character."""
     if len(ids) <= keep:
         return ids, "", -1
     heal = engine.token_text(int(ids[-1]))
