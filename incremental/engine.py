@@ -9,7 +9,7 @@ import torch
 from .config import Config
 from .document import Document
 from .fim import FimStream, fim_ids
-from .host_memory import keep_freed_memory
+from .host_memory import keep_freed_memory, release_freed_memory
 from .kv_cache import KVCache
 from .models import load_model, resolve_device_dtype
 from .token_mirror import TokenMirror
@@ -67,6 +67,8 @@ class Engine:
             raise ValueError(f"precision {chosen} runs on the CPU only (torch's {chosen} weight kernel); "
                              f"use bf16 on {dev}")
         eng.model.precision.prepare(chosen)
+        if dev.type == "cpu":  # loading's temporaries (dequantized blocks, the vocabulary's decode) are not kept
+            release_freed_memory()
         log.info("loaded %s on %s/%s in %.1fs; precision %s%s", name, dev, str(dt).removeprefix("torch."),
                  time.perf_counter() - t0, chosen, " (auto)" if config.precision == "auto" else "")
         return eng
