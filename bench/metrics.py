@@ -179,11 +179,15 @@ def summarize_curve(rows: list[dict], buckets: int = 4) -> dict:
     return {"edits": n, "overall": {lab: mean(v) for lab, v in per_edit.items()}, "buckets": edges,
             "recomputed_mean": {lab: mean(r.get("recomputed") for r in rs) for lab, rs in edits.items()},
             "recomputed_share": {lab: mean(r.get("recomputed_share") for r in rs) for lab, rs in edits.items()},
-            # blend_cursor's, on each completion's critical path: per edit, both probes together
+            # encoded for the completions (blend_cursor, a FIM stream's windows), on their critical
+            # path: per edit, both probes together
             "recomputed_at_cursor": {lab: sum(r.get("recomputed_at_cursor") or 0 for r in rows if r["label"] == lab)
                                      / max(1, len(rs)) for lab, rs in edits.items()},
             "by_bucket": by_bucket, "per_edit": per_edit, "stale_tokens": stale, "by_probe": probes,
             "kl_mean": {lab: mean(v) for lab, v in kl.items()}, "kl_per_edit": kl, "top1_mean": top1,
             "apply_ms_p50": apply,
+            # the completion's own work: what the cursor needed encoded (a FIM stream's windows, blend_cursor)
+            "first_token_ms_p50": {lab: percentile([r["ttft_ms"] for r in rows if r["label"] == lab and "ttft_ms" in r],
+                                                   50) for lab in labels},
             "apply_below_full": {lab: (ref / a if ref and a else None) for lab, a in apply.items()},
             "idle_refresh_ms_p50": idle}

@@ -115,7 +115,9 @@ def curve_table(c: dict) -> str:
     extra = "".join(f" probe: {p} |" for p in probes) + " KL from full | top-1 (8 forced) |" * ("kl_mean" in c)
     extra += " recomputed / edit (share of stale) |" * redo
     extra += " edit p50 ms | × below full | idle refresh p50 ms |" if cost else ""
-    n_cols = len(spans) + 2 + len(probes) + 2 * ("kl_mean" in c) + redo + 3 * cost
+    first = "first_token_ms_p50" in c
+    extra += " first token p50 ms |" * first
+    n_cols = len(spans) + 2 + len(probes) + 2 * ("kl_mean" in c) + redo + 3 * cost + first
     rows = ["| strategy | all edits | " + " | ".join(spans) + " |" + extra, "|" + "---|" * n_cols]
     for lab, v in c["overall"].items():
         tail = "".join(f" {_fmt(c['by_probe'][lab].get(p), 'frac')} |" for p in probes)
@@ -128,6 +130,7 @@ def curve_table(c: dict) -> str:
                      + (f" + {_fmt(cursor, 'n')} at the cursor" if cursor else "") + " |")
         tail += (f" {_fmt(c['apply_ms_p50'][lab], 'ms')} | {_fmt(c['apply_below_full'][lab], 'x')} | "
                  f"{_fmt(c['idle_refresh_ms_p50'][lab], 'ms')} |") if cost else ""
+        tail += f" {_fmt(c['first_token_ms_p50'][lab], 'ms')} |" if first else ""
         rows.append(f"| {lab} | {_fmt(v, 'frac')} | " + " | ".join(_fmt(x, 'frac') for x in c["by_bucket"][lab]) + " |"
                     + tail)
     return "\n".join(rows) + "\n"

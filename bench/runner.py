@@ -156,10 +156,11 @@ def run_step(docs: dict, changes: list, predict: dict | None, turn: int, max_new
                "keys_rotated": st["keys_rotated_last_edit"] if changes else 0,
                "stale_tokens": st["stale_tokens"], "pred": None}
         if predict is not None:
-            before = d.stats["repaired_total"]
+            before = d.stats["tokens_encoded_total"]
             comp = d.suggest(predict["line"], predict["column"], max_new_tokens=max_new_tokens)
             lc, ids[lab] = d.stats["last_completion"], comp.ids
-            rec["recomputed_at_cursor"] = d.stats["repaired_total"] - before  # pie-blend's blend_cursor
+            # what the cursor had encoded again: blend_cursor's, a FIM stream's windows (full: all a move left stale)
+            rec["recomputed_at_cursor"] = d.stats["tokens_encoded_total"] - before
             # ttft from the decoder, not from the first yielded piece: a first token that is a
             # newline yields no piece at all (see Document.stream)
             rec.update(line=predict["line"], column=predict["column"], truth=predict.get("truth"), pred=comp.text,

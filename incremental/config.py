@@ -52,6 +52,8 @@ class Config(Settings):
                                "that when the model types it again its next token needs no pass of its own")
     fim: str = setting("auto", "auto: keep a FIM token stream when the model has FIM tokens; off",
                        choices=("auto", "off"))
+    fim_window: int = setting(128, "FIM streams: of the tokens right after the cursor (the suffix's start), how "
+                              "many a completion encodes again where they were encoded as prefix", min=0)
     phi: str = setting("cursor", "the completion's first position: right after the cursor, or after the end",
                        choices=("cursor", "end"))
     multiline: bool = setting(True, "after a block-opening colon, suggest the block, not one line", lsp=True)

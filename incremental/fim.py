@@ -61,9 +61,12 @@ class FimStream:
     """The markers and the gap of one document's FIM stream."""
     lazy = False  # a lazy layout compacts first and then runs as pie
 
-    def __init__(self, prefix_marker, suffix_marker, middle_id: int, gap: int):
+    def __init__(self, prefix_marker, suffix_marker, middle_id: int, gap: int, sided: np.ndarray):
         self.prefix_marker, self.suffix_marker, self.middle_id = prefix_marker, suffix_marker, middle_id
         self.gap = gap  # tokens from index gap on are the suffix
+        # (n,) suffix tokens known to hold K/V encoded after the marker; False is the safe answer
+        self.sided = sided
+        self.seen = -1  # the document's edit clock at the last completion
 
     @classmethod
     def open(cls, engine, uri: str, text: str, strategy: str, gap_at: int | None = None):
@@ -76,12 +79,13 @@ class FimStream:
         doc = Document(engine, uri, text, strategy, kv=kv, pos0=1, sees=[p])
         s = Document(engine, uri + "#fim-suffix", FIM_TOKENS[1], "full", kv=kv, pos0=1 + doc.n, sees=[p, _Before(doc)])
         assert p.token_ids == [pre] and s.token_ids == [suf], "FIM markers must tokenize as single tokens"
-        stream = cls(p, s, mid, gap=doc.n)
+        stream = cls(p, s, mid, gap=doc.n, sided=np.zeros(doc.n, dtype=bool))
         doc.set_prompt(stream)
         p.settle()
         if gap_at is not None:
             stream.move_gap(doc, stream.gap_for(doc, gap_at))
         stream.settle(doc)
+        stream.sided[stream.gap:] = True
         return doc
 
     @property
@@ -100,6 +104,10 @@ class FimStream:
         new_idx = np.flatnonzero(keep >= 0)
         k = int(np.searchsorted(keep[new_idx], old, side="left"))
         self.gap = int(new_idx[k]) if k < len(new_idx) else len(keep)
+        sided = np.zeros(len(keep), dtype=bool)
+        sided[new_idx] = self.sided[keep[new_idx]]
+        sided[: self.gap] = False
+        self.sided = sided
         changes = change_points(keep)
         if self.gap != old or (len(changes) and changes[0] < self.gap):
             self.suffix_marker.rebase(doc.pos0 + self.gap)
@@ -124,16 +132,26 @@ class FimStream:
     def cursor(self, doc, c: int, extra: str, heal: bool) -> Cursor:
         """Bring the stream to cursor c: the tail is the middle marker, then the text from the
         gap to the cursor (and `extra`), its last token healed."""
-        if self.move_gap(doc, self.gap_for(doc, c)):
-            w = doc.engine.config.refresh_window
-            if doc.strategy == "full":  # the exact cache: all that the move left stale, as a rebuild
-                idx = np.arange(doc.n)
-            else:
-                # what a middle joins up with, on both sides of the marker: the suffix right after
-                # it, and the text right before it, which, when the cursor moved down, was encoded
-                # as suffix (after the marker) and would still read as text after the cursor
-                idx = np.arange(max(0, self.gap - w), min(doc.n, self.gap + w))
-            doc.region.mark_dirty(idx[doc.region.stale_tokens()[idx]])
+        old = self.gap
+        moved = self.move_gap(doc, self.gap_for(doc, c))
+        if doc.strategy == "full":
+            if moved:  # the exact cache: all that the move left stale, as a rebuild
+                doc.region.mark_dirty(np.flatnonzero(doc.region.stale_tokens()))
+        elif moved or doc.region.clock != self.seen:  # else this was done for the last completion
+            # What a middle joins up with, on both sides of the marker: the text right before it,
+            # which, when the cursor moved down, was encoded as suffix (after the marker) and would
+            # still read as text after the cursor, and the suffix right after it. And where the
+            # marker was: the text around it was encoded as the two sides of the old cursor, and
+            # would still read as the place to fill. Those when stale.
+            w, g, n = doc.config.refresh_window, self.gap, doc.n
+            spans = [(g - w, g + w)] + ([(old - w, old + w)] if moved else [])
+            idx = np.unique(np.concatenate([np.arange(max(0, a), min(n, b)) for a, b in spans]))
+            # And the suffix's start that was encoded as prefix: it would not read as text after
+            # the cursor at all (an edit's staleness there is PIE's, as elsewhere).
+            head = np.arange(g, min(n, g + doc.config.fim_window))
+            doc.region.mark_dirty(np.union1d(idx[doc.region.stale_tokens()[idx]], head[~self.sided[head]]))
+            self.sided[head] = True
+        self.seen = doc.region.clock
         self.settle(doc)
         self.suffix_marker.settle()
         st, g = doc.state, self.gap
@@ -171,7 +189,7 @@ class FimStream:
         p, d, s = (copies[id(x)] for x in (self.prefix_marker, doc, self.suffix_marker))
         d.attend_to([p])
         s.attend_to([p, _Before(d)])
-        d.set_prompt(FimStream(p, s, self.middle_id, self.gap))
+        d.set_prompt(FimStream(p, s, self.middle_id, self.gap, self.sided.copy()))
         return d
 
     # -- the gap ----------------------------------------------------------------------------------
@@ -192,5 +210,6 @@ class FimStream:
         rotated = doc.region.shift(lo, hi, 1 if g < old else -1)  # those that become suffix move one later
         doc.region.mark_stale(np.arange(lo, doc.n))  # they attended with the marker elsewhere
         self.gap = g
+        self.sided[:g] = False  # prefix now: when it is suffix again, its K/V may be either side's
         self.suffix_marker.rebase(doc.pos0 + g)
         return rotated

@@ -44,20 +44,22 @@ def test_a_rebuilt_stream_is_exactly_the_psm_prompt(fim_engine):
 
 def test_moving_the_cursor_is_a_splice_not_a_rebuild(fim_engine):
     doc = fim_engine.open("file:///s.py", TEXT)
+    doc.configure(fim_window=0)  # the suffix's start as far as refresh_window only (see below)
     assert isinstance(doc.prompt, FimStream) and doc.prompt.gap == doc.n
     line = TEXT.count("\n") // 2
     c = doc.offset(line, 0)
     encoded = doc.stats["tokens_encoded_total"]
     doc.complete(line, 0)
     g = doc.prompt.gap
-    w = fim_engine.config.refresh_window   # only the window after the new gap was re-encoded
-    assert 0 < doc.stats["tokens_encoded_total"] - encoded <= w
+    w = fim_engine.config.refresh_window   # only the windows after the new gap and before the old
+    assert 0 < doc.stats["tokens_encoded_total"] - encoded <= 2 * w  # (the end of the file)
     rebuilt = FimStream.open(fim_engine, "file:///rb.py", doc.text, "pie", gap_at=c)
     assert rebuilt.prompt.gap == g
     k, _ = stream_kv(doc)
     k_ref, _ = stream_kv(rebuilt)
     assert torch.allclose(k[0], k_ref[0], atol=1e-5)          # layer 0: positions are right
-    assert doc.stats["stale_tokens"] == doc.n - g - w          # the rest of the suffix never saw the marker
+    # the rest of the suffix never saw the marker (the end, encoded again after it, read stale text)
+    assert doc.stats["stale_tokens"] == doc.n - g - w
     # an edit before the gap moves the gap with the text and asks for the marker again
     doc.edit((1, 0), (1, 0), "    extra = 1\n")
     assert doc.prompt.gap > g and doc.prompt.marker_dirty
@@ -88,6 +90,59 @@ def test_moving_the_cursor_down_re_encodes_the_text_that_became_prefix(fim_engin
         fim_engine.close(rebuilt.uri)
     finally:
         fim_engine.close(doc.uri)
+
+
+def test_a_far_move_re_encodes_the_text_around_the_old_cursor(fim_engine):
+    """The text right after the old marker was encoded as the suffix's first tokens, the place to
+    fill; after a move far down it is prefix and would still read as the cursor's place. It is
+    encoded again within refresh_window of the old gap too, so there the prefix is exactly the
+    rebuilt prompt's, every layer, while the text between the two windows stays stale."""
+    lines = TEXT.splitlines(keepends=True)
+    c = len("".join(lines[: len(lines) // 4]))
+    line = 3 * len(lines) // 4
+    doc = FimStream.open(fim_engine, "file:///far.py", TEXT, "pie", gap_at=c)
+    try:
+        old, w = doc.prompt.gap, fim_engine.config.refresh_window
+        doc.complete(line, 0)
+        g = doc.prompt.gap
+        assert g - old > 2 * w, "the windows must not meet for this test to say anything"
+        assert not doc.stale[old: old + w].any() and doc.stale[old + w: g - w].all()
+        rebuilt = FimStream.open(fim_engine, "file:///far-rb.py", doc.text, "pie", gap_at=doc.offset(line, 0))
+        (k, v), (kr, vr) = stream_kv(doc), stream_kv(rebuilt)
+        at = slice(1 + old, 1 + old + w)  # after the prefix marker
+        assert torch.allclose(k[:, :, at], kr[:, :, at], atol=1e-5)
+        assert torch.allclose(v[:, :, at], vr[:, :, at], atol=1e-5)
+        fim_engine.close(rebuilt.uri)
+    finally:
+        fim_engine.close(doc.uri)
+
+
+def test_the_start_of_a_suffix_encoded_as_prefix_is_encoded_again(fim_engine):
+    """A stream opens with its gap at the end: every token is encoded as prefix. At the first
+    cursor, the suffix's first fim_window tokens are encoded again after the marker, so they are
+    exactly the rebuilt prompt's, every layer; the rest of the suffix is not. A second completion
+    with nothing changed encodes nothing."""
+    lines = TEXT.splitlines(keepends=True)
+    line, head, w = len(lines) // 4, 40, fim_engine.config.refresh_window
+    doc = fim_engine.open("file:///head.py", TEXT)
+    try:
+        doc.configure(fim_window=head)
+        doc.complete(line, 0)
+        g = doc.prompt.gap
+        assert doc.n - g > head + w, "the suffix must be longer than the window for this test to say anything"
+        rebuilt = FimStream.open(fim_engine, "file:///head-rb.py", doc.text, "pie", gap_at=doc.offset(line, 0))
+        (k, v), (kr, vr) = stream_kv(doc), stream_kv(rebuilt)
+        at, beyond = slice(2 + g, 2 + g + head), slice(2 + g + head, 2 + doc.n - w)  # after both markers
+        assert torch.allclose(k[:, :, at], kr[:, :, at], atol=1e-5)
+        assert torch.allclose(v[:, :, at], vr[:, :, at], atol=1e-5)
+        assert not torch.allclose(v[:, :, beyond], vr[:, :, beyond], atol=1e-3)
+        fim_engine.close(rebuilt.uri)
+        encoded = doc.stats["tokens_encoded_total"]
+        doc.complete(line, 0)
+        assert doc.stats["tokens_encoded_total"] == encoded
+    finally:
+        fim_engine.close(doc.uri)
+
 
 def test_completion_reads_the_suffix_exactly_as_the_psm_prompt(fim_engine):
     """Unlike masked prefix decoding, a FIM completion depends on the text after the cursor; on a
