@@ -2,6 +2,7 @@
 must be exactly the PSM prompt's, and moving the cursor must be a splice, not a rebuild."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
@@ -194,5 +195,43 @@ def test_full_on_a_stream_is_the_rebuilt_prompt_at_every_completion(fim_engine, 
                 assert got == fresh.complete(line, 0)
             finally:
                 fim_engine.close(fresh.uri)
+    finally:
+        fim_engine.close(doc.uri)
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 23), st.sampled_from(["", "    x = 1\n", "y"])),
+                min_size=1, max_size=6))
+def test_sided_suffix_tokens_were_encoded_after_the_marker(fim_engine, steps):
+    """FimStream.sided never claims a token whose K/V were encoded before the marker, and after
+    each completion the suffix's first fim_window tokens hold K/V encoded after it, through edits
+    and cursor moves. The side of each write is watched where the region records it."""
+    doc = fim_engine.open("file:///sided.py", TEXT, strategy="pie")
+    f, region, head = doc.prompt, doc.region, 2 * fim_engine.config.refresh_window  # beyond its window
+    seen = {"side": np.zeros(doc.n, dtype=bool)}  # the side of each token's last write
+    written, before_splice = region.written, f.before_splice
+
+    def watch_write(idx, stale):
+        seen["side"][np.asarray(idx)] = np.asarray(idx) >= f.gap
+        written(idx, stale)
+
+    def watch_splice(d, keep):
+        side, kept = np.zeros(len(keep), dtype=bool), keep >= 0
+        side[kept] = seen["side"][keep[kept]]
+        seen["side"] = side
+        before_splice(d, keep)
+
+    region.written, f.before_splice = watch_write, watch_splice
+    try:
+        doc.configure(fim_window=head)
+        for is_edit, line, text in steps:
+            line = min(line, doc.text.count("\n") - 1)
+            if is_edit:
+                doc.edit((line, 0), (line, 0), text)
+            else:
+                doc.complete(line, 0)
+                g = f.gap
+                assert seen["side"][g: g + head].all()
+            assert not (f.sided & ~seen["side"]).any()
     finally:
         fim_engine.close(doc.uri)
