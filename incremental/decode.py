@@ -55,10 +55,10 @@ class Completion:
 
 def _up_to_date(doc, j: int, comp: Completion, t0: float, should_stop, max_prompt_ms: float,
                 rider: encode.Rider | None = None) -> Stepper:
-    """Encode what is dirty before the cursor (after it, nothing is attended now), within
+    """Encode what the completion reads and is dirty (the prompt layout says which), within
     max_prompt_ms; the rider (the completion's tail) joins the last pass. False, with comp.stop
     saying why, when that did not happen."""
-    dirty = int(doc.region.dirty[doc.region.local()][:j].sum())
+    dirty = doc.prompt.to_encode(doc, j)
     if not dirty:
         return True
     yield from ()  # a stepper even when there is nothing to encode
@@ -66,7 +66,7 @@ def _up_to_date(doc, j: int, comp: Completion, t0: float, should_stop, max_promp
     late = lambda: bool(max_prompt_ms) and (time.perf_counter() - t0) * 1e3 > max_prompt_ms  # noqa: E731
     if max_prompt_ms and dirty * doc.encode_ms_per_token > max_prompt_ms:
         comp.incomplete, comp.stop = True, "prompt_cap"   # would not fit: do not even start
-    elif not (yield from doc.settling(upto=j, should_stop=lambda: cancelled() or late(), rider=rider)):
+    elif not (yield from doc.prompt.settling(doc, j, lambda: cancelled() or late(), rider)):
         comp.incomplete, comp.stop = (False, "cancelled") if cancelled() else (True, "prompt_cap")
     return not comp.stop
 

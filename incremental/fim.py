@@ -126,12 +126,29 @@ class FimStream:
     def also_sees(self, doc, idx: np.ndarray) -> list:
         return [(idx >= self.gap, self.suffix_marker)]  # the suffix comes after its marker
 
+    def to_encode(self, doc, j: int) -> int:
+        """A completion reads the whole stream: it waits for every dirty token and the marker."""
+        return int(doc.region.dirty_tokens().sum()) + self.marker_dirty
+
+    def settling(self, doc, j: int, should_stop=None, rider=None):
+        """The completion's encode, as a stepper (batch.py), in settle's order: the text before
+        the gap, the suffix marker, the suffix. The rider (the completion's tail) joins the
+        suffix's last pass, or the prefix's when nothing after it waits."""
+        suffix = bool(doc.region.dirty_tokens()[self.gap:].any())
+        alone = not (suffix or self.marker_dirty)
+        if not (yield from doc.settling(should_stop, upto=self.gap, rider=rider if alone else None)):
+            return False
+        if self.marker_dirty and not (yield from self.suffix_marker.settling(should_stop)):
+            return False
+        return (yield from doc.settling(should_stop, rider=rider if suffix else None))
+
     def decode_groups(self) -> list:
         return [self.suffix_marker]
 
     def cursor(self, doc, c: int, extra: str, heal: bool) -> Cursor:
-        """Bring the stream to cursor c: the tail is the middle marker, then the text from the
-        gap to the cursor (and `extra`), its last token healed."""
+        """Move the gap to cursor c and mark what the completion needs encoded again (settling
+        encodes it, cancellable, with the tail riding its last pass). The tail is the middle
+        marker, then the text from the gap to the cursor (and `extra`), its last token healed."""
         old = self.gap
         moved = self.move_gap(doc, self.gap_for(doc, c))
         if doc.strategy == "full":
@@ -151,9 +168,7 @@ class FimStream:
             head = np.arange(g, min(n, g + doc.config.fim_window))
             doc.region.mark_dirty(np.union1d(idx[doc.region.stale_tokens()[idx]], head[~self.sided[head]]))
             self.sided[head] = True
-        self.seen = doc.region.clock
-        self.settle(doc)
-        self.suffix_marker.settle()
+        self.seen = doc.region.clock  # what this marked is encoded by settling, before the completion
         st, g = doc.state, self.gap
         e = int(st.ends[g - 1]) if g > 0 else 0
         before, soft = st.text[e:c] + extra, ""

@@ -8,8 +8,8 @@ A document's prompt layout is an object with one interface, held as `doc.prompt`
   completion sees all of it.
 The interface: position_of (where each token is encoded), lazy (whether a lazy layout may hold
 it), before_splice (follow an edit), also_sees (what encoding queries see besides the groups),
-decode_groups, cursor (the Cursor a completion starts from), visible (the columns it reads) and
-fork.
+decode_groups, cursor (the Cursor a completion starts from), to_encode and settling (what it waits
+to have encoded, and that encode as a stepper), visible (the columns it reads) and fork.
 """
 from __future__ import annotations
 
@@ -93,6 +93,15 @@ class PrefixPrompt:
 
     def also_sees(self, doc, idx: np.ndarray) -> list:
         return []
+
+    def to_encode(self, doc, j: int) -> int:
+        """Tokens a completion at token j waits for: the dirty ones before it (after it, nothing
+        is attended now)."""
+        return int(doc.region.dirty_tokens()[:j].sum())
+
+    def settling(self, doc, j: int, should_stop=None, rider=None):
+        """The completion's encode, as a stepper (batch.py); the rider joins its last pass."""
+        return (yield from doc.settling(should_stop, upto=j, rider=rider))
 
     def decode_groups(self) -> list:
         return []

@@ -145,6 +145,24 @@ def test_the_start_of_a_suffix_encoded_as_prefix_is_encoded_again(fim_engine):
         fim_engine.close(doc.uri)
 
 
+def test_a_far_move_s_encode_is_cancellable_and_nothing_is_lost(fim_engine):
+    """What a cursor move leaves to encode runs in the completion's stepper: cancelled before
+    its first pass, the completion answers nothing and the marked tokens stay dirty; the next
+    completion encodes them and answers as a stream never cancelled."""
+    line = 3 * TEXT.count("\n") // 4
+    doc, twin = (fim_engine.open(f"file:///cancel{i}.py", TEXT) for i in range(2))
+    try:
+        comp = doc.suggest(line, 0, should_stop=lambda: True)
+        assert comp.stop == "cancelled" and comp.text == ""
+        assert doc.region.dirty_tokens().any() and doc.prompt.marker_dirty
+        assert doc.complete(line, 0) == twin.complete(line, 0)
+        assert not doc.region.dirty_tokens().any()
+        assert torch.equal(stream_kv(doc)[0], stream_kv(twin)[0])
+    finally:
+        fim_engine.close(doc.uri)
+        fim_engine.close(twin.uri)
+
+
 def test_completion_reads_the_suffix_exactly_as_the_psm_prompt(fim_engine):
     """Unlike masked prefix decoding, a FIM completion depends on the text after the cursor; on a
     freshly built stream its first step is exactly the model's on the PSM prompt."""
