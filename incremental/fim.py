@@ -16,6 +16,7 @@ import weakref
 
 import numpy as np
 
+from . import batch
 from .prompt import Cursor, heal_last
 from .strategies import change_points
 
@@ -105,8 +106,7 @@ class FimStream:
         k = int(np.searchsorted(keep[new_idx], old, side="left"))
         self.gap = int(new_idx[k]) if k < len(new_idx) else len(keep)
         sided = np.zeros(len(keep), dtype=bool)
-        sided[new_idx] = self.sided[keep[new_idx]]
-        sided[: self.gap] = False
+        sided[new_idx] = self.sided[keep[new_idx]]  # the gap follows its token: the prefix stays False
         self.sided = sided
         changes = change_points(keep)
         if self.gap != old or (len(changes) and changes[0] < self.gap):
@@ -116,12 +116,8 @@ class FimStream:
         """Encode the dirty text before the gap, then, when suffix tokens wait to be encoded
         (an edit's recomputed ones, pie-window's or pie-blend's), the suffix marker first (dirty
         when the text before it changed): they attend to it at its new position. Otherwise the
-        marker waits for the completion (cursor)."""
-        if not doc.settle(should_stop, upto=self.gap):
-            return False
-        if doc.region.dirty_tokens()[self.gap:].any() and not self.suffix_marker.settle(should_stop):
-            return False
-        return doc.settle(should_stop)
+        marker waits for the completion (settling)."""
+        return batch.alone(doc.engine.model, self._encoding(doc, should_stop, None, marker=False))
 
     def also_sees(self, doc, idx: np.ndarray) -> list:
         return [(idx >= self.gap, self.suffix_marker)]  # the suffix comes after its marker
@@ -131,14 +127,19 @@ class FimStream:
         return int(doc.region.dirty_tokens().sum()) + self.marker_dirty
 
     def settling(self, doc, j: int, should_stop=None, rider=None):
-        """The completion's encode, as a stepper (batch.py), in settle's order: the text before
-        the gap, the suffix marker, the suffix. The rider (the completion's tail) joins the
-        suffix's last pass, or the prefix's when nothing after it waits."""
+        """The completion's encode, as a stepper (batch.py), in settle's order, the marker
+        included: the completion reads it. The rider (the completion's tail) joins the suffix's
+        last pass, or the prefix's when nothing after it waits."""
+        return self._encoding(doc, should_stop, rider, marker=True)
+
+    def _encoding(self, doc, should_stop, rider, marker: bool):
+        """The text before the gap, the suffix marker (when suffix tokens wait, or `marker`),
+        the suffix; the rider joins the last of them that has work."""
         suffix = bool(doc.region.dirty_tokens()[self.gap:].any())
-        alone = not (suffix or self.marker_dirty)
-        if not (yield from doc.settling(should_stop, upto=self.gap, rider=rider if alone else None)):
+        marker = self.marker_dirty and (marker or suffix)
+        if not (yield from doc.settling(should_stop, upto=self.gap, rider=None if suffix or marker else rider)):
             return False
-        if self.marker_dirty and not (yield from self.suffix_marker.settling(should_stop)):
+        if marker and not (yield from self.suffix_marker.settling(should_stop)):
             return False
         return (yield from doc.settling(should_stop, rider=rider if suffix else None))
 
