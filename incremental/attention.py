@@ -88,16 +88,15 @@ def attend(q, K, V, attn_mask, scaling: float, bf16: bool = False):
     (n, N) additive or None. Returns (1, H, n, D). A decode step's few queries score as one
     matmul per kv head group, which reads each key once; more go through SDPA, in bf16 when
     asked (an encode at precision bf16: the cache stays fp32, only this pass's arithmetic
-    rounds, as in its projections)."""
+    rounds, as in its projections; the output stays bf16, for the output projection)."""
     _, H, n, D = q.shape
     Hkv = K.shape[1]
     if n > FEW_QUERIES:
         if not bf16:
             return F.scaled_dot_product_attention(q, K, V, attn_mask=attn_mask, scale=scaling, enable_gqa=H != Hkv)
         b = torch.bfloat16
-        o = F.scaled_dot_product_attention(q.to(b), K.to(b), V.to(b), scale=scaling, enable_gqa=H != Hkv,
-                                           attn_mask=None if attn_mask is None else attn_mask.to(b))
-        return o.to(q.dtype)
+        return F.scaled_dot_product_attention(q.to(b), K.to(b), V.to(b), scale=scaling, enable_gqa=H != Hkv,
+                                              attn_mask=None if attn_mask is None else attn_mask.to(b))
     rep = H // Hkv
     s = torch.matmul(q.reshape(1, Hkv, rep * n, D), K.transpose(-1, -2)).mul_(scaling)  # (1, Hkv, rep*n, N)
     if attn_mask is not None:

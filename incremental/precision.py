@@ -86,15 +86,19 @@ class Proj:
     def int4_exact(self) -> bool:
         return Int4.fits(self.weight) and self.format("int4").exact
 
-    def __call__(self, x: torch.Tensor, mode: str):
-        """x (..., K) -> (..., N), split into the fused layers' outputs."""
+    def __call__(self, x: torch.Tensor, mode: str, keep: bool = False):
+        """x (..., K) -> (..., N), split into the fused layers' outputs, in x's dtype; with keep,
+        in the matmul's (bf16) for a caller whose next op promotes it anyway (a residual add,
+        the MLP's product): the same values, one pass over them fewer."""
         if mode == "fp32":
             y = F.linear(x, self.weight, self.bias)
         else:
             shape, w = x.shape, self.format(mode)
             xb = x.reshape(-1, shape[-1]).to(torch.bfloat16)
             y = F.linear(xb, w) if mode == "bf16" else w.mm(xb)
-            y = y.to(x.dtype).reshape(*shape[:-1], -1)  # back to the stream's dtype (fp32 on a CPU)
+            y = y.reshape(*shape[:-1], -1)
+            if not keep:
+                y = y.to(self.weight.dtype)  # the stream's, as loaded (fp32 on a CPU)
             if self.bias is not None:
                 y = y + self.bias
         return y.split(self.sizes, -1) if len(self.sizes) > 1 else y

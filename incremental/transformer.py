@@ -28,6 +28,13 @@ def _norm(norm, x: torch.Tensor) -> torch.Tensor:
     return norm(x)
 
 
+def _act(act_fn, g: torch.Tensor) -> torch.Tensor:
+    """The MLP's activation, in place where it is SiLU: g is the gate's part of a fresh output."""
+    if type(act_fn).__name__ in ("SiLUActivation", "SiLU"):
+        return F.silu(g, inplace=True)
+    return act_fn(g)
+
+
 class Transformer:
     """The HF model's modules, driven over an external KVCache."""
 
@@ -98,14 +105,15 @@ class Transformer:
                 return [(k, v)]  # a probe's one pass
             parts = zip(rows, *(t.split(sizes, 2) for t in (q, qr, k, v)))
             own = [r.attend(i, *t, write=probe is None) for r, *t in parts]  # (out, lse)
-            o = own[0][0] if one else torch.cat([a for a, _ in own], 2)  # (1, H, n, D)
+            o = own[0][0] if one else torch.cat([a for a, _ in own], 2)  # (1, H, n, D), bf16 from a bf16 encode
             shared = shared_attention(i, rows, self.scaling)   # context groups in another cache
             if shared:  # a pass without groups apart weighs its own part 1 (lse 0) against none
                 lse = torch.cat([b if b is not None else a.new_zeros(a.shape[:3]) for a, b in own], 2)
-                o = merge([(o, lse), *shared])[0]
-            x = x + proj.o(o.transpose(1, 2).reshape(1, n, -1), mode)
-            gate, up = proj.gate_up(_norm(layer.post_attention_layernorm, x), mode)
-            x = x + proj.down(layer.mlp.act_fn(gate) * up, mode)
+                o = merge([(o.to(x.dtype), lse), *shared])[0]
+            # at bf16 the projections' outputs stay bf16 until an op promotes them (the same values)
+            x = x + proj.o(o.transpose(1, 2).reshape(1, n, -1), mode, keep=True)
+            gate, up = proj.gate_up(_norm(layer.post_attention_layernorm, x), mode)  # views of one fresh output
+            x = x + proj.down(_act(layer.mlp.act_fn, gate).mul_(up), mode, keep=True)
         return self._heads(passes, x)
 
     def _heads(self, passes: list[Pass], x: torch.Tensor) -> list:
