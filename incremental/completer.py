@@ -97,6 +97,7 @@ class Completer:
             self._stats["completions"] += 1
             self._stats["prompt_caps"] += comp.incomplete
             self._stats["predict_caps"] += comp.capped
+            self._stats["heal_drafts"] += comp.drafted
             self._stats["last_completion"] = comp.summary()
         else:
             self._stats["last_prefetch"] = comp.summary()

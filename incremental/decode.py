@@ -50,7 +50,7 @@ class Completion:
         return dict(prefix_tokens=self.prefix_tokens, tail_tokens=self.tail_tokens, steps=self.steps,
                     ttft_ms=self.ttft_ms, total_ms=self.total_ms, stop=self.stop, text=self.text,
                     candidates=len(self.texts), mode=self.mode, incomplete=self.incomplete, capped=self.capped,
-                    reused=self.reused)
+                    reused=self.reused, drafted=self.drafted)
 
 
 def _up_to_date(doc, j: int, comp: Completion, t0: float, should_stop, max_prompt_ms: float,

@@ -144,7 +144,7 @@ class Worker:
         Waits while there is nothing to do; None once closing with nothing running."""
         with self._ready:
             while True:
-                idle = [o for o in self._queues if o not in self._busy]
+                idle = [o for o in self._queues if self._idle(o)]
                 running = self.scheduler is not None and len(self.scheduler) > 0
                 if self.closing and not running:
                     return None
@@ -153,12 +153,14 @@ class Worker:
                 self._ready.wait()
             return sorted((self._take(o) for o in idle), key=lambda item: item[0])
 
+    def _idle(self, owner) -> bool:
+        """Whether owner has a job waiting and none running (the lock held)."""
+        return owner in self._queues and owner not in self._busy
+
     def _follow(self, owner):
         """The owner's next job when it has one and nothing running; else None."""
         with self._ready:
-            if owner in self._busy or owner not in self._queues:
-                return None
-            return self._take(owner)
+            return self._take(owner) if self._idle(owner) else None
 
     def _next_alone(self):
         """Unbatched: the next job, round-robin over owners; None once closing."""

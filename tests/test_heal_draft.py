@@ -75,10 +75,14 @@ def test_the_draft_holds_where_the_model_types_the_healed_token_again(engines):
     for d in range(len(DOCS)):
         docs = [opened(eng, d) for eng in engines]
         try:
+            here = 0
             for line, text in enumerate(docs[0].text.split("\n")):
                 on, off = (doc.suggest(line, len(text)) for doc in docs)
                 assert (on.ids, on.texts) == (off.ids, off.texts)
-                held += on.drafted
+                assert docs[0].stats["last_completion"]["drafted"] == on.drafted
+                here += on.drafted
+            assert (docs[0].stats["heal_drafts"], docs[1].stats["heal_drafts"]) == (here, 0)  # stats count them
+            held += here
         finally:
             for doc in docs:
                 doc.engine.close(doc.uri)
