@@ -47,7 +47,7 @@ class Document(PositionGroup, Completer):
         self.overrides: dict = {}  # Config fields this document sets apart from its engine's
         self._stats = dict(edits=0, tokens_encoded_last_edit=0, keys_rotated_last_edit=0, edit_ms_last=0.0,
                            rearrange_ms_last=0.0, tokens_encoded_total=0, keys_rotated_total=0, completions=0,
-                           last_completion={}, last_prefetch={}, prompt_caps=0, predict_caps=0,
+                           last_completion={}, last_prefetch={}, prompt_caps=0, predict_caps=0, heal_drafts=0,
                            repaired_last_edit=0, repaired_total=0, tokens_new_last_edit=0,
                            repaired_share_last_edit=0.0)
 
@@ -106,9 +106,12 @@ class Document(PositionGroup, Completer):
         return cfg.updated(**self.overrides) if self.overrides else cfg
 
     def configure(self, **overrides) -> None:
-        """Settings of this document's own (say blend_cap, for a benchmark's sweep); validated."""
+        """Settings of this document's own (say blend_cap, for a benchmark's sweep); validated. A
+        precision's weight formats are made now, not in its first pass."""
         self.engine.config.updated(**overrides)
         self.overrides = dict(overrides)
+        if "precision" in overrides:
+            self.engine.model.precision.prepare(overrides["precision"])
 
     # -- editing -----------------------------------------------------------------------------
     def edit(self, start: Position, end: Position, text: str, **kw) -> dict:

@@ -66,11 +66,15 @@ class Engine:
         if chosen in ("int8", "int4") and dev.type != "cpu":
             raise ValueError(f"precision {chosen} runs on the CPU only (torch's {chosen} weight kernel); "
                              f"use bf16 on {dev}")
-        eng.model.precision.prepare(chosen)
+        P = eng.model.precision
+        P.prepare(chosen)
+        P.reload = lambda: load_model(config.model, dev, dt, config.cache_path)[0]
+        released = P.release(chosen)
         if dev.type == "cpu":  # loading's temporaries (dequantized blocks, the vocabulary's decode) are not kept
             release_freed_memory()
-        log.info("loaded %s on %s/%s in %.1fs; precision %s%s", name, dev, str(dt).removeprefix("torch."),
-                 time.perf_counter() - t0, chosen, " (auto)" if config.precision == "auto" else "")
+        log.info("loaded %s on %s/%s in %.1fs; precision %s%s%s", name, dev, str(dt).removeprefix("torch."),
+                 time.perf_counter() - t0, chosen, " (auto)" if config.precision == "auto" else "",
+                 "; the projections' weights as loaded are not kept (none of its passes reads them)" if released else "")
         return eng
 
     @property

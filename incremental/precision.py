@@ -21,11 +21,16 @@ outputs come back in the stream's dtype.
 q, k and v (and gate and up) read the same input, so each such set is one fused projection: one
 matmul, one cast of its input. Each forward pass names its precision (a document's
 Config.precision): the weights are kept in every format asked for so far, so documents (and
-benchmark labels) can differ in one engine.
+benchmark labels) can differ in one engine. An engine loaded at int8 or int4 (auto on this
+machine for a Q4_1 model) releases the projections' weights as loaded once its own formats are
+made, since none of its passes reads them. A pass that does
+(a document set to fp32 or bf16) loads the model again first.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -33,6 +38,8 @@ import torch.nn.functional as F
 
 from .config import PRECISIONS
 from .quant import Int4, Int8
+
+log = logging.getLogger("livekv")
 
 SMALL = 16  # queries in a pass below which int8/int4 weights are used (decode steps, a short tail)
 # Rows of a batch of several passes from which bf16 weights replace int8/int4: bf16's AMX matmul
@@ -58,33 +65,43 @@ def resolve(precision: str, device: torch.device, int4_exact: bool = False) -> s
 class Proj:
     """Linear layers that read one input, fused along the output axis, in every weight format a
     pass has asked for. The HF modules' weights become views of the fused one, so nothing is held
-    twice and HF's own forward still runs."""
+    twice and HF's own forward still runs (while the weights as loaded are not released)."""
 
     def __init__(self, linears: list[nn.Linear]):
-        self.sizes = [lin.out_features for lin in linears]
-        if len(linears) == 1:
-            self.weight = linears[0].weight.detach()                          # (N, K)
-        else:
-            self.weight = torch.cat([lin.weight.detach() for lin in linears])
-            for lin, part in zip(linears, self.weight.split(self.sizes)):
-                lin.weight.data = part
+        self.linears, self.sizes = linears, [lin.out_features for lin in linears]
+        self.refill(linears)
+        self.shape, self.dtype = tuple(self.weight.shape), self.weight.dtype      # (N, K)
         biases = [lin.bias for lin in linears]
         self.bias = None if all(b is None for b in biases) else torch.cat(
             [b.detach() if b is not None else self.weight.new_zeros(n) for b, n in zip(biases, self.sizes)])
         self._formats: dict[str, object] = {}
 
+    def refill(self, linears: list[nn.Linear]) -> None:
+        """The weight as loaded, from these layers (this Proj's own, or the same ones of a fresh
+        copy of the model); this Proj's HF layers get views of it."""
+        self.weight = torch.cat([lin.weight.detach() for lin in linears]) if len(linears) > 1 else linears[0].weight.detach()
+        for lin, part in zip(self.linears, self.weight.split(self.sizes)):
+            lin.weight.data = part
+
+    def release(self) -> None:
+        """Drop the weight as loaded; the formats made from it stay. refill brings it back."""
+        self.weight = None
+        for lin in self.linears:
+            lin.weight.data = lin.weight.data.new_empty(0)
+
     def format(self, mode: str):
         """The weight in `mode` (bf16, int8 or int4), made on first use. int4 needs N % 16 and
         K % 32; a projection that does not fit runs int8 instead."""
-        if mode == "int4" and not Int4.fits(self.weight):
+        if mode == "int4" and not Int4.fits(self.shape):
             mode = "int8"
         if mode not in self._formats:
+            assert self.weight is not None, f"{mode} weights made after the weights as loaded were released"
             self._formats[mode] = (self.weight.to(torch.bfloat16) if mode == "bf16" else
                                    Int8.of(self.weight) if mode == "int8" else Int4.of(self.weight))
         return self._formats[mode]
 
     def int4_exact(self) -> bool:
-        return Int4.fits(self.weight) and self.format("int4").exact
+        return Int4.fits(self.shape) and self.format("int4").exact
 
     def __call__(self, x: torch.Tensor, mode: str, keep: bool = False):
         """x (..., K) -> (..., N), split into the fused layers' outputs, in x's dtype; with keep,
@@ -98,7 +115,7 @@ class Proj:
             y = F.linear(xb, w) if mode == "bf16" else w.mm(xb)
             y = y.reshape(*shape[:-1], -1)
             if not keep:
-                y = y.to(self.weight.dtype)  # the stream's, as loaded (fp32 on a CPU)
+                y = y.to(self.dtype)  # the stream's, as loaded (fp32 on a CPU)
             if self.bias is not None:
                 y = y + self.bias
         return y.split(self.sizes, -1) if len(self.sizes) > 1 else y
@@ -115,19 +132,53 @@ class LayerProj:
         return [self.qkv, self.o, self.gate_up, self.down]
 
 
+def _linears(layer) -> list[list[nn.Linear]]:
+    """A decoder layer's linear layers, grouped as LayerProj fuses them."""
+    a, m = layer.self_attn, layer.mlp
+    return [[a.q_proj, a.k_proj, a.v_proj], [a.o_proj], [m.gate_proj, m.up_proj], [m.down_proj]]
+
+
+# the weight formats each precision's passes read (set): its encodes, then its decode steps
+PASS_MODES = {"fp32": ("fp32",), "bf16": ("bf16", "fp32"), "int8": ("bf16", "int8"), "int4": ("bf16", "int4")}
+
+
 class Precision:
     """The model's projections, fused once, switched per forward pass."""
 
     def __init__(self, hf):
-        self.layers: list[LayerProj] = []
-        for layer in hf.model.layers:
-            a, m = layer.self_attn, layer.mlp
-            self.layers.append(LayerProj(Proj([a.q_proj, a.k_proj, a.v_proj]), Proj([a.o_proj]),
-                                         Proj([m.gate_proj, m.up_proj]), Proj([m.down_proj])))
+        self.layers = [LayerProj(*(Proj(lins) for lins in _linears(layer))) for layer in hf.model.layers]
         self.lm_head = Proj([hf.lm_head])
         self.device = hf.lm_head.weight.device
         self.mode = "fp32"
         self._exact: bool | None = None
+        self.reload: Callable[[], nn.Module] | None = None  # a fresh copy of the model as loaded (Engine's)
+        self.kept: tuple[str, ...] | None = None  # the formats left while the weights as loaded are released
+
+    def _projs(self) -> list[Proj]:
+        return [p for lp in self.layers for p in lp.all()]
+
+    def release(self, precision: str) -> bool:
+        """Drop the projections' weights as loaded where this precision's passes never read them
+        (int8 and int4: encodes read bf16 copies, decode steps int8/int4 blocks) and `reload` can
+        bring them back. The output head stays: the embedding shares it, and greedy choices
+        are scored again with it. Returns whether they were released."""
+        p = self.resolve(precision)
+        if self.kept is not None or self.reload is None or "fp32" in PASS_MODES[p]:
+            return False
+        self.prepare(p)
+        for proj in self._projs():
+            proj.release()
+        self.kept = PASS_MODES[p]
+        return True
+
+    def _restore(self) -> None:
+        log.warning("a pass reads the weights as loaded, which were released (precision int8/int4 does not "
+                    "read them): loading the model again")
+        fresh = self.reload()
+        for lp, layer in zip(self.layers, fresh.model.layers):
+            for proj, lins in zip(lp.all(), _linears(layer)):
+                proj.refill(lins)
+        self.kept = None
 
     def int4_exact(self) -> bool:
         """Whether every projection's int4 blocks reproduce its weights (a Q4_1 GGUF)."""
@@ -142,8 +193,10 @@ class Precision:
     def prepare(self, precision: str) -> None:
         """Make the weight formats this precision's passes read now, not in a request's first pass."""
         p = self.resolve(precision)
-        for mode in {"fp32": (), "bf16": ("bf16",), "int8": ("bf16", "int8"), "int4": ("bf16", "int4")}[p]:
-            for proj in (q for lp in self.layers for q in lp.all()):
+        if self.kept is not None and not set(PASS_MODES[p]) <= set(self.kept):
+            self._restore()
+        for mode in PASS_MODES[p]:
+            for proj in self._projs() if mode != "fp32" else ():
                 proj.format(mode)
         if self.device.type == "cpu":
             self.lm_head.format("int8")  # argmax's ranking head
@@ -157,6 +210,8 @@ class Precision:
             self.mode = p if p == "fp32" else "bf16"
         else:
             self.mode = "fp32" if p == "bf16" else p
+        if self.kept is not None and self.mode not in self.kept:
+            self._restore()
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """(m, C) -> (m, V): the output head as loaded, at every precision (a few rows a pass; its

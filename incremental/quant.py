@@ -46,13 +46,14 @@ class Int4:
     exact: bool                # the blocks reproduce w to fp32 (a Q4_1 tensor), bar bf16 scales
 
     @staticmethod
-    def fits(w: torch.Tensor) -> bool:
-        N, K = w.shape
+    def fits(shape) -> bool:
+        """Whether an (N, K) weight has the kernel's tiling: N % 16 and K % GROUP."""
+        N, K = shape
         return N % 16 == 0 and K % GROUP == 0
 
     @classmethod
     def of(cls, w: torch.Tensor) -> "Int4":
-        assert cls.fits(w), tuple(w.shape)
+        assert cls.fits(w.shape), tuple(w.shape)
         N, K = w.shape
         blocks = w.detach().float().view(N, K // GROUP, GROUP)             # (N, K/G, G)
         lo, hi = blocks.amin(-1, keepdim=True), blocks.amax(-1, keepdim=True)

@@ -157,6 +157,8 @@ class LspSession(Session):
             return "settings unchanged"
         docs = self.home(engine)
         target = Engine.from_config(new) if any(getattr(new, f) != getattr(old, f) for f in RELOAD) else engine
+        if target is engine and new.precision != old.precision:  # its weight formats now, not in a completion
+            target.model.precision.prepare(new.precision)
         if target is not engine or new.strategy != old.strategy or options.repo_context != self.options.repo_context:
             self.docs = docs = rehome(docs, place(target, new, options, self.roots))
         else:

@@ -102,6 +102,34 @@ def test_auto_is_decided_by_the_machine_and_the_model_alone(engine, tiny, caplog
         Config(precision="int3")
 
 
+@NEEDS
+def test_at_int4_the_weights_as_loaded_are_released_and_a_pass_that_reads_them_loads_them_again(engine, caplog):
+    """int4's passes read bf16 copies (encodes) and int4 blocks (decode steps), so an engine
+    loaded at int4 drops the projections' weights as loaded; a document set to fp32 gets them
+    back (its configure loads the model again), and answers exactly as an engine loaded at
+    fp32; a pass at fp32 reloads them too."""
+    with caplog.at_level(logging.INFO, logger="livekv"):
+        eng = Engine.load(max_new_tokens=8, precision="int4")
+    P = eng.model.precision
+    assert "weights as loaded are not kept" in caplog.text and P.kept == ("bf16", "int4")
+    assert all(p.weight is None and p.linears[0].weight.numel() == 0 for p in P._projs())
+    doc = eng.open("file:///released.py", TEXT)
+    assert doc.suggest(20, 0).steps >= 1 and P.kept is not None  # int4's own passes reload nothing
+    ref = engine.open("file:///released_ref.py", TEXT)          # loaded at fp32
+    doc32 = eng.open("file:///released32.py", TEXT, settle=False)
+    doc32.configure(precision="fp32")
+    doc32.settle()  # in the same chunks as ref's open
+    want = ref.suggest(20, 0).ids
+    assert torch.equal(doc32.teacher_forced(20, 0, want), ref.teacher_forced(20, 0, want))
+    assert P.kept is None and all(p.weight is not None for p in P._projs())
+    assert "loading the model again" in caplog.text
+    # released again, a pass at fp32 that nobody prepared for loads them itself
+    assert P.release("int4") and P.kept is not None
+    P.set("fp32", 1)
+    assert P.kept is None and P.mode == "fp32" and all(p.weight is not None for p in P._projs())
+    engine.close(ref.uri)
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.integers(0, 2**31 - 1), st.sampled_from([1, 3, 40, 500, None]))
 def test_greedy_ranking_picks_the_best_allowed_token_of_the_head_as_loaded(tiny, seed, n_allowed):
