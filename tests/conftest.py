@@ -39,3 +39,26 @@ def fim_engine() -> Engine:
     eng = tiny_llama(train_tokenizer(FIM_TOKENS), seed=1, max_new_tokens=6)
     assert eng.fim_ids is not None
     return eng
+
+
+class CountingForward:
+    """Counts the model's forward passes while it runs them for real: `forwards`, each the query
+    rows of its passes (one pass a forward alone, several in a batched step)."""
+
+    def __init__(self, model):
+        self.model, self.real, self.forwards = model, model.run, []
+
+    def __enter__(self):
+        def run(passes, *a, **kw):
+            self.forwards.append([p.n for p in passes])
+            return self.real(passes, *a, **kw)
+        self.model.run = run
+        return self
+
+    def __exit__(self, *exc):
+        self.model.run = self.real
+
+    @property
+    def rows(self) -> list[int]:
+        """Each pass's query rows, in order."""
+        return [n for f in self.forwards for n in f]

@@ -11,7 +11,7 @@ from livekv.incremental import batch
 from livekv.incremental.batch import Scheduler
 from livekv.incremental.fim import FIM_TOKENS, FimStream
 
-from conftest import excerpt, stdlib_source, tiny_llama, train_tokenizer
+from conftest import CountingForward, excerpt, stdlib_source, tiny_llama, train_tokenizer
 
 SOURCE = stdlib_source()
 # (first line, lines, strategy, fim): documents of different lengths and kinds
@@ -126,22 +126,16 @@ def test_first_passes_first_runs_a_new_stepper_next_and_delays_the_others_one_st
 
 def test_one_step_runs_every_pending_pass_in_one_forward(eng):
     docs = open_docs(eng, "forward")
-    forwards = []
-    real = eng.model.run
-
-    def counting(passes, *a, **kw):
-        forwards.append(len(passes))
-        return real(passes, *a, **kw)
     try:
         sched = Scheduler(eng.model)
         for d in docs:  # a FIM stream's cursor and pie-blend's repair encode before the first pass
             sched.add(d.suggesting(*cursor(d, 1)), lambda v, e: None)
-        eng.model.run = counting
-        while len(sched):
-            sched.step()
+        with CountingForward(eng.model) as fwd:
+            while len(sched):
+                sched.step()
     finally:
-        eng.model.run = real
         close_docs(eng, docs)
+    forwards = [len(f) for f in fwd.forwards]
     assert forwards[0] == len(docs)  # every document's first pass (its tail) in one forward
     assert sum(f >= 2 for f in forwards) >= 3  # and decode steps shared forwards after it
     assert len(forwards) == sched.steps and sum(forwards) == sched.passes

@@ -8,26 +8,9 @@ from hypothesis import given, settings, strategies as st
 from livekv.incremental.stops import Brackets, Stop, balanced_prefix
 from livekv.incremental.syntax import SyntaxTree
 
-from conftest import excerpt, stdlib_source
+from conftest import CountingForward, excerpt, stdlib_source
 
 CODE = "import os\n\n\ndef area(width, height):\n    return width * height\n\n\nclass Shape:\n    def scale(self, k):\n"
-
-
-class CountingForward:
-    """Counts forward passes and their query rows (the model itself runs for real)."""
-
-    def __init__(self, model):
-        self.model, self.real, self.calls = model, model.run, []
-
-    def __enter__(self):
-        def run(passes, *a, **kw):
-            self.calls.extend(p.n for p in passes)
-            return self.real(passes, *a, **kw)
-        self.model.run = run
-        return self
-
-    def __exit__(self, *exc):
-        self.model.run = self.real
 
 
 # -- stops and brackets (pure) ---------------------------------------------------------------
@@ -103,9 +86,9 @@ def test_candidates_come_from_one_batched_decode(tiny_engine):
     assert len(c3.texts) == 3 and len(set(c3.texts)) == 3
     assert c3.texts[0] == c1.text                        # candidate 0 is the greedy one
     # the tail once, then one forward per step for all candidates together: never k decodes
-    assert len(one.calls) == c1.steps and len(three.calls) == c3.steps
-    assert three.calls[0] == one.calls[0] and max(three.calls[1:], default=3) <= 3
-    assert sum(three.calls[1:]) > sum(one.calls[1:])
+    assert len(one.rows) == c1.steps and len(three.rows) == c3.steps
+    assert three.rows[0] == one.rows[0] and max(three.rows[1:], default=3) <= 3
+    assert sum(three.rows[1:]) > sum(one.rows[1:])
 
 
 def test_predict_cap_returns_a_partial_line(engine):
@@ -145,12 +128,12 @@ def test_typed_ahead_reuse_needs_no_model_call(engine):
     doc.edit((line, col), (line, col), typed)              # the person types the start of it
     with CountingForward(engine.model) as fwd:
         again = doc.suggest(line, col + 2, reuse=True)
-    assert fwd.calls == [] and again.reused and again.text == first[2:]
+    assert fwd.rows == [] and again.reused and again.text == first[2:]
     assert doc.stats["reuse_hits"] == 1 and doc.stats["last_completion"]["steps"] == 0
     doc.edit((line, col + 2), (line, col + 2), "\u00a7")   # diverges: dropped
     with CountingForward(engine.model) as fwd:
         doc.suggest(line, col + 3, reuse=True, max_new_tokens=2)
-    assert fwd.calls and doc.stats["reuse_hits"] == 1
+    assert fwd.rows and doc.stats["reuse_hits"] == 1
 
 
 def test_prefetch_answers_the_line_after_an_accepted_suggestion(engine):
@@ -162,7 +145,7 @@ def test_prefetch_answers_the_line_after_an_accepted_suggestion(engine):
     doc.edit((line, col), (line, col), shown)               # Tab: the suggestion is inserted
     with CountingForward(engine.model) as fwd:
         again = doc.suggest(line, col + len(shown), reuse=True)
-    assert fwd.calls == [] and again.text == nxt
+    assert fwd.rows == [] and again.text == nxt
     # and it is what a model call at that point gives
     assert doc.suggest(line, col + len(shown), max_new_tokens=8).text == nxt
 

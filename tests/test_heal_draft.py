@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from livekv.incremental.fim import FIM_TOKENS, FimStream
 
-from conftest import excerpt, stdlib_source, tiny_llama, train_tokenizer
+from conftest import CountingForward, excerpt, stdlib_source, tiny_llama, train_tokenizer
 from lsp_helpers import ROOT, server_env
 
 SOURCE = stdlib_source()
@@ -36,18 +36,10 @@ def opened(eng, i: int):
     return doc
 
 
-def counted(eng, fn, calls: list | None = None):
-    """fn()'s value and how many forward passes it ran (each appended to calls)."""
-    real, calls = eng.model.run, [] if calls is None else calls
-
-    def run(passes, *a, **kw):
-        calls.append(len(passes))
-        return real(passes, *a, **kw)
-    eng.model.run = run
-    try:
-        return fn(), len(calls)
-    finally:
-        eng.model.run = real
+def counted(eng, fn):
+    """fn()'s value and how many forward passes it ran."""
+    with CountingForward(eng.model) as fwd:
+        return fn(), len(fwd.forwards)
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -94,9 +86,10 @@ def test_the_draft_shows_text_a_pass_sooner_with_the_real_model(engine):
     first visible piece comes after one pass, not two."""
     doc = engine.open("file:///draft/real.py", "import os\n\n\ndef home(user):\n    return os.path.join(")
     try:
-        calls, shown_after = [], []
-        comp, passes = counted(engine, lambda: doc.suggest(4, 24, on_piece=lambda p: shown_after.append(len(calls))),
-                               calls)
+        shown_after = []
+        with CountingForward(engine.model) as fwd:
+            comp = doc.suggest(4, 24, on_piece=lambda p: shown_after.append(len(fwd.forwards)))
+        passes = len(fwd.forwards)
         assert comp.drafted and engine.token_text(comp.first_tokens[0]) == "("
         assert comp.text and shown_after[0] == 1  # visible text after the prompt's pass alone
         assert passes == comp.steps - 1           # which also did step 0's work
