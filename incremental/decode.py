@@ -167,8 +167,8 @@ def _decoding(doc, c, n, max_new, should_stop, extra, max_prompt_ms, max_predict
         comp.total_ms = (time.perf_counter() - t0) * 1e3
         return comp
     precision = doc.config.precision
-    if rider is not None and rider.logits is not None:
-        first = rider.logits                               # (1 + draft,) tokens or (1, V) logits
+    if rider is not None and rider.out is not None:
+        first = rider.out                                  # (1 + draft,) tokens or (1, V) logits
     elif should_stop is not None and should_stop():  # between the prompt's encode and the tail's pass
         comp.texts, comp.stop = [""], "cancelled"
         comp.total_ms = (time.perf_counter() - t0) * 1e3

@@ -24,16 +24,17 @@ from .group import in_use
 @dataclass
 class Rider:
     """Queries that ride along with an encode's last forward pass: a completion's tail, so that
-    an edit followed by a completion costs one pass of the weights, not two. `logits` is set
-    when it rode: the last `rows` rows' (rows, V), or with argmax their tokens (rows,)."""
+    an edit followed by a completion costs one pass of the weights, not two. `out` is set when
+    it rode: what the pass gave for the last `rows` rows, their logits (rows, V) or, with
+    argmax, their tokens (rows,)."""
     ids: np.ndarray            # (n,) the tail
     pos: np.ndarray            # (n,) its positions
     slot: int                  # its first scratch slot
     layout: layout.Layout      # its rows
-    rows: int = 1              # how many of its last rows give logits
+    rows: int = 1              # how many of its last rows give an answer
     argmax: bool = False       # their greedy tokens instead (Pass.argmax), among those allowed
     allow: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
+    out: torch.Tensor | None = None
 
 
 def settling(doc, T: int, should_stop: Callable[[], bool] | None,
@@ -78,7 +79,7 @@ def settling(doc, T: int, should_stop: Callable[[], bool] | None,
                              argmax=rides and rider.argmax, allow=rider.allow if rides else None,
                              precision=doc.config.precision, shared=shared)
             if rides:
-                rider.logits = out
+                rider.out = out
             ms = (time.perf_counter() - t0) * 1e3 / len(idx) if len(idx) >= 32 and not rides else None
             r.written(idx, any_before[idx])
             chunk(len(idx), ms)

@@ -23,8 +23,8 @@ matmul, one cast of its input. Each forward pass names its precision (a document
 Config.precision): the weights are kept in every format asked for so far, so documents (and
 benchmark labels) can differ in one engine. An engine loaded at int8 or int4 (auto on this
 machine for a Q4_1 model) releases the projections' weights as loaded once its own formats are
-made, since none of its passes reads them. A pass that does
-(a document set to fp32 or bf16) loads the model again first.
+made, since none of its passes reads them; a pass that does (a document set to fp32 or bf16)
+loads the model again first.
 """
 from __future__ import annotations
 
@@ -104,9 +104,9 @@ class Proj:
         return Int4.fits(self.shape) and self.format("int4").exact
 
     def __call__(self, x: torch.Tensor, mode: str, keep: bool = False):
-        """x (..., K) -> (..., N), split into the fused layers' outputs, in x's dtype; with keep,
-        in the matmul's (bf16) for a caller whose next op promotes it anyway (a residual add,
-        the MLP's product): the same values, one pass over them fewer."""
+        """x (..., K) -> (..., N), split into the fused layers' outputs, in the stream's dtype (the
+        weights' as loaded); with keep, in the matmul's (bf16) for a caller whose next op promotes
+        it anyway (a residual add): the same values, one pass over them fewer."""
         if mode == "fp32":
             y = F.linear(x, self.weight, self.bias)
         else:
