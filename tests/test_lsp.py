@@ -10,13 +10,11 @@ import math
 
 import pytest
 import pytest_lsp
-import torch
 from lsprotocol import types as T
 from pygls.exceptions import JsonRpcInvalidParams
 from pytest_lsp import ClientServerConfig, LanguageClient
 
 from livekv.incremental import Config
-from livekv.incremental.precision import native_bf16
 
 from conftest import excerpt, stdlib_source
 from lsp_helpers import (MAX_NEW, apply, change, completion, configure, errors, eventually, expected_completion,
@@ -263,28 +261,6 @@ async def test_settings_are_validated_and_applied(client: LanguageClient, engine
     s = await stats(client, uri)
     assert s["model"] == "smollm2-135m" and s["strategy"] == "pie" and s["text_sha256"] == sha(TEXT)
     assert [i.insert_text for i in await inline(client, uri, line, col)] == [expected_completion(engine, TEXT, line, col)]
-
-
-@pytest.mark.skipif(not native_bf16(torch.device("cpu")), reason="int4 needs native bf16 matmuls here")
-async def test_a_precision_change_after_int4_released_the_weights_as_loaded_completes_as_fp32(engine):
-    """A server started at int4 keeps no fp32 projections; set to fp32, it loads them again (in
-    the settings job, not a completion) and completes a file opened after as an fp32 engine does."""
-    c, _ = await start_server(options={"livekv": {"precision": "int4"}})
-    try:
-        uri = "file:///precision.py"
-        assert (await stats(c))["server"]["settings"]["precision"] == "int4"
-        configure(c, {"livekv": {"precision": "fp32"}})
-
-        async def applied():
-            return (await stats(c))["server"]["settings"]["precision"] == "fp32"
-        await eventually(applied, "the precision change")
-        open_doc(c, uri, TEXT)
-        line, col = LINES.index("        self.set_seq2(b)"), len("        self.set_")
-        assert [i.insert_text for i in await inline(c, uri, line, col)] == [expected_completion(engine, TEXT, line, col)]
-        assert not errors(c)
-    finally:
-        await c.shutdown_session()
-        await c.stop()
 
 
 async def test_pie_blend_is_selectable_and_stats_say_what_it_recomputed(client: LanguageClient):

@@ -16,6 +16,7 @@ from livekv.incremental.precision import native_bf16, resolve
 
 from conftest import excerpt, stdlib_source, tiny_llama, train_tokenizer
 from drift_helpers import drift_after_random_edits
+from lsp_helpers import configure, errors, eventually, expected_completion, inline, open_doc, start_server, stats
 
 TEXT = excerpt(stdlib_source(), 100, 60)
 LOSSY = [p for p in PRECISIONS if p not in ("auto", "fp32")]
@@ -128,6 +129,29 @@ def test_at_int4_the_weights_as_loaded_are_released_and_a_pass_that_reads_them_l
     P.set("fp32", 1)
     assert P.kept is None and P.mode == "fp32" and all(p.weight is not None for p in P._projs())
     engine.close(ref.uri)
+
+
+@NEEDS
+@pytest.mark.asyncio
+async def test_a_precision_change_after_int4_released_the_weights_as_loaded_completes_as_fp32(engine):
+    """A server started at int4 keeps no fp32 projections; set to fp32, it loads them again (in
+    the settings job, not a completion) and completes a file opened after as an fp32 engine does."""
+    c, _ = await start_server(options={"livekv": {"precision": "int4"}})
+    try:
+        uri, text = "file:///precision.py", excerpt(stdlib_source(), 183, 32)  # difflib's set_seqs
+        assert (await stats(c))["server"]["settings"]["precision"] == "int4"
+        configure(c, {"livekv": {"precision": "fp32"}})
+
+        async def applied():
+            return (await stats(c))["server"]["settings"]["precision"] == "fp32"
+        await eventually(applied, "the precision change")
+        open_doc(c, uri, text)
+        line, col = text.split("\n").index("        self.set_seq2(b)"), len("        self.set_")
+        assert [i.insert_text for i in await inline(c, uri, line, col)] == [expected_completion(engine, text, line, col)]
+        assert not errors(c)
+    finally:
+        await c.shutdown_session()
+        await c.stop()
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
