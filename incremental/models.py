@@ -7,6 +7,7 @@ loads take seconds.
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import logging
 import os
 import shutil
@@ -166,4 +167,14 @@ def load_model(model: str | None, device: torch.device, dtype: torch.dtype, cach
         raise ValueError(f"model {name!r} has no fast tokenizer; livekv needs token offsets from a `tokenizers` tokenizer")
     hf = hf.to(device=device, dtype=dtype).eval()
     hf.requires_grad_(False)
+    if device.type == "cpu":
+        own_memory(hf)
     return hf, tok, name
+
+
+def own_memory(hf) -> None:
+    """Give every parameter and buffer memory of its own. Loaded from safetensors they view a
+    mapping of the file, which stays resident whole while any tensor of it lives: the embedding
+    alone would keep the pages of every projection, fused into copies or released."""
+    for t in itertools.chain(hf.parameters(), hf.buffers()):
+        t.data = t.data.clone()

@@ -2,15 +2,28 @@
 file larger than the whole cache budget is refused with a message that says what to do."""
 from __future__ import annotations
 
+import gc
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from conftest import stdlib_source
 from lsp_helpers import ROOT, server_env
 from livekv.incremental.groups import Workspace
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mappings are read from /proc")
+def test_the_loaded_weights_do_not_keep_the_model_file_mapped(engine):
+    """A mapping of the converted model file stays resident whole while any tensor viewing it
+    lives, so the loaded weights own their memory (models.own_memory): once loaded, the file is
+    not mapped, and weights released or fused into copies leave the process."""
+    gc.collect()
+    assert engine.model.hf is not None
+    mapped = [ln for ln in Path("/proc/self/maps").read_text().splitlines() if ln.endswith(".safetensors")]
+    assert not mapped, mapped
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="resident memory is read from /proc")
