@@ -54,8 +54,7 @@ def run_length(engine, length: int, precisions: list[str], n_points: int, max_ne
     for k in range(opens):
         for p in precisions:
             doc = engine.open(f"file:///precision/{p}-{k}.py", text, settle=False)
-            doc.configure(precision=p)
-            engine.model.precision.prepare(p)  # the weight formats are made at load: not part of any timing
+            doc.configure(precision=p)  # makes the weight formats p reads: not part of any timing
             # a FIM stream encodes at its first cursor: so "full" is the open and the first completion
             _, wall, cpu = timed(lambda: (doc.settle(), doc.suggest(lines[0], 0, max_new_tokens=1, multiline=False)))
             rows.append(dict(kind="full", precision=p, length=length, tokens=doc.n, wall_ms=wall, cpu_ms=cpu))
