@@ -10,13 +10,15 @@ outputs come back in the stream's dtype.
     bf16   bf16 weights and inputs for passes of 16 tokens or more (encoding, a pasted line):
            AMX / AVX512-BF16 run those several times faster than fp32; smaller passes (decode
            steps) stay as loaded
-    int8   bf16 as above, and below 16 tokens int8 weights with per-channel scales (the output
-           head in bf16): a decode step reads about a third of fp32's bytes, at some agreement
-    int4   bf16 as above, and below 16 tokens int4 weights in GGUF's blocks of 32 (quant.py):
-           for a Q4_1 model these are the file's own weights, read at an eighth of fp32's bytes
-    auto   on a CPU with native bf16 matmuls: int4 when every projection's int4 blocks are exact
-           (a Q4_1 GGUF), else bf16; fp32 elsewhere. Decided by the machine and the model
-           alone, so the same every time (the README says what was measured)
+    int8   bf16 as above, and below 16 tokens int8 weights in blocks of 32 (quant.py): for a
+           GGUF at 5 to 8 bits (Q5_0, Q8_0) these are the file's own weights, read at a
+           quarter of fp32's bytes; other weights round to 256 levels a block
+    int4   bf16 as above, and below 16 tokens int4 weights in GGUF's blocks of 32: for a Q4_1
+           model these are the file's own weights, read at an eighth of fp32's bytes
+    auto   on a CPU with native bf16 matmuls: the block format that reproduces the model's
+           weights (Precision.blocks: int4 for a Q4_1 GGUF, int8 for one at 5 to 8 bits), else
+           bf16; fp32 elsewhere. Decided by the machine and the model alone, so the same every
+           time (the README says what was measured)
 
 q, k and v (and gate and up) read the same input, so each such set is one fused projection: one
 matmul, one cast of its input. Each forward pass names its precision (a document's
@@ -37,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import PRECISIONS
-from .quant import Int4, Int8
+from .quant import Int4, Int8, Int8Channels, fits
 
 log = logging.getLogger("livekv")
 
@@ -45,6 +47,13 @@ SMALL = 16  # queries in a pass below which int8/int4 weights are used (decode s
 # Rows of a batch of several passes from which bf16 weights replace int8/int4: bf16's AMX matmul
 # costs about the same for 1-12 rows, the int kernels grow with the rows (README, "Many editors").
 BATCH_BF16 = 6
+# int8 blocks run the int4 kernel on twice the rows (quant.Int8): from this many query rows, a pass
+# alone or a batch, bf16 weights are as fast (`livekv bench precision --rows`, README "Precision")
+INT8_ROWS = 3
+# Share of the projections' weights that int8 blocks must reproduce for `auto` to pick int8 (a GGUF
+# at 5-8 bits; Qwen2.5-Coder's Q6_K down projections are the rest): int8 blocks then decode faster
+# than fp32 weights with greedy lines as fp32's (README, "Precision")
+EXACT_SHARE = 0.5
 RESCORE = 64  # the int8 head's best tokens that argmax scores again with the head as loaded
 
 
@@ -52,13 +61,14 @@ def native_bf16(device: torch.device) -> bool:
     return device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-def resolve(precision: str, device: torch.device, int4_exact: bool = False) -> str:
-    """The precision `auto` stands for on this machine, for a model whose int4 blocks are exact
-    or not (others stand for themselves)."""
+def resolve(precision: str, device: torch.device, blocks: str | None = None) -> str:
+    """The precision `auto` stands for on this machine, for a model whose weights the block
+    format `blocks` (int4, int8 or None: Precision.blocks) reproduces (others stand for
+    themselves)."""
     if precision != "auto":
         return precision
     if native_bf16(device):
-        return "int4" if int4_exact else "bf16"
+        return blocks or "bf16"
     return "fp32"
 
 
@@ -90,18 +100,23 @@ class Proj:
             lin.weight.data = lin.weight.data.new_empty(0)
 
     def format(self, mode: str):
-        """The weight in `mode` (bf16, int8 or int4), made on first use. int4 needs N % 16 and
-        K % 32; a projection that does not fit runs int8 instead."""
-        if mode == "int4" and not Int4.fits(self.shape):
-            mode = "int8"
+        """The weight in `mode` (bf16, int8 or int4 in blocks, or rank: int8 per channel), made on
+        first use. Blocks need N % 16 and K % 32; a projection that does not fit runs rank."""
+        if mode in ("int8", "int4") and not fits(self.shape):
+            mode = "rank"
         if mode not in self._formats:
             assert self.weight is not None, f"{mode} weights made after the weights as loaded were released"
-            self._formats[mode] = (self.weight.to(torch.bfloat16) if mode == "bf16" else
-                                   Int8.of(self.weight) if mode == "int8" else Int4.of(self.weight))
+            make = {"bf16": lambda w: w.to(torch.bfloat16), "int8": Int8.of, "int4": Int4.of, "rank": Int8Channels.of}
+            self._formats[mode] = make[mode](self.weight)
         return self._formats[mode]
 
-    def int4_exact(self) -> bool:
-        return Int4.fits(self.shape) and self.format("int4").exact
+    def drop(self, mode: str) -> None:
+        """Forget the weight in `mode` (made to test it, and not used)."""
+        self._formats.pop(mode, None)
+
+    def exact(self, mode: str) -> float:
+        """The share of this projection's blocks in `mode` (int8 or int4) that reproduce its weights."""
+        return self.format(mode).exact if fits(self.shape) else 0.0
 
     def __call__(self, x: torch.Tensor, mode: str, keep: bool = False):
         """x (..., K) -> (..., N), split into the fused layers' outputs, in the stream's dtype (the
@@ -138,6 +153,18 @@ def _linears(layer) -> list[list[nn.Linear]]:
     return [[a.q_proj, a.k_proj, a.v_proj], [a.o_proj], [m.gate_proj, m.up_proj], [m.down_proj]]
 
 
+def _reproduced(projs: list[Proj], mode: str, share: float) -> bool:
+    """Whether the blocks in `mode` reproduce at least `share` of these projections' weights
+    (stops at the first projection that decides it)."""
+    sizes = [p.shape[0] * p.shape[1] for p in projs]
+    allowed, missed = (1 - share) * sum(sizes), 0
+    for p, n in zip(projs, sizes):
+        missed += (1 - p.exact(mode)) * n
+        if missed > allowed:
+            return False
+    return True
+
+
 # the weight formats each precision's passes read (set): its encodes, then its decode steps
 PASS_MODES = {"fp32": ("fp32",), "bf16": ("bf16", "fp32"), "int8": ("bf16", "int8"), "int4": ("bf16", "int4")}
 
@@ -150,7 +177,7 @@ class Precision:
         self.lm_head = Proj([hf.lm_head])
         self.device = hf.lm_head.weight.device
         self.mode = "fp32"
-        self._exact: bool | None = None
+        self._blocks: str | None = None  # blocks()'s answer, once known ("none" for None)
         self.reload: Callable[[], nn.Module] | None = None  # a fresh copy of the model as loaded (Engine's)
         self.kept: tuple[str, ...] | None = None  # the formats left while the weights as loaded are released
 
@@ -180,15 +207,25 @@ class Precision:
                 proj.refill(lins)
         self.kept = None
 
-    def int4_exact(self) -> bool:
-        """Whether every projection's int4 blocks reproduce its weights (a Q4_1 GGUF)."""
-        if self._exact is None:
-            self._exact = self.device.type == "cpu" and all(p.int4_exact() for lp in self.layers for p in lp.all())
-        return self._exact
+    def blocks(self) -> str | None:
+        """The block format (int4 or int8) that reproduces the model as loaded, bar bf16 scales:
+        int4 when every block of every projection does (a Q4_1 GGUF), int8 when the blocks of at
+        least EXACT_SHARE of the projections' weights do (a GGUF at 5 to 8 bits: Q5_0, Q8_0,
+        mixed with K-quants such as Q6_K that int8 blocks only approach), else None. Formats
+        made to decide and not chosen are dropped."""
+        if self._blocks is None:
+            self._blocks, projs = "none", self._projs()
+            for mode, share in (("int4", 1.0), ("int8", EXACT_SHARE)):
+                if _reproduced(projs, mode, share):
+                    self._blocks = mode
+                    break
+                for p in projs:
+                    p.drop(mode)
+        return None if self._blocks == "none" else self._blocks
 
     def resolve(self, precision: str) -> str:
-        return resolve(precision, self.device, self.int4_exact() if precision == "auto" and native_bf16(self.device)
-                       else False)
+        return resolve(precision, self.device, self.blocks() if precision == "auto" and native_bf16(self.device)
+                       else None)
 
     def prepare(self, precision: str) -> None:
         """Make the weight formats this precision's passes read now, not in a request's first pass."""
@@ -199,14 +236,16 @@ class Precision:
             for proj in self._projs() if mode != "fp32" else ():
                 proj.format(mode)
         if self.device.type == "cpu":
-            self.lm_head.format("int8")  # argmax's ranking head
+            self.lm_head.format("rank")  # argmax's ranking head
 
     def set(self, precision: str, n_queries: int, batched: bool = False) -> None:
         """Run the next pass of n_queries at this precision. batched: the queries of several
-        passes (batch.py), which from BATCH_BF16 rows read bf16 weights instead of int8/int4."""
+        passes (batch.py), which from BATCH_BF16 rows read bf16 weights instead of int8/int4
+        (int8 blocks: from INT8_ROWS, batched or not)."""
         p = self.resolve(precision)
         assert p in PRECISIONS[1:], p
-        if p == "fp32" or n_queries >= SMALL or (batched and n_queries >= BATCH_BF16):
+        many = n_queries >= SMALL or (batched and n_queries >= BATCH_BF16) or (p == "int8" and n_queries >= INT8_ROWS)
+        if p == "fp32" or many:
             self.mode = p if p == "fp32" else "bf16"
         else:
             self.mode = "fp32" if p == "bf16" else p
@@ -226,7 +265,7 @@ class Precision:
         if self.device.type != "cpu":
             logits = self.logits(h)
             return (logits if allow is None else logits.masked_fill(~allow, float("-inf"))).argmax(-1)
-        rank = self.lm_head(h, "int8")                                          # (m, V)
+        rank = self.lm_head(h, "rank")                                          # (m, V)
         if allow is not None:
             rank = rank.masked_fill(~allow, float("-inf"))
         cand = rank.topk(RESCORE, dim=-1).indices                               # (m, R)

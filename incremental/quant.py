@@ -1,17 +1,21 @@
-"""Weight formats for the CPU's matrix multiplies: bf16, int8 per output channel, int4 in groups
-of 32 along the input axis.
+"""Weight formats for the CPU's matrix multiplies: bf16, int4 and int8 in blocks of 32 along the
+input axis, and int8 per output channel for the output head's ranking.
 
-A GGUF model arrives already quantized: llama.cpp's Q4_1 stores each block of 32 weights of a
-row as q * d + m (q in 0..15, d and m fp16), and the GGUF loader hands livekv those values
-dequantized to fp32. int4 here uses the same blocks, so for a Q4_1 tensor it recovers q, d and m
-and the int4 weight *is* the file's weight; for any other tensor it quantizes each block by its
-min and max, which loses accuracy, so `Int4.exact` says which happened and precision.resolve
-only picks int4 by itself when every projection is exact.
+A GGUF model arrives already quantized: llama.cpp stores each block of 32 weights of a row on a
+grid of a few levels (Q4_1 and Q4_K: lo + d * q with q in 0..15; Q5_0 and Q8_0: d * q with q in
+-16..15 or -127..127), and the GGUF loader hands livekv those values dequantized to fp32. Blocks
+here finds each block's grid again (`grid`), so for such a tensor the int4 or int8 weight *is*
+the file's weight, bar bf16 scales; any other block is quantized by its min and max, which loses
+accuracy. `exact` is the share of blocks found on a grid, and precision.resolve only picks a
+format by itself when it reproduces the model (Precision.blocks).
 
 torch's int4 kernel dequantizes w = (q - 8) * scale + zero, with bf16 scales, inputs and outputs
 (so d and m round to bf16). Carrying the scales and the inputs in two bf16 parts each (hi + lo)
 made each projection nearer fp32 but whole greedy lines no more often equal to fp32's, and a
-decode step slower: so one call, as llama.cpp, which rounds its activations too.
+decode step slower: so one call, as llama.cpp, which rounds its activations too. torch has no
+int8 kernel with block scales, so Int8 splits each 8-bit level into two 4-bit halves and runs the
+int4 kernel on both at once: the same bytes as int8 per channel, read faster here, with the
+file's blocks instead of one scale per row.
 """
 from __future__ import annotations
 
@@ -20,15 +24,133 @@ from dataclasses import dataclass
 import torch
 
 GROUP = 32  # GGUF's block size, and the int4 kernel's group size here
+# How far from an integer level a weight may fall, in steps, and still be on its block's grid: above
+# fp32's rounding of a dequantized weight (plus ULPS of the block's largest magnitude, for blocks
+# whose offset dwarfs their step: Q4_K), below an fp16 rounding of the step (2^-12) at level 1.
+TOL = 1e-4
+ULPS = 4 * 2.0 ** -24
+
+
+def fits(shape) -> bool:
+    """Whether an (N, K) weight has the int4 kernel's tiling: N % 16 and K % GROUP."""
+    N, K = shape
+    return N % 16 == 0 and K % GROUP == 0
+
+
+def _min_gap(x: torch.Tensor) -> torch.Tensor:
+    """(B, G) -> (B, 1): the smallest positive difference between two values of each row."""
+    d = x.sort(-1).values.diff(dim=-1)
+    return d.masked_fill(d <= 0, float("inf")).amin(-1, keepdim=True)
+
+
+def grid(w: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """w (N, K) as blocks of GROUP: lo (N, K/G, 1), step s (N, K/G, 1) and levels u (N, K/G, G)
+    in 0..levels-1 with w = lo + s * u, and the share of blocks for which that holds. A block's
+    step is tried as the gap from its least value to the next (snapped to fp16 first, where the
+    file stored it so), its span over 15 (Q4_1's), its largest magnitude over 16 or 127 (Q5_0's
+    and Q8_0's symmetric grids), and its smallest gap between any two values, each gap also
+    halved and thirded (levels left unused); a block on no such grid takes (max - min) /
+    (levels - 1) and rounds. Each candidate is checked only on the blocks still without a grid
+    that it could span."""
+    N, K = w.shape
+    b = w.detach().float().reshape(-1, GROUP)                            # (B, G)
+    lo, hi = b.amin(-1, keepdim=True), b.amax(-1, keepdim=True)
+    x = b - lo
+    first = x.masked_fill(x <= 0, float("inf")).amin(-1, keepdim=True)  # inf: every value equal
+    top = torch.maximum(hi, -lo)
+    s = torch.where(torch.isinf(first), torch.ones_like(first), (hi - lo) / (levels - 1))
+    todo = torch.isfinite(first)[:, 0]
+    steps = (lambda at: first[at].half().float(), lambda at: first[at], lambda at: first[at] / 2,
+             lambda at: first[at] / 3, lambda at: (hi - lo)[at] / 15, lambda at: top[at] / 16, lambda at: top[at] / 127,
+             lambda at: _min_gap(x[at]), lambda at: _min_gap(x[at]) / 2, lambda at: _min_gap(x[at]) / 3)
+    for step in steps:
+        at = todo.nonzero()[:, 0]
+        if not len(at):
+            break
+        cand = step(at)
+        spans = ((hi - lo)[at] / cand < levels - 0.5)[:, 0]
+        at, cand = at[spans], cand[spans]
+        u = x[at] / cand
+        fit = ((u - u.round()).abs() <= TOL + ULPS * top[at] / cand).all(-1)
+        s[at[fit]] = cand[fit]
+        todo[at[fit]] = False
+    u = (x / s).round().clamp(0, levels - 1)
+    G = K // GROUP
+    return lo.view(N, G, 1), s.view(N, G, 1), u.view(N, G, GROUP), 1 - todo.float().mean().item()
+
+
+def _pack(q: torch.Tensor) -> torch.Tensor:
+    """(N, K) levels 0..15 -> the int4 kernel's packed layout."""
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+
+
+def _int4mm(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor) -> torch.Tensor:
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, GROUP, scale_zero)
+
+
+def _scale_zero(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """(N, K/G) each -> (K/G, N, 2) bf16, the kernel's layout."""
+    return torch.stack([scale.t(), zero.t()], -1).to(torch.bfloat16).contiguous()
+
+
+@dataclass
+class Int4:
+    packed: torch.Tensor       # the kernel's packed layout of (N, K) 4-bit values
+    scale_zero: torch.Tensor   # (K / GROUP, N, 2) bf16
+    exact: float               # the share of blocks that reproduce w (Q4_1, Q4_K), bar bf16 scales
+
+    @classmethod
+    def of(cls, w: torch.Tensor) -> "Int4":
+        assert fits(w.shape), tuple(w.shape)
+        N, K = w.shape
+        lo, s, u, exact = grid(w, 16)
+        return cls(_pack(u.view(N, K)), _scale_zero(s[..., 0], (lo + 8 * s)[..., 0]), exact)
+
+    def mm(self, x: torch.Tensor) -> torch.Tensor:
+        """x (M, K) bf16 -> (M, N) bf16."""
+        return _int4mm(x, self.packed, self.scale_zero)
 
 
 @dataclass
 class Int8:
+    """8-bit levels in blocks of 32, each split as u = 16 h + l into two int4 weights stacked
+    along the output axis ((2N, K): h's rows, then l's), multiplied in one call and summed."""
+    packed: torch.Tensor       # the kernel's packed layout of (2N, K) 4-bit values
+    scale_zero: torch.Tensor   # (K / GROUP, 2N, 2) bf16
+    exact: float               # the share of blocks that reproduce w (Q4_*, Q5_0, Q8_0), bar bf16 scales
+
+    @classmethod
+    def of(cls, w: torch.Tensor) -> "Int8":
+        assert fits(w.shape), tuple(w.shape)
+        N, K = w.shape
+        lo, s, u, exact = grid(w, 256)
+        h, l = (u / 16).floor(), u % 16
+        # h's half stores h + c with no zero, and l's zero carries the rest (lo, rounded to bf16);
+        # c = 8 unless the block's h needs the room, so a block of 128 levels or fewer has h's
+        # half free of any offset, and the two outputs do not cancel each other's rounding
+        c = torch.clamp(15 - h.amax(-1, keepdim=True), max=8)
+        z = lo + 8 * s - 16 * s * (c - 8)
+        q = torch.cat([(h + c).view(N, K), l.view(N, K)])
+        s, z = s[..., 0], z[..., 0]                                       # (N, K/G)
+        sz = torch.cat([_scale_zero(16 * s, torch.zeros_like(s)), _scale_zero(s, z)], 1)   # (K/G, 2N, 2)
+        return cls(_pack(q), sz.contiguous(), exact)
+
+    def mm(self, x: torch.Tensor) -> torch.Tensor:
+        """x (M, K) bf16 -> (M, N) fp32: the halves' sum is not rounded to bf16 again."""
+        y = _int4mm(x, self.packed, self.scale_zero)                     # (M, 2N)
+        h, l = y.chunk(2, dim=-1)
+        return h.float().add_(l)
+
+
+@dataclass
+class Int8Channels:
+    """int8 with one scale per output channel: the output head's format for ranking the
+    vocabulary (argmax scores its best again as loaded)."""
     q: torch.Tensor       # (N, K) int8
     scale: torch.Tensor   # (N,) bf16, per output channel
 
     @classmethod
-    def of(cls, w: torch.Tensor) -> "Int8":
+    def of(cls, w: torch.Tensor) -> "Int8Channels":
         w = w.detach().float()
         scale = (w.abs().amax(dim=1) / 127).clamp_min(1e-12)
         q = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
@@ -37,35 +159,3 @@ class Int8:
     def mm(self, x: torch.Tensor) -> torch.Tensor:
         """x (M, K) bf16 -> (M, N) bf16."""
         return torch._weight_int8pack_mm(x, self.q, self.scale)
-
-
-@dataclass
-class Int4:
-    packed: torch.Tensor       # the kernel's packed layout of (N, K) 4-bit values
-    scale_zero: torch.Tensor   # (K / GROUP, N, 2) bf16
-    exact: bool                # the blocks reproduce w to fp32 (a Q4_1 tensor), bar bf16 scales
-
-    @staticmethod
-    def fits(shape) -> bool:
-        """Whether an (N, K) weight has the kernel's tiling: N % 16 and K % GROUP."""
-        N, K = shape
-        return N % 16 == 0 and K % GROUP == 0
-
-    @classmethod
-    def of(cls, w: torch.Tensor) -> "Int4":
-        assert cls.fits(w.shape), tuple(w.shape)
-        N, K = w.shape
-        blocks = w.detach().float().view(N, K // GROUP, GROUP)             # (N, K/G, G)
-        lo, hi = blocks.amin(-1, keepdim=True), blocks.amax(-1, keepdim=True)
-        # Q4_1 stored d in fp16, so rounding the step to fp16 recovers it exactly
-        d = ((hi - lo) / 15).half().float()
-        q = torch.where(d > 0, (blocks - lo) / torch.where(d > 0, d, 1), 0).round().clamp(0, 15)
-        exact = bool(torch.equal(q * d + lo, blocks))
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.view(N, K).to(torch.int32), 1)
-        scale = d.view(N, K // GROUP).t()                                  # (K/G, N)
-        zero = (lo + 8 * d).view(N, K // GROUP).t()
-        return cls(packed, torch.stack([scale, zero], -1).to(torch.bfloat16).contiguous(), exact)
-
-    def mm(self, x: torch.Tensor) -> torch.Tensor:
-        """x (M, K) bf16 -> (M, N) bf16."""
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, GROUP, self.scale_zero)

@@ -93,8 +93,8 @@ def test_auto_is_decided_by_the_machine_and_the_model_alone(engine, tiny, caplog
     for p in PRECISIONS[1:]:
         assert P.resolve(p) == p
     # the embedded model is a Q4_1 GGUF: its int4 blocks are its own weights; random ones are not
-    assert P.int4_exact() and not tiny.model.precision.int4_exact()
-    assert P.resolve("auto") == resolve("auto", cpu, int4_exact=True) == ("int4" if native_bf16(cpu) else "fp32")
+    assert P.blocks() == "int4" and tiny.model.precision.blocks() is None  # Q4_1 blocks; random fp32 weights
+    assert P.resolve("auto") == resolve("auto", cpu, blocks="int4") == ("int4" if native_bf16(cpu) else "fp32")
     assert tiny.model.precision.resolve("auto") == ("bf16" if native_bf16(cpu) else "fp32")
     with caplog.at_level(logging.INFO, logger="livekv"):
         Engine.from_config(Config(precision="auto"))
