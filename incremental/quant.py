@@ -43,6 +43,15 @@ def _min_gap(x: torch.Tensor) -> torch.Tensor:
     return d.masked_fill(d <= 0, float("inf")).amin(-1, keepdim=True)
 
 
+def _share_fit(step, x: torch.Tensor, span: torch.Tensor, levels: int, every: int = 64) -> float:
+    """The share of every `every`-th block that candidate `step` puts on its grid (loosely: TOL)."""
+    at = torch.arange(0, len(x), every)
+    cand = step(at)
+    u = x[at] / cand
+    off = u.sub_(u.round()).abs_().amax(-1, keepdim=True)
+    return ((off <= 1e-3) & (span[at] / cand < levels - 0.5) & torch.isfinite(cand)).float().mean().item()
+
+
 def grid(w: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """w (N, K) as blocks of GROUP: lo (N, K/G, 1), step s (N, K/G, 1) and levels u (N, K/G, G)
     in 0..levels-1 with w = lo + s * u, and the share of blocks for which that holds. A block's
@@ -59,21 +68,38 @@ def grid(w: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor, torc
     first = x.masked_fill(x <= 0, float("inf")).amin(-1, keepdim=True)  # inf: every value equal
     top = torch.maximum(hi, -lo)
     s = torch.where(torch.isinf(first), torch.ones_like(first), (hi - lo) / (levels - 1))
-    todo = torch.isfinite(first)[:, 0]
+    todo = torch.isfinite(first)[:, 0]                                   # (B,) blocks without a grid yet
+    gaps = torch.full_like(first, float("nan"))  # each block's smallest gap, sorted out when first asked
+
+    def min_gap(at):
+        idx = torch.arange(len(x))[at] if isinstance(at, slice) else at
+        need = idx[torch.isnan(gaps[idx, 0])]
+        if len(need):
+            gaps[need] = _min_gap(x[need])
+        return gaps[at]
+
     steps = (lambda at: first[at].half().float(), lambda at: first[at], lambda at: first[at] / 2,
-             lambda at: first[at] / 3, lambda at: (hi - lo)[at] / 15, lambda at: top[at] / 16, lambda at: top[at] / 127,
-             lambda at: _min_gap(x[at]), lambda at: _min_gap(x[at]) / 2, lambda at: _min_gap(x[at]) / 3)
+             lambda at: first[at] / 3, lambda at: (hi - lo)[at] / 15, lambda at: top[at] / 16,
+             lambda at: top[at] / 127, min_gap, lambda at: min_gap(at) / 2, lambda at: min_gap(at) / 3)
     for step in steps:
-        at = todo.nonzero()[:, 0]
-        if not len(at):
+        # while most blocks are left (the first candidate fits nearly all), run on all: no copies
+        left = int(todo.sum())
+        if not left:
             break
+        at = slice(None) if left > len(todo) // 2 else todo.nonzero()[:, 0]
+        if isinstance(at, slice) and _share_fit(step, x, hi - lo, levels) < 0.25:
+            continue  # few blocks of a sample: a tensor on no such grid (Q6_K) is not scanned whole
         cand = step(at)
-        spans = ((hi - lo)[at] / cand < levels - 0.5)[:, 0]
-        at, cand = at[spans], cand[spans]
         u = x[at] / cand
-        fit = ((u - u.round()).abs() <= TOL + ULPS * top[at] / cand).all(-1)
-        s[at[fit]] = cand[fit]
-        todo[at[fit]] = False
+        off = u.sub_(u.round()).abs_().amax(-1, keepdim=True)             # steps from the nearest level
+        fit = (off <= TOL + ULPS * top[at] / cand) & ((hi - lo)[at] / cand < levels - 0.5) & torch.isfinite(cand)
+        if isinstance(at, slice):
+            fit &= todo[:, None]
+            s = torch.where(fit, cand, s)
+            todo &= ~fit[:, 0]
+        else:
+            s[at[fit[:, 0]]] = cand[fit[:, 0]]
+            todo[at[fit[:, 0]]] = False
     u = (x / s).round().clamp(0, levels - 1)
     G = K // GROUP
     return lo.view(N, G, 1), s.view(N, G, 1), u.view(N, G, GROUP), 1 - todo.float().mean().item()
@@ -124,13 +150,14 @@ class Int8:
         assert fits(w.shape), tuple(w.shape)
         N, K = w.shape
         lo, s, u, exact = grid(w, 256)
-        h, l = (u / 16).floor(), u % 16
+        u = u.to(torch.uint8)
+        h, l = u >> 4, u & 15
         # h's half stores h + c with no zero, and l's zero carries the rest (lo, rounded to bf16);
         # c = 8 unless the block's h needs the room, so a block of 128 levels or fewer has h's
         # half free of any offset, and the two outputs do not cancel each other's rounding
-        c = torch.clamp(15 - h.amax(-1, keepdim=True), max=8)
-        z = lo + 8 * s - 16 * s * (c - 8)
-        q = torch.cat([(h + c).view(N, K), l.view(N, K)])
+        c = torch.clamp(15 - h.amax(-1, keepdim=True), max=8)             # (N, K/G, 1) uint8
+        z = lo + 8 * s - 16 * s * (c.float() - 8)
+        q = torch.cat([(h + c).view(N, K), l.view(N, K)])                # (2N, K) uint8
         s, z = s[..., 0], z[..., 0]                                       # (N, K/G)
         sz = torch.cat([_scale_zero(16 * s, torch.zeros_like(s)), _scale_zero(s, z)], 1)   # (K/G, 2N, 2)
         return cls(_pack(q), sz.contiguous(), exact)
