@@ -43,13 +43,13 @@ def _min_gap(x: torch.Tensor) -> torch.Tensor:
     return d.masked_fill(d <= 0, float("inf")).amin(-1, keepdim=True)
 
 
-def _share_fit(step, x: torch.Tensor, span: torch.Tensor, levels: int, every: int = 64) -> float:
-    """The share of every `every`-th block that candidate `step` puts on its grid (loosely: TOL)."""
-    at = torch.arange(0, len(x), every)
-    cand = step(at)
-    u = x[at] / cand
-    off = u.sub_(u.round()).abs_().amax(-1, keepdim=True)
-    return ((off <= 1e-3) & (span[at] / cand < levels - 0.5) & torch.isfinite(cand)).float().mean().item()
+def _on_grid(x: torch.Tensor, step: torch.Tensor, span: torch.Tensor, top: torch.Tensor,
+             levels: int) -> torch.Tensor:
+    """Blocks' values above their least (B, G), candidate steps, spans and largest magnitudes
+    (B, 1) -> (B, 1): whether every value is a whole number of steps up, within `levels`."""
+    u = x / step
+    off = u.sub_(u.round()).abs_().amax(-1, keepdim=True)                 # steps from the nearest level
+    return (off <= TOL + ULPS * top / step) & (span / step < levels - 0.5) & torch.isfinite(step)
 
 
 def grid(w: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
@@ -59,15 +59,16 @@ def grid(w: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor, torc
     file stored it so), its span over 15 (Q4_1's), its largest magnitude over 16 or 127 (Q5_0's
     and Q8_0's symmetric grids), and its smallest gap between any two values, each gap also
     halved and thirded (levels left unused); a block on no such grid takes (max - min) /
-    (levels - 1) and rounds. Each candidate is checked only on the blocks still without a grid
-    that it could span."""
+    (levels - 1) and rounds. Each candidate is checked only on the blocks still without a grid,
+    and while those are most of the tensor, only if it fits a quarter of a sample of them (so a
+    tensor on no such grid, Q6_K's sub-blocks of 16, is not scanned whole ten times)."""
     N, K = w.shape
     b = w.detach().float().reshape(-1, GROUP)                            # (B, G)
     lo, hi = b.amin(-1, keepdim=True), b.amax(-1, keepdim=True)
     x = b - lo
     first = x.masked_fill(x <= 0, float("inf")).amin(-1, keepdim=True)  # inf: every value equal
-    top = torch.maximum(hi, -lo)
-    s = torch.where(torch.isinf(first), torch.ones_like(first), (hi - lo) / (levels - 1))
+    top, span = torch.maximum(hi, -lo), hi - lo
+    s = torch.where(torch.isinf(first), torch.ones_like(first), span / (levels - 1))
     todo = torch.isfinite(first)[:, 0]                                   # (B,) blocks without a grid yet
     gaps = torch.full_like(first, float("nan"))  # each block's smallest gap, sorted out when first asked
 
@@ -79,7 +80,7 @@ def grid(w: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor, torc
         return gaps[at]
 
     steps = (lambda at: first[at].half().float(), lambda at: first[at], lambda at: first[at] / 2,
-             lambda at: first[at] / 3, lambda at: (hi - lo)[at] / 15, lambda at: top[at] / 16,
+             lambda at: first[at] / 3, lambda at: span[at] / 15, lambda at: top[at] / 16,
              lambda at: top[at] / 127, min_gap, lambda at: min_gap(at) / 2, lambda at: min_gap(at) / 3)
     for step in steps:
         # while most blocks are left (the first candidate fits nearly all), run on all: no copies
@@ -87,12 +88,12 @@ def grid(w: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor, torc
         if not left:
             break
         at = slice(None) if left > len(todo) // 2 else todo.nonzero()[:, 0]
-        if isinstance(at, slice) and _share_fit(step, x, hi - lo, levels) < 0.25:
-            continue  # few blocks of a sample: a tensor on no such grid (Q6_K) is not scanned whole
+        if isinstance(at, slice):  # a candidate that fits few blocks of a sample (a Q6_K tensor) is skipped
+            sample = torch.arange(0, len(x), 64)
+            if _on_grid(x[sample], step(sample), span[sample], top[sample], levels).float().mean() < 0.25:
+                continue
         cand = step(at)
-        u = x[at] / cand
-        off = u.sub_(u.round()).abs_().amax(-1, keepdim=True)             # steps from the nearest level
-        fit = (off <= TOL + ULPS * top[at] / cand) & ((hi - lo)[at] / cand < levels - 0.5) & torch.isfinite(cand)
+        fit = _on_grid(x[at], cand, span[at], top[at], levels)
         if isinstance(at, slice):
             fit &= todo[:, None]
             s = torch.where(fit, cand, s)
