@@ -55,13 +55,14 @@ def _on_grid(x: torch.Tensor, step: torch.Tensor, span: torch.Tensor, top: torch
 def grid(w: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """w (N, K) as blocks of GROUP: lo (N, K/G, 1), step s (N, K/G, 1) and levels u (N, K/G, G)
     in 0..levels-1 with w = lo + s * u, and the share of blocks for which that holds. A block's
-    step is tried as the gap from its least value to the next (snapped to fp16 first, where the
-    file stored it so), its span over 15 (Q4_1's), its largest magnitude over 16 or 127 (Q5_0's
-    and Q8_0's symmetric grids), and its smallest gap between any two values, each gap also
-    halved and thirded (levels left unused); a block on no such grid takes (max - min) /
-    (levels - 1) and rounds. Each candidate is checked only on the blocks still without a grid,
-    and while those are most of the tensor, only if it fits a quarter of a sample of them (so a
-    tensor on no such grid, Q6_K's sub-blocks of 16, is not scanned whole ten times)."""
+    step is tried as the gap from its least value to the next, snapped to fp16 (the file's step,
+    where it stored one so: Q4_1), its largest magnitude over 16 or 127 (Q5_0's and Q8_0's
+    symmetric grids), that gap as it is (Q4_K), its span over 15, and its smallest gap between
+    any two values, each gap also halved and thirded (levels left unused), coarse before fine:
+    the first that fits a block is its step. A block on
+    no such grid takes (max - min) / (levels - 1) and rounds. Each candidate is checked only on
+    the blocks still without a grid, the smallest gaps (a sort) only once most blocks have one,
+    and none when they fit under half of a sample of the blocks (a tensor on no such grid)."""
     N, K = w.shape
     b = w.detach().float().reshape(-1, GROUP)                            # (B, G)
     lo, hi = b.amin(-1, keepdim=True), b.amax(-1, keepdim=True)
@@ -79,19 +80,21 @@ def grid(w: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor, torc
             gaps[need] = _min_gap(x[need])
         return gaps[at]
 
-    steps = (lambda at: first[at].half().float(), lambda at: first[at], lambda at: first[at] / 2,
-             lambda at: first[at] / 3, lambda at: span[at] / 15, lambda at: top[at] / 16,
-             lambda at: top[at] / 127, min_gap, lambda at: min_gap(at) / 2, lambda at: min_gap(at) / 3)
+    steps = (lambda at: first[at].half().float(), lambda at: top[at] / 16, lambda at: top[at] / 127,
+             lambda at: first[at], lambda at: first[at] / 2, lambda at: first[at] / 3, lambda at: span[at] / 15,
+             min_gap, lambda at: min_gap(at) / 2, lambda at: min_gap(at) / 3)
+    sample = torch.arange(0, len(x), max(1, len(x) // 512))             # 512 blocks or more
+    hit = torch.zeros(len(sample), 1, dtype=torch.bool)
+    for step in steps[:7]:
+        hit |= _on_grid(x[sample], step(sample), span[sample], top[sample], levels)
+    if hit.float().mean() < 0.5:  # a tensor on no such grid (Q6_K's sub-blocks of 16): not scanned
+        steps = ()
     for step in steps:
-        # while most blocks are left (the first candidate fits nearly all), run on all: no copies
         left = int(todo.sum())
-        if not left:
-            break
+        if not left or (step is min_gap and left > len(todo) // 2):
+            break  # most blocks on no grid so far: not sorted as well
+        # while most blocks are left (the first candidate fits nearly all), run on all: no copies
         at = slice(None) if left > len(todo) // 2 else todo.nonzero()[:, 0]
-        if isinstance(at, slice):  # a candidate that fits few blocks of a sample (a Q6_K tensor) is skipped
-            sample = torch.arange(0, len(x), 64)
-            if _on_grid(x[sample], step(sample), span[sample], top[sample], levels).float().mean() < 0.25:
-                continue
         cand = step(at)
         fit = _on_grid(x[at], cand, span[at], top[at], levels)
         if isinstance(at, slice):
