@@ -105,6 +105,18 @@ def grid(w: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor, torc
             s[at[fit[:, 0]]] = cand[fit[:, 0]]
             todo[at[fit[:, 0]]] = False
     u = (x / s).round().clamp(0, levels - 1)
+    # the coarsest grid through these levels, so a block whose step came out a fraction of the
+    # file's (a finer candidate fit first) is stored as the file's, and snapped to fp16 again
+    q = u.to(torch.int32)
+    cols = q.t().contiguous()                                            # (G, B)
+    g = cols[0]
+    for j in range(1, GROUP):
+        g = torch.gcd(g, cols[j])
+    g = g.clamp(min=1)[:, None]
+    if bool((g > 1).any()):
+        s, u = s * g, torch.div(q, g, rounding_mode="floor").float()
+        s16 = s.half().float()
+        s = torch.where((s16 - s).abs() <= s * 2.0 ** -20, s16, s)
     G = K // GROUP
     return lo.view(N, G, 1), s.view(N, G, 1), u.view(N, G, GROUP), 1 - todo.float().mean().item()
 

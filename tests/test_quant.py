@@ -49,6 +49,11 @@ def test_a_gguf_block_is_found_again_on_its_grid(kind, seed, gaps):
     assert (err <= 2e-4 * s).all(), (err / s).max()  # on the grid, to fp32 rounding
     if kind in ("q4_1", "q5_0", "q8_0"):  # the file's steps were fp16: they stay so
         assert torch.equal(s.half().float(), s)
+    q = u.reshape(-1, GROUP).to(torch.int64)  # the coarsest grid through the levels: no common factor
+    g = q[:, 0]
+    for j in range(1, GROUP):
+        g = torch.gcd(g, q[:, j])
+    assert (g == 1).all()
 
 
 @given(seed=st.integers(0, 10_000))
