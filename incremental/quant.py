@@ -80,18 +80,18 @@ def grid(w: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor, torc
             gaps[need] = _min_gap(x[need])
         return gaps[at]
 
-    steps = (lambda at: first[at].half().float(), lambda at: top[at] / 16, lambda at: top[at] / 127,
-             lambda at: first[at], lambda at: first[at] / 2, lambda at: first[at] / 3, lambda at: span[at] / 15,
-             min_gap, lambda at: min_gap(at) / 2, lambda at: min_gap(at) / 3)
+    cheap = (lambda at: first[at].half().float(), lambda at: top[at] / 16, lambda at: top[at] / 127,
+             lambda at: first[at], lambda at: first[at] / 2, lambda at: first[at] / 3, lambda at: span[at] / 15)
+    by_sort = (min_gap, lambda at: min_gap(at) / 2, lambda at: min_gap(at) / 3)
     sample = torch.arange(0, len(x), max(1, len(x) // 512))             # 512 blocks or more
     hit = torch.zeros(len(sample), 1, dtype=torch.bool)
-    for step in steps[:7]:
+    for step in cheap:
         hit |= _on_grid(x[sample], step(sample), span[sample], top[sample], levels)
-    if hit.float().mean() < 0.5:  # a tensor on no such grid (Q6_K's sub-blocks of 16): not scanned
-        steps = ()
+    # a tensor on no such grid (Q6_K's sub-blocks of 16) is not scanned
+    steps = cheap + by_sort if hit.float().mean() >= 0.5 else ()
     for step in steps:
         left = int(todo.sum())
-        if not left or (step is min_gap and left > len(todo) // 2):
+        if not left or (step in by_sort and left > len(todo) // 2):
             break  # most blocks on no grid so far: not sorted as well
         # while most blocks are left (the first candidate fits nearly all), run on all: no copies
         at = slice(None) if left > len(todo) // 2 else todo.nonzero()[:, 0]
@@ -176,7 +176,7 @@ class Int8:
         q = torch.cat([(h + c).view(N, K), l.view(N, K)])                # (2N, K) uint8
         s, z = s[..., 0], z[..., 0]                                       # (N, K/G)
         sz = torch.cat([_scale_zero(16 * s, torch.zeros_like(s)), _scale_zero(s, z)], 1)   # (K/G, 2N, 2)
-        return cls(_pack(q), sz.contiguous(), exact)
+        return cls(_pack(q), sz, exact)
 
     def mm(self, x: torch.Tensor) -> torch.Tensor:
         """x (M, K) bf16 -> (M, N) fp32: the halves' sum is not rounded to bf16 again."""
