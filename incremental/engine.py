@@ -9,6 +9,7 @@ import torch
 from .config import Config
 from .document import Document
 from .fim import FimStream, fim_ids
+from .format_store import STORED, FormatStore
 from .host_memory import keep_freed_memory, release_freed_memory
 from .kv_cache import KVCache
 from .models import load_model, resolve_device_dtype
@@ -62,12 +63,18 @@ class Engine:
             keep_freed_memory()
         hf, tok, name = load_model(config.model, dev, dt, config.cache_path)
         eng = cls(config, hf, tok, name)
+        P = eng.model.precision
+        store = FormatStore(config.cache_path, P.weights()) if dev.type == "cpu" else None
+        if store is not None:  # the formats an earlier load of these weights made: before auto is decided
+            P.adopt(store.read())
         chosen = eng.precision
         if chosen in ("int8", "int4") and dev.type != "cpu":
             raise ValueError(f"precision {chosen} runs on the CPU only (torch's {chosen} weight kernel); "
                              f"use bf16 on {dev}")
-        P = eng.model.precision
         P.prepare(chosen)
+        if store is not None:
+            store.write(P.stored(STORED))
+            P.trim(chosen)
         P.reload = lambda: load_model(config.model, dev, dt, config.cache_path)[0]
         released = P.release(chosen)
         if dev.type == "cpu":  # loading's temporaries (dequantized blocks, the vocabulary's decode) are not kept

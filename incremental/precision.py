@@ -114,6 +114,14 @@ class Proj:
         """Forget the weight in `mode` (made to test it, and not used)."""
         self._formats.pop(mode, None)
 
+    def adopt(self, mode: str, fmt) -> None:
+        """Take the weight in `mode` as made by an earlier load (format_store.py)."""
+        self._formats[mode] = fmt
+
+    def formats(self, modes: tuple[str, ...]) -> dict:
+        """The weights made so far in these modes."""
+        return {m: f for m, f in self._formats.items() if m in modes}
+
     def exact(self, mode: str) -> float:
         """The share of this projection's blocks in `mode` (int8 or int4) that reproduce its weights."""
         return self.format(mode).exact if fits(self.shape) else 0.0
@@ -184,6 +192,29 @@ class Precision:
     def _projs(self) -> list[Proj]:
         return [p for lp in self.layers for p in lp.all()]
 
+    def weights(self) -> list[torch.Tensor]:
+        """Every projection's weight as loaded, the output head's last: what the formats are made of."""
+        return [p.weight for p in self._projs() + [self.lm_head]]
+
+    def stored(self, modes: tuple[str, ...]) -> dict:
+        """blocks()'s answer and the formats made so far in these modes, by the projection's
+        index in weights() (format_store.py keeps them between loads)."""
+        made: dict[str, dict[int, object]] = {}
+        for i, p in enumerate(self._projs() + [self.lm_head]):
+            for m, f in p.formats(modes).items():
+                made.setdefault(m, {})[i] = f
+        return {"blocks": self._blocks, "formats": made}
+
+    def adopt(self, data: dict | None) -> None:
+        """Take what stored() gave on an earlier load of the same weights, before anything is made."""
+        if not data:
+            return
+        projs = self._projs() + [self.lm_head]
+        for m, fs in data["formats"].items():
+            for i, f in fs.items():
+                projs[i].adopt(m, f)
+        self._blocks = data["blocks"] if self._blocks is None else self._blocks
+
     def release(self, precision: str) -> bool:
         """Drop the projections' weights as loaded where this precision's passes never read them
         (int8 and int4: encodes read bf16 copies, decode steps int8/int4 blocks) and `reload` can
@@ -222,6 +253,14 @@ class Precision:
                 for p in projs:
                     p.drop(mode)
         return None if self._blocks == "none" else self._blocks
+
+    def trim(self, precision: str) -> None:
+        """Drop the block formats this precision's passes do not read (read from disk with the
+        ones they do: a later pass that asks for them makes them again)."""
+        unread = {"int8", "int4"} - set(PASS_MODES[self.resolve(precision)])
+        for p in self._projs():
+            for mode in unread:
+                p.drop(mode)
 
     def resolve(self, precision: str) -> str:
         return resolve(precision, self.device, self.blocks() if precision == "auto" and native_bf16(self.device)
