@@ -25,7 +25,7 @@ from .quant import Int4, Int8, Int8Channels
 
 log = logging.getLogger("livekv")
 
-STORED = ("int8", "int4", "rank")  # the formats worth keeping: bf16 copies are a cast
+STORED = ("int8", "int4", "rank", "channels")  # the formats worth keeping: bf16 copies are a cast
 KINDS = {cls.__name__: cls for cls in (Int4, Int8, Int8Channels)}
 
 

@@ -54,7 +54,10 @@ INT8_ROWS = 3
 # at 5-8 bits; Qwen2.5-Coder's Q6_K down projections are the rest): int8 blocks then decode faster
 # than fp32 weights with greedy lines as fp32's (README, "Precision")
 EXACT_SHARE = 0.5
-RESCORE = 64  # the int8 head's best tokens that argmax scores again with the head as loaded
+RESCORE = 64  # the ranking head's best tokens that argmax scores again with the head as loaded
+# Rows from which the ranking head reads bf16 weights: torch's int kernels grow with the rows, bf16's
+# AMX matmul hardly does (README, "Many editors")
+HEAD_BF16_ROWS = 8
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -100,13 +103,15 @@ class Proj:
             lin.weight.data = lin.weight.data.new_empty(0)
 
     def format(self, mode: str):
-        """The weight in `mode` (bf16, int8 or int4 in blocks, or rank: int8 per channel), made on
-        first use. Blocks need N % 16 and K % 32; a projection that does not fit runs rank."""
-        if mode in ("int8", "int4") and not fits(self.shape):
-            mode = "rank"
+        """The weight in `mode` (bf16, int8 or int4 in blocks, channels: int8 per channel, or
+        rank: the ranking head's, int4 blocks), made on first use. Blocks need N % 16 and K % 32;
+        a weight that does not fit them runs channels."""
+        if mode in ("int8", "int4", "rank") and not fits(self.shape):
+            mode = "channels"
         if mode not in self._formats:
             assert self.weight is not None, f"{mode} weights made after the weights as loaded were released"
-            make = {"bf16": lambda w: w.to(torch.bfloat16), "int8": Int8.of, "int4": Int4.of, "rank": Int8Channels.of}
+            make = {"bf16": lambda w: w.to(torch.bfloat16), "int8": Int8.of, "int4": Int4.of, "rank": Int4.of,
+                    "channels": Int8Channels.of}
             self._formats[mode] = make[mode](self.weight)
         return self._formats[mode]
 
@@ -141,7 +146,7 @@ class Proj:
                 y = y.to(self.dtype)  # the stream's, as loaded (fp32 on a CPU)
             if self.bias is not None:
                 y = y + self.bias
-        return y.split(self.sizes, -1) if len(self.sizes) > 1 else y
+        return y.split_with_sizes(self.sizes, -1) if len(self.sizes) > 1 else y
 
 
 @dataclass
@@ -258,6 +263,7 @@ class Precision:
         """Drop the block formats this precision's passes do not read (read from disk with the
         ones they do: a later pass that asks for them makes them again)."""
         unread = {"int8", "int4"} - set(PASS_MODES[self.resolve(precision)])
+        unread |= {"channels"} if len(unread) == 2 else set()
         for p in self._projs():
             for mode in unread:
                 p.drop(mode)
@@ -298,13 +304,13 @@ class Precision:
 
     def argmax(self, h: torch.Tensor, allow: torch.Tensor | None = None) -> torch.Tensor:
         """(m, C) -> (m,): the token the output head as loaded ranks first, among those `allow`
-        (m, V) permits when given. On a CPU the int8 head ranks every token (a quarter of the
-        bytes), and its RESCORE best are scored again as loaded: the same choice unless the true
-        first falls outside them."""
+        (m, V) permits when given. On a CPU an int4 head ranks every token (an eighth of the
+        bytes; bf16 from HEAD_BF16_ROWS rows), and its RESCORE best are scored again as loaded:
+        the same choice unless the true first falls outside them."""
         if self.device.type != "cpu":
             logits = self.logits(h)
             return (logits if allow is None else logits.masked_fill(~allow, float("-inf"))).argmax(-1)
-        rank = self.lm_head(h, "rank")                                          # (m, V)
+        rank = self.lm_head(h, "bf16" if len(h) >= HEAD_BF16_ROWS else "rank")  # (m, V)
         if allow is not None:
             rank = rank.masked_fill(~allow, float("-inf"))
         cand = rank.topk(RESCORE, dim=-1).indices                               # (m, R)

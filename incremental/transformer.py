@@ -7,6 +7,8 @@ gpt-fast style, and the result is checked against HF's forward when a model is l
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -22,17 +24,20 @@ from .precision import Precision
 PLAIN_RMS_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm")
 
 
-def _norm(norm, x: torch.Tensor) -> torch.Tensor:
+def _norm(norm) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The norm module as a function: F.rms_norm over its weight where that is its math (looked up
+    once: a decode step runs sixty norms of one row, where module lookups cost as much)."""
     if type(norm).__name__ in PLAIN_RMS_NORMS:
-        return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
-    return norm(x)
+        w, eps = norm.weight, norm.variance_epsilon
+        return lambda x: F.rms_norm(x, w.shape, w, eps)
+    return norm
 
 
-def _act(act_fn, g: torch.Tensor) -> torch.Tensor:
-    """The MLP's activation, in place where it is SiLU: g is the gate's part of a fresh output."""
+def _act(act_fn) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The MLP's activation, in place where it is SiLU (its input is the gate's part of a fresh output)."""
     if type(act_fn).__name__ in ("SiLUActivation", "SiLU"):
-        return F.silu(g, inplace=True)
-    return act_fn(g)
+        return lambda g: F.silu(g, inplace=True)
+    return act_fn
 
 
 class Transformer:
@@ -50,7 +55,11 @@ class Transformer:
             raise ValueError(f"model type {hf.config.model_type!r} does not have a gated MLP (gate/up/down "
                              "projections); use a Llama, Qwen2 or Mistral family model")
         self.precision = Precision(hf)  # fuses the projections: fp32 until a pass asks for more
-        self.hf, self.embed, self.layers, self.norm, self.rotary = hf, m.embed_tokens, m.layers, m.norm, m.rotary_emb
+        self.hf, self.embed, self.layers, self.rotary = hf, m.embed_tokens, m.layers, m.rotary_emb
+        self.norm = _norm(m.norm)
+        # each layer's (input norm, post-attention norm, activation) as functions
+        self.fns = [(_norm(layer.input_layernorm), _norm(layer.post_attention_layernorm), _act(layer.mlp.act_fn))
+                    for layer in self.layers]
         cfg = hf.config
         self.n_layers = len(self.layers)
         self.n_heads = cfg.num_attention_heads
@@ -92,18 +101,18 @@ class Transformer:
         rows = [PassAttention(self, p, x) for p in passes]
         mode = self.precision.mode
         for i, layer in enumerate(self.layers):
-            a, proj = layer.self_attn, self.precision.layers[i]
-            q, k, v = proj.qkv(_norm(layer.input_layernorm, x), mode)
+            proj, (norm_in, norm_post, act) = self.precision.layers[i], self.fns[i]
+            q, k, v = proj.qkv(norm_in(x), mode)
             q = q.view(1, n, -1, self.head_dim)                        # (1, n, H, D)
             k = k.view(1, n, -1, self.head_dim)                        # (1, n, Hkv, D)
             v = v.view(1, n, -1, self.head_dim)
             if self.qk_norm:
-                q, k = a.q_norm(q), a.k_norm(k)
+                q, k = layer.self_attn.q_norm(q), layer.self_attn.k_norm(k)
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (1, H|Hkv, n, D)
             k, qr = rope(k), rope(q)
             if probe is not None and i == probe:
                 return [(k, v)]  # a probe's one pass
-            parts = zip(rows, *(t.split(sizes, 2) for t in (q, qr, k, v)))
+            parts = [(rows[0], q, qr, k, v)] if one else zip(rows, *(t.split(sizes, 2) for t in (q, qr, k, v)))
             own = [r.attend(i, *t, write=probe is None) for r, *t in parts]  # (out, lse)
             o = own[0][0] if one else torch.cat([a for a, _ in own], 2)  # (1, H, n, D), bf16 from a bf16 encode
             shared = shared_attention(i, rows, self.scaling)   # context groups in another cache
@@ -112,8 +121,8 @@ class Transformer:
                 o = merge([(o.to(x.dtype), lse), *shared])[0]
             # at bf16 the projections' outputs stay bf16 until an op promotes them (the same values)
             x = x + proj.o(o.transpose(1, 2).reshape(1, n, -1), mode, keep=True)
-            gate, up = proj.gate_up(_norm(layer.post_attention_layernorm, x), mode)  # views of one fresh output
-            x = x + proj.down(_act(layer.mlp.act_fn, gate).mul_(up), mode, keep=True)
+            gate, up = proj.gate_up(norm_post(x), mode)                # views of one fresh output
+            x = x + proj.down(act(gate).mul_(up), mode, keep=True)
         return self._heads(passes, x)
 
     def _heads(self, passes: list[Pass], x: torch.Tensor) -> list:
@@ -133,7 +142,7 @@ class Transformer:
         for greedy, chosen in picked.items():
             if not chosen:
                 continue
-            h = _norm(self.norm, x[0, torch.cat([r for _, r in chosen])])  # (m, C)
+            h = self.norm(x[0, torch.cat([r for _, r in chosen])])       # (m, C)
             res = self.precision.argmax(h, allow).cpu() if greedy else self.precision.logits(h).float()
             for (j, r), part in zip(chosen, res.split([len(r) for _, r in chosen])):
                 out[j] = part                                          # (m,) tokens or (m, V) logits

@@ -17,7 +17,7 @@ from livekv.incremental.quant import Int4, Int8, Int8Channels
 
 from test_quant import NEEDS, gguf_like, snapped
 
-FORMATS = {"int4": Int4, "int8": Int8, "rank": Int8Channels}
+FORMATS = {"int4": Int4, "int8": Int8, "rank": Int4, "channels": Int8Channels}
 
 
 def same(a, b) -> bool:
