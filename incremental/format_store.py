@@ -1,14 +1,15 @@
 """Weight formats kept on disk between loads of the same weights.
 
 Finding a GGUF's blocks again (quant.grid) and packing them for torch's kernels is most of a
-load on a CPU: for Qwen2.5-Coder, the int8 blocks and the int8 ranking head take longer than
-reading the model. For the same weights, the same torch and the same format code they come out
+load on a CPU: for Qwen2.5-Coder, its int8 blocks and ranking head take longer than reading
+the model. For the same weights, the same torch and the same format code they come out
 as the same bytes, so the first load writes them under the cache dir and later loads read them.
 
 The file's name holds everything they depend on: a fingerprint of the weights (every
 projection's shape and a checksum of all its bytes), torch's version and CPU capability, and a
-hash of quant.py's source. A file that does not read back is made again, with a warning; a cache
-that cannot be written only costs the next load the time.
+hash of the source that makes them (quant.py, precision.py). Writing a file removes the same
+weights' files of other versions. A file that does not read back is made again, with a warning;
+a cache that cannot be written only costs the next load the time.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from . import quant
+from . import precision, quant
 from .quant import Int4, Int8, Int8Channels
 
 log = logging.getLogger("livekv")
@@ -40,7 +41,12 @@ def fingerprint(weights: list[torch.Tensor]) -> str:
 
 
 def _code() -> str:
-    return hashlib.blake2b(Path(quant.__file__).read_bytes(), digest_size=8).hexdigest()
+    """A hash of the code that makes the formats: quant.py, and precision.py, which says which
+    format each mode is."""
+    h = hashlib.blake2b(digest_size=8)
+    for module in (quant, precision):
+        h.update(Path(module.__file__).read_bytes())
+    return h.hexdigest()
 
 
 def encode(fmt) -> dict:
@@ -60,7 +66,8 @@ class FormatStore:
     def __init__(self, cache: Path, weights: list[torch.Tensor]):
         cap = torch.backends.cpu.get_cpu_capability()
         version = torch.__version__.replace("+", "_")
-        self.path = Path(cache) / "formats" / f"{fingerprint(weights)}-torch{version}-{cap}-{_code()}.pt"
+        self.weights_id = fingerprint(weights)
+        self.path = Path(cache) / "formats" / f"{self.weights_id}-torch{version}-{cap}-{_code()}.pt"
         self.read_keys: set[tuple[str, int]] = set()
 
     def read(self) -> dict | None:
@@ -91,6 +98,9 @@ class FormatStore:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             torch.save(raw, tmp)
             os.replace(tmp, self.path)
+            for old in self.path.parent.glob(f"{self.weights_id}-*.pt"):  # other torch or code versions
+                if old != self.path:
+                    old.unlink(missing_ok=True)
         except OSError as e:  # a read-only cache only costs the next load its time
             log.warning("could not store the weight formats under %s (%s); the next load makes them again",
                         self.path.parent, e)

@@ -86,9 +86,6 @@ def test_other_weights_or_other_format_code_have_their_own_file_and_a_bad_file_i
     other = copy.deepcopy(hf)
     other.model.layers[1].mlp.down_proj.weight.data[-1, -1] += 1.0   # one value
     assert FormatStore(tmp_path, Precision(other).weights()).path != store.path
-    monkeypatch.setattr("livekv.incremental.format_store._code", lambda: "changed")
-    assert FormatStore(tmp_path, P.weights()).path != store.path
-    monkeypatch.undo()
     store.path.parent.mkdir(parents=True)
     store.path.write_bytes(b"not a torch file")
     with caplog.at_level(logging.WARNING, logger="livekv"):
@@ -97,6 +94,11 @@ def test_other_weights_or_other_format_code_have_their_own_file_and_a_bad_file_i
     P.prepare("int4")
     assert store.write(P.stored(STORED))
     assert FormatStore(tmp_path, P.weights()).read()["formats"].keys() == {"int4", "rank"}
+    monkeypatch.setattr("livekv.incremental.format_store._code", lambda: "changed")
+    newer = FormatStore(tmp_path, P.weights())
+    assert newer.path != store.path and newer.read() is None          # other format code: its own file
+    assert newer.write(P.stored(STORED))
+    assert newer.path.exists() and not store.path.exists()            # the same weights' older file goes
 
 
 @NEEDS
