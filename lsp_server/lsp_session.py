@@ -147,8 +147,9 @@ class LspSession(Session):
 
     def job_configure(self, engine: Engine, changes: dict) -> str:
         """Apply validated setting changes: reload the model (model/device/dtype), re-open the
-        documents (strategy, repoContext: job_idle encodes them) or apply a new budget, as
-        needed. On any error the old settings and engine stay."""
+        documents (strategy, precision, repoContext: job_idle encodes them, so their K/V are the
+        new settings', not a mix) or apply a new budget, as needed. On any error the old
+        settings and engine stay."""
         config_changes, option_changes = split_settings(changes)
         new = self.config.updated(**config_changes)  # ValueError: refused
         options = self.options.updated(**option_changes)
@@ -159,7 +160,8 @@ class LspSession(Session):
         target = Engine.from_config(new) if any(getattr(new, f) != getattr(old, f) for f in RELOAD) else engine
         if target is engine and new.precision != old.precision:  # its weight formats now, not in a completion
             target.model.precision.prepare(new.precision)
-        if target is not engine or new.strategy != old.strategy or options.repo_context != self.options.repo_context:
+        if (target is not engine or new.strategy != old.strategy or new.precision != old.precision
+                or options.repo_context != self.options.repo_context):
             self.docs = docs = rehome(docs, place(target, new, options, self.roots))
         else:
             docs.set_budget(options.max_cache_tokens)

@@ -3,6 +3,7 @@ prompts, a cache that stays fp32 and does not drift over 1,000 edits, and `auto`
 machine alone."""
 from __future__ import annotations
 
+import hashlib
 import logging
 
 import pytest
@@ -135,19 +136,26 @@ def test_at_int4_the_weights_as_loaded_are_released_and_a_pass_that_reads_them_l
 @pytest.mark.asyncio
 async def test_a_precision_change_after_int4_released_the_weights_as_loaded_completes_as_fp32(engine):
     """A server started at int4 keeps no fp32 projections; set to fp32, it loads them again (in
-    the settings job, not a completion) and completes a file opened after as an fp32 engine does."""
+    the settings job, not a completion), re-opens the file open at int4 (its K/V encoded again
+    at fp32, its text kept) and completes it, and a file opened after, as an fp32 engine does."""
     c, _ = await start_server(options={"livekv": {"precision": "int4"}})
     try:
         uri, text = "file:///precision.py", excerpt(stdlib_source(), 183, 32)  # difflib's set_seqs
         assert (await stats(c))["server"]["settings"]["precision"] == "int4"
+        line, col = text.split("\n").index("        self.set_seq2(b)"), len("        self.set_")
+        open_doc(c, uri, text)
+        assert await inline(c, uri, line, col) and (await stats(c, uri))["completions"] == 1
         configure(c, {"livekv": {"precision": "fp32"}})
 
         async def applied():
             return (await stats(c))["server"]["settings"]["precision"] == "fp32"
         await eventually(applied, "the precision change")
-        open_doc(c, uri, text)
-        line, col = text.split("\n").index("        self.set_seq2(b)"), len("        self.set_")
+        s = await stats(c, uri)
+        assert s["completions"] == 0 and s["text_sha256"] == hashlib.sha256(text.encode()).hexdigest()  # re-opened
         assert [i.insert_text for i in await inline(c, uri, line, col)] == [expected_completion(engine, text, line, col)]
+        later = "file:///precision_later.py"
+        open_doc(c, later, text)
+        assert [i.insert_text for i in await inline(c, later, line, col)] == [expected_completion(engine, text, line, col)]
         assert not errors(c)
     finally:
         await c.shutdown_session()
