@@ -142,7 +142,7 @@ def _decoding(doc, c, n, max_new, should_stop, extra, max_prompt_ms, max_predict
     comp.prefix_tokens, comp.tail_tokens = cur.j, len(tail)
     doc.before_completion(cur.j)
     n_tail, need = len(tail), len(tail) + max_new * n + 1
-    # One candidate is chosen as a decode step chooses (Precision.argmax: on a CPU the int8 head
+    # One candidate is chosen as a decode step chooses (Precision.argmax: on a CPU the int4 head
     # ranks, the best are scored again), with healing's mask; k candidates need the logits.
     greedy = n == 1
     # The healing draft: the token healing took back runs after the tail, in the slot and at the

@@ -104,15 +104,19 @@ class Precision:
     def _projs(self) -> list[Proj]:
         return [p for lp in self.layers for p in lp.all()]
 
+    def _with_head(self) -> list[Proj]:
+        """The projections, the output head last: the order weights() and stored() index."""
+        return self._projs() + [self.lm_head]
+
     def weights(self) -> list[torch.Tensor]:
         """Every projection's weight as loaded, the output head's last: what the formats are made of."""
-        return [p.weight for p in self._projs() + [self.lm_head]]
+        return [p.weight for p in self._with_head()]
 
     def stored(self, modes: tuple[str, ...]) -> dict:
         """blocks()'s answer and the formats made so far in these modes, by the projection's
         index in weights() (format_store.py keeps them between loads)."""
         made: dict[str, dict[int, object]] = {}
-        for i, p in enumerate(self._projs() + [self.lm_head]):
+        for i, p in enumerate(self._with_head()):
             for m, f in p.formats(modes).items():
                 made.setdefault(m, {})[i] = f
         return {"blocks": self._blocks, "formats": made}
@@ -121,7 +125,7 @@ class Precision:
         """Take what stored() gave on an earlier load of the same weights, before anything is made."""
         if not data:
             return
-        projs = self._projs() + [self.lm_head]
+        projs = self._with_head()
         for m, fs in data["formats"].items():
             for i, f in fs.items():
                 projs[i].adopt(m, f)

@@ -1,5 +1,5 @@
 """Weight formats for the CPU's matrix multiplies: bf16, int4 and int8 in blocks of 32 along the
-input axis, and int8 per output channel for the output head's ranking.
+input axis, and int8 per output channel for a weight whose shape the blocks do not fit.
 
 A GGUF model arrives already quantized: llama.cpp stores each block of 32 weights of a row on a
 grid of a few levels (Q4_1 and Q4_K: lo + d * q with q in 0..15; Q5_0 and Q8_0: d * q with q in
@@ -187,8 +187,8 @@ class Int8:
 
 @dataclass
 class Int8Channels:
-    """int8 with one scale per output channel: the output head's format for ranking the
-    vocabulary (argmax scores its best again as loaded)."""
+    """int8 with one scale per output channel: the format of a weight whose shape int4/int8
+    blocks do not fit (proj.py's "channels")."""
     q: torch.Tensor       # (N, K) int8
     scale: torch.Tensor   # (N,) bf16, per output channel
 
