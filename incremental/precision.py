@@ -38,6 +38,7 @@ import torch.nn as nn
 
 from .config import PRECISIONS
 from .proj import LayerProj, Proj, layer_linears
+from .quant import native_bf16
 
 log = logging.getLogger("livekv")
 
@@ -55,11 +56,7 @@ EXACT_SHARE = 0.5
 RESCORE = 64  # the ranking head's best tokens that argmax scores again with the head as loaded
 # Rows from which the ranking head reads bf16 weights: torch's int kernels grow with the rows, bf16's
 # AMX matmul hardly does (README, "Many editors")
-HEAD_BF16_ROWS = 8
-
-
-def native_bf16(device: torch.device) -> bool:
-    return device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+HEAD_BF16_ROWS = 4
 
 
 def resolve(precision: str, device: torch.device, blocks: str | None = None) -> str:

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .quant import Int4, Int8, Int8Channels, fits
+from .quant import Bf16, Int4, Int8, Int8Channels, fits
 
 
 class Proj:
@@ -46,7 +46,7 @@ class Proj:
             mode = "channels"
         if mode not in self._formats:
             assert self.weight is not None, f"{mode} weights made after the weights as loaded were released"
-            make = {"bf16": lambda w: w.to(torch.bfloat16), "int8": Int8.of, "int4": Int4.of, "rank": Int4.of,
+            make = {"bf16": Bf16.of, "int8": Int8.of, "int4": Int4.of, "rank": Int4.of,
                     "channels": Int8Channels.of}
             self._formats[mode] = make[mode](self.weight)
         return self._formats[mode]
@@ -76,8 +76,7 @@ class Proj:
         else:
             shape, w = x.shape, self.format(mode)
             xb = x.reshape(-1, shape[-1]).to(torch.bfloat16)
-            y = F.linear(xb, w) if mode == "bf16" else w.mm(xb)
-            y = y.reshape(*shape[:-1], -1)
+            y = w.mm(xb).reshape(*shape[:-1], -1)
             if not keep:
                 y = y.to(self.dtype)  # the stream's, as loaded (fp32 on a CPU)
             if self.bias is not None:

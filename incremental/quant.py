@@ -1,6 +1,10 @@
 """Weight formats for the CPU's matrix multiplies: bf16, int4 and int8 in blocks of 32 along the
 input axis, and int8 per output channel for a weight whose shape the blocks do not fit.
 
+bf16 weights are kept in oneDNN's own layout where torch has oneDNN's bf16 matmul (Bf16): the
+same products as F.linear on the plain copy, which reorders the weight into that layout on every
+call (`livekv bench precision --rows` in the README measures what that saves).
+
 A GGUF model arrives already quantized: llama.cpp stores each block of 32 weights of a row on a
 grid of a few levels (Q4_1 and Q4_K: lo + d * q with q in 0..15; Q5_0 and Q8_0: d * q with q in
 -16..15 or -127..127), and the GGUF loader hands livekv those values dequantized to fp32. Blocks
@@ -29,6 +33,30 @@ GROUP = 32  # GGUF's block size, and the int4 kernel's group size here
 # whose offset dwarfs their step: Q4_K), below an fp16 rounding of the step (2^-12) at level 1.
 TOL = 1e-4
 ULPS = 4 * 2.0 ** -24
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether matmuls on this device run bf16 natively through oneDNN (AMX / AVX512-BF16)."""
+    return device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+@dataclass
+class Bf16:
+    w: torch.Tensor   # (N, K) bf16, in oneDNN's layout when packed
+    packed: bool
+
+    @classmethod
+    def of(cls, w: torch.Tensor) -> "Bf16":
+        b = w.detach().to(torch.bfloat16)
+        if native_bf16(b.device):
+            return cls(torch.ops.mkldnn._reorder_linear_weight(b), True)
+        return cls(b, False)
+
+    def mm(self, x: torch.Tensor) -> torch.Tensor:
+        """x (M, K) bf16 -> (M, N) bf16."""
+        if self.packed:
+            return torch.ops.mkldnn._linear_pointwise(x, self.w, None, "none", [], "")
+        return torch.nn.functional.linear(x, self.w)
 
 
 def fits(shape) -> bool:

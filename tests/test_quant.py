@@ -9,7 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from livekv.incremental.quant import GROUP, Int4, Int8, Int8Channels, grid
+from livekv.incremental.quant import GROUP, Bf16, Int4, Int8, Int8Channels, grid, native_bf16
 
 NEEDS = pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no int4 CPU kernel use here")
 
@@ -90,6 +90,18 @@ def test_each_format_multiplies_as_the_weight_to_bf16_rounding(kind):
     assert (Int8Channels.of(w).mm(x).float() - ref).abs().max() <= 0.03 * scale
     if kind == "q8_0":  # one scale per row loses what the blocks keep
         assert (Int8Channels.of(w).mm(x).float() - ref).abs().max() > (i8.mm(x).float() - ref).abs().max()
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 96), k=st.integers(1, 200), rows=st.integers(1, 40), seed=st.integers(0, 10_000))
+def test_bf16_weights_multiply_exactly_as_the_plain_bf16_copy(n, k, rows, seed):
+    """Packed for oneDNN or not, the bf16 format's products are F.linear's on w.bfloat16(), bit
+    for bit, for any shape and any number of rows."""
+    g = torch.Generator().manual_seed(seed)
+    w, x = torch.randn(n, k, generator=g), torch.randn(rows, k, generator=g).bfloat16()
+    b = Bf16.of(w)
+    assert b.packed == native_bf16(torch.device("cpu"))
+    assert torch.equal(b.mm(x), torch.nn.functional.linear(x, w.bfloat16()))
 
 
 def snapped(w: torch.Tensor, kind: str) -> torch.Tensor:
