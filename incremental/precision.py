@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 
 from .config import PRECISIONS
-from .proj import LayerProj, Proj, layer_linears
+from .proj import Proj, layer_linears, layer_projs
 from .quant import native_bf16
 
 log = logging.getLogger("livekv")
@@ -90,7 +90,7 @@ class Precision:
     """The model's projections, fused once, switched per forward pass."""
 
     def __init__(self, hf):
-        self.layers = [LayerProj(*(Proj(lins) for lins in layer_linears(layer))) for layer in hf.model.layers]
+        self.layers = [layer_projs(layer) for layer in hf.model.layers]
         self.lm_head = Proj([hf.lm_head])
         self.device = hf.lm_head.weight.device
         self.mode = "fp32"

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .quant import Bf16, Int4, Int8, Int8Channels, fits
+from .quant import Bf16, Bf16Gated, Int4, Int8, Int8Channels, fits
 
 
 class Proj:
@@ -16,8 +16,10 @@ class Proj:
     pass has asked for. The HF modules' weights become views of the fused one, so nothing is held
     twice and HF's own forward still runs (while the weights as loaded are not released)."""
 
-    def __init__(self, linears: list[nn.Linear]):
+    def __init__(self, linears: list[nn.Linear], gated: bool = False):
         self.linears, self.sizes = linears, [lin.out_features for lin in linears]
+        # a gated MLP's gate and up (in that order): bf16 keeps them apart for swiglu()
+        self.gated = gated and len(linears) == 2 and self.sizes[0] == self.sizes[1]
         self.refill(linears)
         self.shape, self.dtype = tuple(self.weight.shape), self.weight.dtype      # (N, K)
         biases = [lin.bias for lin in linears]
@@ -46,7 +48,7 @@ class Proj:
             mode = "channels"
         if mode not in self._formats:
             assert self.weight is not None, f"{mode} weights made after the weights as loaded were released"
-            make = {"bf16": Bf16.of, "int8": Int8.of, "int4": Int4.of, "rank": Int4.of,
+            make = {"bf16": Bf16Gated.of if self.gated else Bf16.of, "int8": Int8.of, "int4": Int4.of, "rank": Int4.of,
                     "channels": Int8Channels.of}
             self._formats[mode] = make[mode](self.weight)
         return self._formats[mode]
@@ -83,6 +85,13 @@ class Proj:
                 y = y + self.bias
         return y.split_with_sizes(self.sizes, -1) if len(self.sizes) > 1 else y
 
+    def swiglu(self, x: torch.Tensor) -> torch.Tensor:
+        """A gated Proj at bf16 without bias: x (..., K) -> silu(gate) * up (..., I) bf16 (quant.Bf16Gated)."""
+        assert self.gated and self.bias is None, "swiglu is a bias-free gate and up's"
+        shape = x.shape
+        h = self.format("bf16").swiglu(x.reshape(-1, shape[-1]).to(torch.bfloat16))
+        return h.reshape(*shape[:-1], -1)
+
 
 @dataclass
 class LayerProj:
@@ -93,6 +102,12 @@ class LayerProj:
 
     def all(self) -> list[Proj]:
         return [self.qkv, self.o, self.gate_up, self.down]
+
+
+def layer_projs(layer) -> LayerProj:
+    """A decoder layer's projections, fused."""
+    qkv, o, gate_up, down = layer_linears(layer)
+    return LayerProj(Proj(qkv), Proj(o), Proj(gate_up, gated=True), Proj(down))
 
 
 def layer_linears(layer) -> list[list[nn.Linear]]:

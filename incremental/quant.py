@@ -40,6 +40,14 @@ def native_bf16(device: torch.device) -> bool:
     return device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
+def _packed(b: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(b)
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor, post: str = "none") -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, w, None, post, [], "")
+
+
 @dataclass
 class Bf16:
     w: torch.Tensor   # (N, K) bf16, in oneDNN's layout when packed
@@ -49,14 +57,38 @@ class Bf16:
     def of(cls, w: torch.Tensor) -> "Bf16":
         b = w.detach().to(torch.bfloat16)
         if native_bf16(b.device):
-            return cls(torch.ops.mkldnn._reorder_linear_weight(b), True)
+            return cls(_packed(b), True)
         return cls(b, False)
 
     def mm(self, x: torch.Tensor) -> torch.Tensor:
         """x (M, K) bf16 -> (M, N) bf16."""
-        if self.packed:
-            return torch.ops.mkldnn._linear_pointwise(x, self.w, None, "none", [], "")
-        return torch.nn.functional.linear(x, self.w)
+        return _linear(x, self.w) if self.packed else torch.nn.functional.linear(x, self.w)
+
+
+@dataclass
+class Bf16Gated:
+    """A gated MLP's gate and up weights ((I, K) each, fused as (2I, K) in the model) in bf16.
+    Besides their product, swiglu: silu(x gate^T) * (x up^T) in oneDNN's epilogues, SiLU on the
+    gate's fp32 sums and the up's fp32 sums times it, rounded to bf16 once each, where the plain
+    path rounds gate and up to bf16 first and reads and writes their outputs three times more."""
+    gate: Bf16
+    up: Bf16
+
+    @classmethod
+    def of(cls, w: torch.Tensor) -> "Bf16Gated":
+        g, u = w.chunk(2)
+        return cls(Bf16.of(g), Bf16.of(u))
+
+    def mm(self, x: torch.Tensor) -> torch.Tensor:
+        """x (M, K) bf16 -> (M, 2I) bf16: gate's outputs, then up's."""
+        return torch.cat([self.gate.mm(x), self.up.mm(x)], -1)
+
+    def swiglu(self, x: torch.Tensor) -> torch.Tensor:
+        """x (M, K) bf16 -> silu(gate) * up, (M, I) bf16."""
+        if not self.gate.packed:
+            return torch.nn.functional.silu(self.gate.mm(x).float()).mul_(self.up.mm(x)).to(torch.bfloat16)
+        a = _linear(x, self.gate.w, "swish")
+        return torch.ops.mkldnn._linear_pointwise.binary(x, a, self.up.w, None, "mul")
 
 
 def fits(shape) -> bool:

@@ -33,9 +33,13 @@ def _norm(norm) -> Callable[[torch.Tensor], torch.Tensor]:
     return norm
 
 
+def _silu(act_fn) -> bool:
+    return type(act_fn).__name__ in ("SiLUActivation", "SiLU")
+
+
 def _act(act_fn) -> Callable[[torch.Tensor], torch.Tensor]:
     """The MLP's activation, in place where it is SiLU (its input is the gate's part of a fresh output)."""
-    if type(act_fn).__name__ in ("SiLUActivation", "SiLU"):
+    if _silu(act_fn):
         return lambda g: F.silu(g, inplace=True)
     return act_fn
 
@@ -60,6 +64,9 @@ class Transformer:
         # each layer's (input norm, post-attention norm, activation) as functions
         self.fns = [(_norm(layer.input_layernorm), _norm(layer.post_attention_layernorm), _act(layer.mlp.act_fn))
                     for layer in self.layers]
+        # at bf16, silu(gate) * up in the matmuls' epilogues (quant.Bf16Gated), where the MLP is that
+        self.swiglu = all(_silu(layer.mlp.act_fn) and lp.gate_up.gated and lp.gate_up.bias is None
+                          for layer, lp in zip(self.layers, self.precision.layers))
         cfg = hf.config
         self.n_layers = len(self.layers)
         self.n_heads = cfg.num_attention_heads
@@ -121,8 +128,12 @@ class Transformer:
                 o = merge([(o.to(x.dtype), lse), *shared])[0]
             # at bf16 the projections' outputs stay bf16 until an op promotes them (the same values)
             x = x + proj.o(o.transpose(1, 2).reshape(1, n, -1), mode, keep=True)
-            gate, up = proj.gate_up(norm_post(x), mode)                # views of one fresh output
-            x = x + proj.down(act(gate).mul_(up), mode, keep=True)
+            if mode == "bf16" and self.swiglu:
+                h = proj.gate_up.swiglu(norm_post(x))                   # (1, n, I) bf16
+            else:
+                gate, up = proj.gate_up(norm_post(x), mode)            # views of one fresh output
+                h = act(gate).mul_(up)
+            x = x + proj.down(h, mode, keep=True)
         return self._heads(passes, x)
 
     def _heads(self, passes: list[Pass], x: torch.Tensor) -> list:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from livekv.incremental.quant import GROUP, Bf16, Int4, Int8, Int8Channels, grid, native_bf16
+from livekv.incremental.quant import GROUP, Bf16, Bf16Gated, Int4, Int8, Int8Channels, grid, native_bf16
 
 NEEDS = pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no int4 CPU kernel use here")
 
@@ -102,6 +102,24 @@ def test_bf16_weights_multiply_exactly_as_the_plain_bf16_copy(n, k, rows, seed):
     b = Bf16.of(w)
     assert b.packed == native_bf16(torch.device("cpu"))
     assert torch.equal(b.mm(x), torch.nn.functional.linear(x, w.bfloat16()))
+
+
+@settings(max_examples=25, deadline=None)
+@given(i=st.integers(1, 64), k=st.integers(1, 200), rows=st.integers(1, 40), seed=st.integers(0, 10_000))
+def test_the_gated_mlp_in_bf16_is_silu_of_the_gate_times_up_to_bf16_rounding(i, k, rows, seed):
+    """Bf16Gated: its product is the fused (2I, K) bf16 weight's, bit for bit; its swiglu is
+    silu(x gate^T) * (x up^T) of the bf16 operands in fp32, to two bf16 roundings (the SiLU's
+    output, the product)."""
+    g = torch.Generator().manual_seed(seed)
+    w, x = torch.randn(2 * i, k, generator=g) * 0.1, torch.randn(rows, k, generator=g).bfloat16()
+    b = Bf16Gated.of(w)
+    assert torch.equal(b.mm(x), torch.nn.functional.linear(x, w.bfloat16()))
+    gate, up = (x.float() @ w.bfloat16().float().t()).chunk(2, -1)
+    ref = torch.nn.functional.silu(gate) * up                                     # (rows, I)
+    out = b.swiglu(x)
+    assert out.dtype == torch.bfloat16 and out.shape == ref.shape
+    bound = 2 ** -7 * ref.abs() + 1e-5 * (x.float().abs() @ w.abs().t()).chunk(2, -1)[1]
+    assert ((out.float() - ref).abs() <= bound).all()
 
 
 def snapped(w: torch.Tensor, kind: str) -> torch.Tensor:
