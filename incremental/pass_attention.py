@@ -13,20 +13,19 @@ from .attention import LAZY_MAX_QUERIES, PendingDeltas, attend, attend_lse, atte
 from .batch import Pass
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 class Rope:
-    """RoPE at given positions: cos and sin (1, 1, n, D)."""
+    """RoPE at given positions: cos and sin (1, 1, n, D), HF's half-split pairs."""
 
     def __init__(self, cos: torch.Tensor, sin: torch.Tensor):
-        self.cos, self.sin = cos, sin
+        half = cos.shape[-1] // 2
+        # HF's rotate_half(t) * sin is t rolled by half times sin with its first half negated:
+        # one copy of t instead of three, and the add fused (addcmul)
+        self.cos, self.half = cos, half
+        self.sin = torch.cat([-sin[..., :half], sin[..., half:]], -1)
 
     def __call__(self, t: torch.Tensor) -> torch.Tensor:
         """Keys or queries (1, H, n, D) rotated to their positions."""
-        return t * self.cos + rotate_half(t) * self.sin
+        return torch.addcmul(t * self.cos, t.roll(self.half, -1), self.sin)
 
 
 class PassAttention:
@@ -50,7 +49,7 @@ class PassAttention:
         if p.shared and self.mask is not None:
             self.mask_rows = flash_rows(self.mask, model.n_heads // model.n_kv_heads)
         self.slots = p.slots if isinstance(p.slots, int) else p.slots.to(dev)
-        self.tables: dict[int, tuple] = {}
+        self.tables: dict[int, Rope] = {}
         self.x = x
         # an encode at precision bf16 attends in bf16 too (the cache stays fp32); Transformer.run
         # sets the pass's precision before it makes its PassAttentions
@@ -64,9 +63,8 @@ class PassAttention:
         """q rotated to its positions minus d (a pending delta)."""
         if d not in self.tables:
             c, s = self.model.rotary(self.x, (self.pos - d)[None])
-            self.tables[d] = c[:, None], s[:, None]
-        c, s = self.tables[d]
-        return q * c + rotate_half(q) * s
+            self.tables[d] = Rope(c[:, None], s[:, None])
+        return self.tables[d](q)
 
     def attend(self, i: int, q, q_rot, k, v, write: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Layer i, this pass's rows: queries before and after RoPE (1, H, m, D), keys (after)
