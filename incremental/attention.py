@@ -83,20 +83,29 @@ class PendingDeltas:
         return K, V.index_select(2, self.cols)
 
 
-def attend(q, K, V, attn_mask, scaling: float, bf16: bool = False):
+def attend(q, K, V, attn_mask, scaling: float, bf16: bool = False, causal_tail: bool = False):
     """Attention over every column of K, V: q (1, H, n, D), K and V (1, Hkv, N, D), attn_mask
     (n, N) additive or None. Returns (1, H, n, D). A decode step's few queries score as one
     matmul per kv head group, which reads each key once; more go through SDPA, in bf16 when
     asked (an encode at precision bf16: the cache stays fp32, only this pass's arithmetic
-    rounds, as in its projections; the output stays bf16, for the output projection)."""
+    rounds, as in its projections; the output stays bf16, for the output projection).
+    causal_tail: attn_mask is 0 on every column but the last n, and causal on those (an encode
+    chunk after text it all sees); they are attended apart and merged (the same attention)."""
     _, H, n, D = q.shape
     Hkv = K.shape[1]
     if n > FEW_QUERIES:
-        if not bf16:
-            return F.scaled_dot_product_attention(q, K, V, attn_mask=attn_mask, scale=scaling, enable_gqa=H != Hkv)
-        b = torch.bfloat16
-        return F.scaled_dot_product_attention(q.to(b), K.to(b), V.to(b), scale=scaling, enable_gqa=H != Hkv,
-                                              attn_mask=None if attn_mask is None else attn_mask.to(b))
+        if bf16:
+            b = torch.bfloat16
+            q, K, V = q.to(b), K.to(b), V.to(b)
+            attn_mask = None if attn_mask is None else attn_mask.to(b)
+        if causal_tail:
+            a = K.shape[2] - n
+            # the CPU kernel divides by the key count: an empty part would kill the process (SIGFPE)
+            assert a > 0 and q.device.type == "cpu", "causal_tail: a CPU chunk after at least one column it sees"
+            seen = FLASH_CPU(q, K[:, :, :a], V[:, :, :a], scale=scaling)[:2]
+            own = FLASH_CPU(q, K[:, :, a:], V[:, :, a:], is_causal=True, scale=scaling)[:2]
+            return merge([seen, own])[0]
+        return F.scaled_dot_product_attention(q, K, V, attn_mask=attn_mask, scale=scaling, enable_gqa=H != Hkv)
     rep = H // Hkv
     s = torch.matmul(q.reshape(1, Hkv, rep * n, D), K.transpose(-1, -2)).mul_(scaling)  # (1, Hkv, rep*n, N)
     if attn_mask is not None:
@@ -184,5 +193,6 @@ def merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor,
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
     w = torch.exp(lses - top)                                      # (P, 1, H, n)
     total = w.sum(0)
-    out = sum(wi[..., None].to(o.dtype) * o for wi, (o, _) in zip(w, parts)) / total[..., None].to(parts[0][0].dtype)
-    return out, top + torch.log(total)
+    dtype = parts[0][0].dtype  # bf16 parts (an encode at bf16) are summed in fp32, rounded once
+    out = sum(wi[..., None] * o.float() for wi, (o, _) in zip(w, parts)) / total[..., None]
+    return out.to(dtype), top + torch.log(total)

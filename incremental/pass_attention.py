@@ -57,6 +57,13 @@ class PassAttention:
         self.mask_sdpa = self.mask  # attend()'s, cast once for all layers
         if self.bf16 and self.mask is not None:
             self.mask_sdpa = self.mask.to(torch.bfloat16)
+        # an encode chunk after text every query of it sees (a file's open, chunk by chunk): the
+        # fused kernel then reads no mask, and skips the upper half of the chunk's own square
+        self.causal_tail = False
+        if self.mask is not None and dev.type == "cpu" and p.n >= 64 and self.mask.shape[1] >= 2 * p.n:
+            n, a = p.n, self.mask.shape[1] - p.n
+            tail = torch.full((n, n), float("-inf"), dtype=self.mask.dtype, device=dev).triu_(1)
+            self.causal_tail = bool((self.mask[:, :a] == 0).all()) and torch.equal(self.mask[:, a:], tail)
         self.q: torch.Tensor | None = None  # this layer's queries at their positions (hydragen.py reads them)
 
     def _rope(self, q: torch.Tensor, d: int) -> torch.Tensor:
@@ -86,6 +93,6 @@ class PassAttention:
             K, V = pending.rotated(K, V)
             if apart:
                 return attend_lse(q_rot, K, V, self.mask, scaling, self.mask_rows)
-            return attend(q_rot, K, V, self.mask_sdpa, scaling, bf16=self.bf16), None
+            return attend(q_rot, K, V, self.mask_sdpa, scaling, bf16=self.bf16, causal_tail=self.causal_tail), None
         out = attention_with_deltas(q, K, V, self._rope, pending.runs, self.mask, scaling, with_lse=apart)
         return out if apart else (out, None)

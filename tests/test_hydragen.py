@@ -44,6 +44,51 @@ def test_merged_parts_are_attention_over_the_union(n, rep, widths, masked, seed)
     assert torch.allclose(lse, ref_lse, atol=1e-4)
 
 
+@settings(max_examples=30, deadline=None)
+@given(st.integers(5, 48), st.integers(1, 3), st.integers(1, 80), st.booleans(), st.integers(0, 2**31 - 1))
+def test_a_chunk_after_text_it_all_sees_attends_as_with_its_mask(n, rep, before, bf16, seed):
+    """attend(causal_tail): an encode chunk of n queries after `before` columns every query
+    sees attends to those apart, unmasked, and to its own n causally, merged: the same as one
+    masked call (fp32 rounding; bf16's, in bf16)."""
+    g = torch.Generator().manual_seed(seed)
+    Hkv, D = 2, 16
+    H, N = Hkv * rep, before + n
+    q = torch.randn(1, H, n, D, generator=g)
+    K, V = torch.randn(1, Hkv, N, D, generator=g), torch.randn(1, Hkv, N, D, generator=g)
+    mask = torch.zeros(n, N)
+    mask[:, before:] = torch.full((n, n), float("-inf")).triu(1)
+    whole = attend(q, K, V, mask, 0.3, bf16=bf16).float()
+    split = attend(q, K, V, mask, 0.3, bf16=bf16, causal_tail=True).float()
+    assert torch.allclose(split, whole, atol=2e-2 if bf16 else 1e-5)
+
+
+def test_an_encode_in_chunks_splits_each_chunk_after_the_first_and_keeps_its_kv(tiny_engine, monkeypatch):
+    """A document encoded in chunks of 64: every chunk after the first attends apart to the
+    text before it (causal_tail), and its K/V are those of an encode in one pass."""
+    from livekv.incremental import attention, pass_attention
+    text = excerpt(stdlib_source(), 700, 40)
+    whole = Document(tiny_engine, "file:///t/whole.py", text, "pie", kv=tiny_engine.new_cache(2048))
+    whole.settle()
+    seen = []
+    plain = attention.attend
+
+    def spy(*a, **kw):
+        seen.append(kw.get("causal_tail", False))
+        return plain(*a, **kw)
+
+    monkeypatch.setattr(pass_attention, "attend", spy)
+    chunked = Document(tiny_engine, "file:///t/chunked.py", text, "pie", kv=tiny_engine.new_cache(2048))
+    chunked.configure(encode_chunk=64)
+    chunked.settle()
+    layers = tiny_engine.model.n_layers
+    n_chunks = -(-chunked.n // 64)
+    assert chunked.n == whole.n > 128 and len(seen) == n_chunks * layers
+    assert not any(seen[:layers]) and all(seen[layers: (n_chunks - 1) * layers])  # the last may be short
+    s1, s2 = whole.region.slots(), chunked.region.slots()
+    assert torch.allclose(whole.kv.k[:, :, s1], chunked.kv.k[:, :, s2], atol=1e-4)
+    assert torch.allclose(whole.kv.v[:, :, s1], chunked.kv.v[:, :, s2], atol=1e-4)
+
+
 CONTEXT = excerpt(stdlib_source(), 300, 30)
 TEXT = excerpt(stdlib_source(), 900, 20)
 
