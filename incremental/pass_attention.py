@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .attention import LAZY_MAX_QUERIES, PendingDeltas, attend, attend_lse, attention_with_deltas, flash_rows
+from .attention import CAUSAL_TAIL_MIN, LAZY_MAX_QUERIES, PendingDeltas, attend, attend_lse, attention_with_deltas, flash_rows
 from .batch import Pass
 
 
@@ -60,7 +60,7 @@ class PassAttention:
         # an encode chunk after text every query of it sees (a file's open, chunk by chunk): the
         # fused kernel then reads no mask, and skips the upper half of the chunk's own square
         self.causal_tail = False
-        if self.mask is not None and dev.type == "cpu" and p.n >= 64 and self.mask.shape[1] >= 2 * p.n:
+        if self.mask is not None and dev.type == "cpu" and p.n >= 64 and self.mask.shape[1] - p.n >= CAUSAL_TAIL_MIN:
             n, a = p.n, self.mask.shape[1] - p.n
             tail = torch.full((n, n), float("-inf"), dtype=self.mask.dtype, device=dev).triu_(1)
             self.causal_tail = bool((self.mask[:, :a] == 0).all()) and torch.equal(self.mask[:, a:], tail)

@@ -63,8 +63,9 @@ def test_a_chunk_after_text_it_all_sees_attends_as_with_its_mask(n, rep, before,
 
 
 def test_an_encode_in_chunks_splits_each_chunk_after_the_first_and_keeps_its_kv(tiny_engine, monkeypatch):
-    """A document encoded in chunks of 64: every chunk after the first attends apart to the
-    text before it (causal_tail), and its K/V are those of an encode in one pass."""
+    """A document encoded in chunks of 64: every chunk after the first (from CAUSAL_TAIL_MIN
+    columns before it) attends apart to the text before it (causal_tail), and its K/V are those
+    of an encode in one pass."""
     from livekv.incremental import attention, pass_attention
     text = excerpt(stdlib_source(), 700, 40)
     whole = Document(tiny_engine, "file:///t/whole.py", text, "pie", kv=tiny_engine.new_cache(2048))
@@ -77,6 +78,7 @@ def test_an_encode_in_chunks_splits_each_chunk_after_the_first_and_keeps_its_kv(
         return plain(*a, **kw)
 
     monkeypatch.setattr(pass_attention, "attend", spy)
+    monkeypatch.setattr(pass_attention, "CAUSAL_TAIL_MIN", 64)  # a speed threshold; this file is small
     chunked = Document(tiny_engine, "file:///t/chunked.py", text, "pie", kv=tiny_engine.new_cache(2048))
     chunked.configure(encode_chunk=64)
     chunked.settle()
