@@ -40,16 +40,13 @@ def native_bf16(device: torch.device) -> bool:
     return device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-def _packed(b: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._reorder_linear_weight(b)
-
-
 def _linear(x: torch.Tensor, w: torch.Tensor, post: str = "none") -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, w, None, post, [], "")
 
 
 @dataclass
 class Bf16:
+    """A weight in bf16, reordered once into oneDNN's layout where oneDNN runs bf16 natively."""
     w: torch.Tensor   # (N, K) bf16, in oneDNN's layout when packed
     packed: bool
 
@@ -57,7 +54,7 @@ class Bf16:
     def of(cls, w: torch.Tensor) -> "Bf16":
         b = w.detach().to(torch.bfloat16)
         if native_bf16(b.device):
-            return cls(_packed(b), True)
+            return cls(torch.ops.mkldnn._reorder_linear_weight(b), True)
         return cls(b, False)
 
     def mm(self, x: torch.Tensor) -> torch.Tensor:
