@@ -7,7 +7,7 @@ as the same bytes, so the first load writes them under the cache dir and later l
 
 The file's name holds everything they depend on: a fingerprint of the weights (every
 projection's shape and a checksum of all its bytes), torch's version and CPU capability, and a
-hash of the source that makes them (quant.py, precision.py). Writing a file removes the same
+hash of the source that makes them (quant.py, proj.py, precision.py). Writing a file removes the same
 weights' files of other versions. A file that does not read back is made again, with a warning;
 a cache that cannot be written only costs the next load the time.
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from . import precision, quant
+from . import precision, proj, quant
 from .quant import Int4, Int8, Int8Channels
 
 log = logging.getLogger("livekv")
@@ -41,10 +41,10 @@ def fingerprint(weights: list[torch.Tensor]) -> str:
 
 
 def _code() -> str:
-    """A hash of the code that makes the formats: quant.py, and precision.py, which says which
-    format each mode is."""
+    """A hash of the code that makes the formats: quant.py, proj.py, which says which format
+    each mode is, and precision.py, which says which modes are made."""
     h = hashlib.blake2b(digest_size=8)
-    for module in (quant, precision):
+    for module in (quant, proj, precision):
         h.update(Path(module.__file__).read_bytes())
     return h.hexdigest()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -127,3 +128,17 @@ def test_engine_loads_store_and_reuse_the_formats_and_a_read_only_cache_costs_on
     locked = root / "locked"
     locked.write_text("a file where the cache dir should be")
     assert Engine.load(str(model_dir), cache_dir=str(locked / "sub"), max_new_tokens=6).precision == "int4"
+
+
+@pytest.mark.parametrize("module", ["quant", "proj", "precision"])
+def test_the_format_key_changes_with_each_module_that_makes_or_picks_the_formats(module, tmp_path, monkeypatch):
+    """quant.py makes the formats, proj.py says which one each mode is, precision.py which modes
+    are made: an edit to any of them must not read an older file."""
+    import importlib
+    from livekv.incremental import format_store
+    mod = importlib.import_module(f"livekv.incremental.{module}")
+    before = format_store._code()
+    edited = tmp_path / f"{module}.py"
+    edited.write_bytes(Path(mod.__file__).read_bytes() + b"\n# edited\n")
+    monkeypatch.setattr(mod, "__file__", str(edited))
+    assert format_store._code() != before
