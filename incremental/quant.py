@@ -81,9 +81,8 @@ class Bf16Gated:
         return torch.cat([self.gate.mm(x), self.up.mm(x)], -1)
 
     def swiglu(self, x: torch.Tensor) -> torch.Tensor:
-        """x (M, K) bf16 -> silu(gate) * up, (M, I) bf16."""
-        if not self.gate.packed:
-            return torch.nn.functional.silu(self.gate.mm(x).float()).mul_(self.up.mm(x)).to(torch.bfloat16)
+        """x (M, K) bf16 -> silu(gate) * up, (M, I) bf16. Packed weights only (native_bf16)."""
+        assert self.gate.packed and self.up.packed, "swiglu runs in oneDNN's epilogues: packed weights only"
         a = _linear(x, self.gate.w, "swish")
         return torch.ops.mkldnn._linear_pointwise.binary(x, a, self.up.w, None, "mul")
 

@@ -18,6 +18,7 @@ from .hydragen import shared_attention
 from .layout import Layout
 from .pass_attention import PassAttention, Rope
 from .precision import Precision
+from .quant import native_bf16
 
 
 # the RMSNorms whose forward is exactly F.rms_norm's math (one fused op instead of eight)
@@ -64,9 +65,10 @@ class Transformer:
         # each layer's (input norm, post-attention norm, activation) as functions
         self.fns = [(_norm(layer.input_layernorm), _norm(layer.post_attention_layernorm), _act(layer.mlp.act_fn))
                     for layer in self.layers]
-        # at bf16, silu(gate) * up in the matmuls' epilogues (quant.Bf16Gated), where the MLP is that
-        self.swiglu = all(_silu(layer.mlp.act_fn) and lp.gate_up.gated and lp.gate_up.bias is None
-                          for layer, lp in zip(self.layers, self.precision.layers))
+        # at bf16, silu(gate) * up in oneDNN's epilogues (quant.Bf16Gated), where the MLP is that
+        self.swiglu = native_bf16(self.precision.device) and all(
+            _silu(layer.mlp.act_fn) and lp.gate_up.gated and lp.gate_up.bias is None
+            for layer, lp in zip(self.layers, self.precision.layers))
         cfg = hf.config
         self.n_layers = len(self.layers)
         self.n_heads = cfg.num_attention_heads

@@ -104,6 +104,7 @@ def test_bf16_weights_multiply_exactly_as_the_plain_bf16_copy(n, k, rows, seed):
     assert torch.equal(b.mm(x), torch.nn.functional.linear(x, w.bfloat16()))
 
 
+@NEEDS
 @settings(max_examples=25, deadline=None)
 @given(i=st.integers(1, 64), k=st.integers(1, 200), rows=st.integers(1, 40), seed=st.integers(0, 10_000))
 def test_the_gated_mlp_in_bf16_is_silu_of_the_gate_times_up_to_bf16_rounding(i, k, rows, seed):
