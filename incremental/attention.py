@@ -197,6 +197,9 @@ def merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor,
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
     w = torch.exp(lses - top)                                      # (P, 1, H, n)
     total = w.sum(0)
-    dtype = parts[0][0].dtype  # bf16 parts (an encode at bf16) are summed in fp32, rounded once
-    out = sum(wi[..., None] * o.float() for wi, (o, _) in zip(w, parts)) / total[..., None]
-    return out.to(dtype), top + torch.log(total)
+    share = (w / total)[..., None]                                 # (P, 1, H, n, 1)
+    # bf16 parts (an encode at bf16) are summed in fp32, rounded once
+    out = parts[0][0].float() * share[0]
+    for s, (o, _) in zip(share[1:], parts[1:]):
+        out.addcmul_(o, s)
+    return out.to(parts[0][0].dtype), top + torch.log(total)

@@ -9,6 +9,7 @@ any chosen tokens (blend.py's).
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -46,7 +47,9 @@ def settling(doc, T: int, should_stop: Callable[[], bool] | None,
     columns an encode may move)."""
     r, size = doc.region, doc.config.encode_chunk
     shared = layout.apart(doc)  # fixed for the whole encode, and kept from the budget meanwhile
-    with in_use(doc, *shared):
+    # several chunks read the columns before them again: they keep a bf16 copy (KVCache.mirrored)
+    many = np.count_nonzero(r.dirty_tokens()[:T]) > size
+    with in_use(doc, *shared), (doc.kv.mirrored() if many else contextlib.nullcontext()):
         at = r.slots(np.arange(T))                                       # (T,) token -> slot
         while True:
             dirty = np.flatnonzero(r.dirty_tokens()[:T])

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from .attention import CAUSAL_TAIL_MIN, LAZY_MAX_QUERIES, PendingDeltas, attend, attend_lse, attention_with_deltas, flash_rows
+from .attention import (CAUSAL_TAIL_MIN, FEW_QUERIES, LAZY_MAX_QUERIES, PendingDeltas, attend, attend_lse,
+                        attention_with_deltas, flash_rows)
 from .batch import Pass
 
 
@@ -28,6 +29,12 @@ class Rope:
         return torch.addcmul(t * self.cos, t.roll(self.half, -1), self.sin)
 
 
+def _causal_tail(mask: torch.Tensor) -> bool:
+    """Whether a visibility mask (n, N) shows every column before the last n, and those causally."""
+    n, N = mask.shape
+    return bool(mask[:, : N - n].all()) and torch.equal(mask[:, N - n:], torch.ones(n, n, dtype=torch.bool).tril_())
+
+
 class PassAttention:
     """One pass's share of a batched forward: its RoPE tables, its mask over its layout's
     columns and its pending deltas. It writes the pass's K/V into the pass's own cache and
@@ -37,13 +44,18 @@ class PassAttention:
         self.model, self.p, dev = model, p, model.device
         self.pos = p.pos.to(dev)
         mask = p.layout.mask
-        self.mask = None
-        if mask is not None:
-            self.mask = torch.zeros(mask.shape, dtype=x.dtype, device=dev)
-            self.mask.masked_fill_(~mask.to(dev), float("-inf"))        # (n, n_keys)
         self.pending = PendingDeltas(p.layout, p.n >= LAZY_MAX_QUERIES, model.inv_freq.to(dev))
-        if self.pending.runs is not None and self.mask is not None:
-            self.mask = self.mask[:, self.pending.cols]                # the runs' columns only
+        # an encode chunk after text every query of it sees (a file's open, chunk by chunk): the
+        # fused kernel then reads no mask, and skips the upper half of the chunk's own square
+        self.causal_tail = (mask is not None and dev.type == "cpu" and p.n >= 64 and not p.shared
+                            and self.pending.runs is None and mask.shape[1] - p.n >= CAUSAL_TAIL_MIN
+                            and _causal_tail(mask))
+        self.mask = None  # additive (n, n_keys), where attention reads one
+        if mask is not None and not self.causal_tail:
+            self.mask = torch.zeros(mask.shape, dtype=x.dtype, device=dev)
+            self.mask.masked_fill_(~mask.to(dev), float("-inf"))
+            if self.pending.runs is not None:
+                self.mask = self.mask[:, self.pending.cols]            # the runs' columns only
         # attend_lse's mask, made once for every layer (a pass that sees groups apart needs it)
         self.mask_rows = None
         if p.shared and self.mask is not None:
@@ -57,13 +69,6 @@ class PassAttention:
         self.mask_sdpa = self.mask  # attend()'s, cast once for all layers
         if self.bf16 and self.mask is not None:
             self.mask_sdpa = self.mask.to(torch.bfloat16)
-        # an encode chunk after text every query of it sees (a file's open, chunk by chunk): the
-        # fused kernel then reads no mask, and skips the upper half of the chunk's own square
-        self.causal_tail = False
-        if self.mask is not None and dev.type == "cpu" and p.n >= 64 and self.mask.shape[1] - p.n >= CAUSAL_TAIL_MIN:
-            n, a = p.n, self.mask.shape[1] - p.n
-            tail = torch.full((n, n), float("-inf"), dtype=self.mask.dtype, device=dev).triu_(1)
-            self.causal_tail = bool((self.mask[:, :a] == 0).all()) and torch.equal(self.mask[:, a:], tail)
         self.q: torch.Tensor | None = None  # this layer's queries at their positions (hydragen.py reads them)
 
     def _rope(self, q: torch.Tensor, d: int) -> torch.Tensor:
@@ -77,18 +82,15 @@ class PassAttention:
         """Layer i, this pass's rows: queries before and after RoPE (1, H, m, D), keys (after)
         and values (1, Hkv, m, D) -> its attention over its own cache (1, H, m, D), and its
         log-sum-exp (1, H, m) when it sees groups apart (None otherwise)."""
-        kv, slots, m = self.p.kv, self.slots, q.shape[2]
-        if not write:
-            pass  # a probe attends to the cache as it is
-        elif isinstance(slots, int):
-            kv.k[i, :, slots: slots + m] = k[0]
-            kv.v[i, :, slots: slots + m] = v[0]
-        else:
-            kv.k[i].index_copy_(1, slots, k[0])
-            kv.v[i].index_copy_(1, slots, v[0])
-        K, V = kv.layer(i, self.p.layout.n_keys)                       # (1, Hkv, n_keys, D)
+        kv, n_keys, m = self.p.kv, self.p.layout.n_keys, q.shape[2]
+        if write:  # (a probe attends to the cache as it is)
+            kv.write(i, self.slots, k[0], v[0])
         pending, scaling, apart = self.pending, self.model.scaling, bool(self.p.shared)
         self.q = q_rot
+        if self.bf16 and pending.runs is None and not apart and m > FEW_QUERIES:  # attend's SDPA path
+            K, V = kv.layer_bf16(i, n_keys)                            # (1, Hkv, n_keys, D) bf16
+            return attend(q_rot, K, V, self.mask_sdpa, scaling, bf16=True, causal_tail=self.causal_tail), None
+        K, V = kv.layer(i, n_keys)                                     # (1, Hkv, n_keys, D)
         if pending.runs is None or pending.copy:
             K, V = pending.rotated(K, V)
             if apart:

@@ -221,10 +221,9 @@ class Region:
     def _rotate(self, dst: int, delta: np.ndarray, positions: np.ndarray, src: np.ndarray | None = None) -> None:
         """Rotate the keys of slots [dst, dst + len(delta)) by delta, from positions; with src, first
         gather K/V from slots src into them (a compaction), layer by layer: the copy stays small."""
-        kv = self.kv
-        dev = kv.k.device
-        delta_t = torch.from_numpy(np.array(delta, dtype=np.int64)).to(dev)
-        pos_t = torch.from_numpy(np.array(positions, dtype=np.int64)).to(dev)
+        kv, dev = self.kv, self.kv.k.device
+        kv.changed()
+        delta_t, pos_t = (torch.from_numpy(np.array(a, dtype=np.int64)).to(dev) for a in (delta, positions))
         m = len(delta)
         if src is None:  # one call for every layer: the layer axis is the kernel's batch axis
             kernels.rerotate_keys_(kv.k[:, :, dst: dst + m], delta_t, kv.inv_freq, positions=pos_t)
@@ -294,6 +293,7 @@ class Region:
         new.slot0 = kv.alloc(new, cap)
         s, d = slice(self.slot0, self.end), slice(new.slot0, new.end)
         kv.k[:, :, d], kv.v[:, :, d] = self.kv.k[:, :, s], self.kv.v[:, :, s]
+        kv.changed()
         return new
 
     def free(self) -> None:
