@@ -131,12 +131,12 @@ class KVCache:
         if isinstance(slots, int):
             self.k[i, :, slots: slots + k.shape[1]] = k
             self.v[i, :, slots: slots + k.shape[1]] = v
-            lo = slots
         else:
             self.k[i].index_copy_(1, slots, k)
             self.v[i].index_copy_(1, slots, v)
-            lo = int(slots.min())
-        self._mirror_hi[i] = min(self._mirror_hi[i], lo)
+        if self._mirror_users:  # (unheld, every watermark is 0: no device sync for slots.min())
+            lo = slots if isinstance(slots, int) else int(slots.min())
+            self._mirror_hi[i] = min(self._mirror_hi[i], lo)
 
     def changed(self) -> None:
         """K/V changed other than by write (a rotation, a move, a copy in): the mirror is stale."""

@@ -64,6 +64,15 @@ class MirrorMachine(RuleBasedStateMachine):
             self.kv.k[i, :, at] += 1.0
             self.kv.changed()
 
+    @rule()
+    def let_go_and_hold_again(self):
+        """Writes while nobody holds it are not the copy's either."""
+        self.hold.__exit__(None, None, None)
+        assert self.kv._mirror is None
+        self.write_run(0, 0, 4)
+        self.hold = self.kv.mirrored()
+        self.hold.__enter__()
+
     @rule(i=st.integers(0, L - 1), n=st.integers(1, 120))
     def read(self, i, n):
         n = min(n, self.kv.capacity)
