@@ -76,18 +76,36 @@ def _halves(x, interleaved):
     return x[..., :half], x[..., half:]
 
 
-def _rotate_into(out, x, cos, sin, interleaved):
-    """out = x's pairs rotated by angles with these cos/sin (M, R/2); out may be x itself.
+# Tokens a block of _rotate_into: each batch row (layer) and block of tokens is rotated apart, so
+# that its temporaries stay in the CPU's cache (all layers at once ran 2-3x slower at 8k tokens)
+ROTATE_BLOCK = 512
 
-    Both rotated halves are computed in fp32 temporaries before either is stored, so x may
-    alias out; each half goes to the cache dtype on its copy_. No full-width copy:
-    on a CPU this path is bandwidth-bound, and every extra pass shows in an edit's latency.
-    """
+
+def _rotate_into(out, x, cos, sin, interleaved):
+    """out = x's pairs rotated by angles with these cos/sin, (M, R/2) or (B, 1, M, R/2); out
+    may be x itself. Batch row by batch row, ROTATE_BLOCK tokens at a time."""
+    B, M = x.shape[0], x.shape[2]
+    for b in range(B):
+        c, s = (cos, sin) if cos.dim() == 2 else (cos[b], sin[b])
+        for a in range(0, M, ROTATE_BLOCK):
+            e = min(M, a + ROTATE_BLOCK)
+            _rotate_block(out[b, :, a:e], x[b, :, a:e], c[..., a:e, :], s[..., a:e, :], interleaved)
+
+
+def _rotate_block(out, x, cos, sin, interleaved):
+    """_rotate_into on one block. x1 cos - x2 sin and x2 cos + x1 sin, in fp32: an fp32 cache
+    rotated in place takes one temporary (its first half's ops run on the cache itself, the
+    same operations in the same order), any other is rotated in fp32 temporaries and each half
+    goes to the cache dtype on its copy_. No full-width copy: this is bandwidth-bound."""
     x1, x2 = _halves(x, interleaved)
     o1, o2 = _halves(out, interleaved)
-    t1 = torch.mul(x1, cos)
-    t1.addcmul_(x2, sin, value=-1)  # x1 cos - x2 sin
     t2 = torch.mul(x2, cos)
     t2.addcmul_(x1, sin)  # x2 cos + x1 sin
-    o1.copy_(t1)
+    if out.data_ptr() == x.data_ptr() and x.dtype == cos.dtype:
+        x1.mul_(cos)
+        x1.addcmul_(x2, sin, value=-1)  # x1 cos - x2 sin, x2 not yet written
+    else:
+        t1 = torch.mul(x1, cos)
+        t1.addcmul_(x2, sin, value=-1)
+        o1.copy_(t1)
     o2.copy_(t2)

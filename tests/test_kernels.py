@@ -45,6 +45,25 @@ def test_matches_reference(path, c):
     assert torch.equal(out[..., c["rotary_dim"]:], k[..., c["rotary_dim"]:])  # past rotary_dim: untouched
 
 
+@PROPS
+@given(c=cases(), block=st.integers(1, 6))
+def test_the_torch_path_in_blocks_is_the_whole_rotation_bit_for_bit(c, block):
+    """The CPU path rotates layer by layer, ROTATE_BLOCK tokens at a time (for the CPU's cache):
+    any block size gives the bits of one block over every token, and the reference's values."""
+    from livekv.kernels import rerotate_torch
+    k, delta, inv, kw = draw_case(c)
+    pos = c["positions"]
+    whole, blocked = k.clone(), k.clone()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(rerotate_torch, "ROTATE_BLOCK", 1 << 30)
+        rerotate_torch.rerotate_keys_torch_(whole, delta, inv, positions=pos, **kw)
+        mp.setattr(rerotate_torch, "ROTATE_BLOCK", block)
+        rerotate_torch.rerotate_keys_torch_(blocked, delta, inv, positions=pos, **kw)
+    assert torch.equal(bits(blocked), bits(whole))
+    ref = kernels.rerotate_keys_reference(k, delta, inv, positions=pos, **kw)
+    assert_close(blocked, ref, pair_norm(k, c["rotary_dim"], c["interleaved"]), c["dtype"])
+
+
 @pytest.mark.parametrize("path", PATHS)
 @PROPS
 @given(c=cases())
