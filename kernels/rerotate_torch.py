@@ -76,14 +76,18 @@ def _halves(x, interleaved):
     return x[..., :half], x[..., half:]
 
 
-# Tokens a block of _rotate_into: each batch row (layer) and block of tokens is rotated apart, so
-# that its temporaries stay in the CPU's cache (all layers at once ran 2-3x slower at 8k tokens)
+# Tokens a block of _rotate_into on a CPU: each batch row (layer) and block of tokens is rotated
+# apart, so that its temporaries stay in the CPU's cache (all layers at once ran 2-3x slower at 8k
+# tokens). Elsewhere (a GPU without Triton) one block: each op is a kernel launch there.
 ROTATE_BLOCK = 512
 
 
 def _rotate_into(out, x, cos, sin, interleaved):
     """out = x's pairs rotated by angles with these cos/sin, (M, R/2) or (B, 1, M, R/2); out
-    may be x itself. Batch row by batch row, ROTATE_BLOCK tokens at a time."""
+    may be x itself. On a CPU batch row by batch row, ROTATE_BLOCK tokens at a time."""
+    if x.device.type != "cpu":
+        _rotate_block(out, x, cos, sin, interleaved)
+        return
     B, M = x.shape[0], x.shape[2]
     for b in range(B):
         c, s = (cos, sin) if cos.dim() == 2 else (cos[b], sin[b])
