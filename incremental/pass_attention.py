@@ -87,10 +87,9 @@ class PassAttention:
             kv.write(i, self.slots, k[0], v[0])
         pending, scaling, apart = self.pending, self.model.scaling, bool(self.p.shared)
         self.q = q_rot
-        if self.bf16 and pending.runs is None and not apart and m > FEW_QUERIES:  # attend's SDPA path
-            K, V = kv.layer_bf16(i, n_keys)                            # (1, Hkv, n_keys, D) bf16
-            return attend(q_rot, K, V, self.mask_sdpa, scaling, bf16=True, causal_tail=self.causal_tail), None
-        K, V = kv.layer(i, n_keys)                                     # (1, Hkv, n_keys, D)
+        # attend's SDPA path at bf16 reads the keys and values in bf16: the cache's copy while held
+        bf16_kv = self.bf16 and pending.runs is None and not apart and m > FEW_QUERIES
+        K, V = kv.layer_bf16(i, n_keys) if bf16_kv else kv.layer(i, n_keys)  # (1, Hkv, n_keys, D)
         if pending.runs is None or pending.copy:
             K, V = pending.rotated(K, V)
             if apart:
