@@ -58,14 +58,7 @@ class KVCache:
         """Make room for at least n slots, keeping what every slot holds."""
         if n <= self.capacity:
             return
-        cap = max(n, 2 * self.capacity)
-        for name in ("k", "v"):
-            old = getattr(self, name)
-            new = torch.zeros(old.shape[0], old.shape[1], cap, old.shape[3], dtype=old.dtype, device=old.device)
-            new[:, :, : self.top] = old[:, :, : self.top]
-            setattr(self, name, new)
-        self._mirror = None
-        self.changed()
+        self._reallocate(max(n, 2 * self.capacity))
 
     def shrink(self, headroom: int = 256) -> bool:
         """Give back buffer room past the top slot when it is most of the buffer (after closes and
@@ -73,14 +66,18 @@ class KVCache:
         keep = self.top + headroom
         if self.capacity <= 2 * keep:
             return False
+        self._reallocate(keep)
+        return True
+
+    def _reallocate(self, cap: int) -> None:
+        """Buffers of cap slots, holding what the slots below top held; the bf16 copy is remade."""
         for name in ("k", "v"):
             old = getattr(self, name)
-            new = torch.zeros(old.shape[0], old.shape[1], keep, old.shape[3], dtype=old.dtype, device=old.device)
+            new = torch.zeros(old.shape[0], old.shape[1], cap, old.shape[3], dtype=old.dtype, device=old.device)
             new[:, :, : self.top] = old[:, :, : self.top]
             setattr(self, name, new)
         self._mirror = None
         self.changed()
-        return True
 
     # -- slot ranges (Region calls these) -------------------------------------------------------
     def alloc(self, region, cap: int) -> int:
