@@ -81,6 +81,20 @@ def requantize(server: Path, gguf: Path, out: Path, kind: str = "Q8_0") -> Path:
     return out
 
 
+def train_context(gguf: Path) -> tuple[str, int] | None:
+    """(architecture, trained context length) from a GGUF's metadata; None where it says neither."""
+    import gguf as gguf_lib
+    fields = gguf_lib.GGUFReader(str(gguf)).fields
+
+    def value(key):
+        f = fields.get(key)
+        return None if f is None or not f.data else f.parts[f.data[0]]
+    arch = value("general.architecture")
+    arch = None if arch is None else bytes(arch).decode()
+    n = None if arch is None else value(f"{arch}.context_length")
+    return None if n is None else (arch, int(n[0]))
+
+
 class LlamaServer:
     """A running llama-server: `with LlamaServer(binary, gguf, threads) as s: s.complete(...)`."""
 
@@ -88,9 +102,14 @@ class LlamaServer:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             self.port = sock.getsockname()[1]
+        # llama-server caps its slot at the trained context (SmolLM2's 8,192), where livekv runs the
+        # same plain RoPE past it: saying the model was trained for ctx lifts the cap, nothing else
+        extra, trained = [], train_context(gguf)
+        if trained and trained[1] < ctx:
+            extra = ["--override-kv", f"{trained[0]}.context_length=int:{ctx}"]
         self.proc = subprocess.Popen(
             [str(binary), "-m", str(gguf), "-t", str(threads), "-tb", str(threads), "-c", str(ctx), "-np", "1",
-             "--cache-reuse", str(reuse), "--host", "127.0.0.1", "--port", str(self.port), "--no-webui"],
+             "--cache-reuse", str(reuse), "--host", "127.0.0.1", "--port", str(self.port), "--no-webui", *extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 600
         while True:  # the model loads before /health answers 200
@@ -113,8 +132,11 @@ class LlamaServer:
         body = dict(body, cache_prompt=True, temperature=0.0, top_k=1, stream=False, samplers=["top_k"])
         req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=3600) as r:
-            return parse(json.loads(r.read()))
+        try:
+            with urllib.request.urlopen(req, timeout=3600) as r:
+                return parse(json.loads(r.read()))
+        except urllib.error.HTTPError as e:  # its body says why (a prompt over the context, say)
+            raise RuntimeError(f"llama-server answered {e.code} to {path}: {e.read().decode(errors='replace')[:500]}") from None
 
     def complete(self, prompt: str, n_predict: int, stop: list[str]) -> Answer:
         return self._post("/completion", {"prompt": prompt, "n_predict": n_predict, "stop": stop})

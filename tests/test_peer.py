@@ -69,3 +69,40 @@ def test_a_model_llama_server_cannot_run_is_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="GGUF"):
         peer.gguf_of(str(tmp_path / "model.safetensors"))
     assert peer.gguf_of(None).name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def test_the_trained_context_is_read_from_the_gguf(tmp_path):
+    """llama-server caps a slot at it: the benchmark lifts the cap past SmolLM2's 8,192 (16k rows)."""
+    assert LS.train_context(peer.gguf_of(None)) == ("llama", 8192)
+    import gguf
+    w = gguf.GGUFWriter(str(tmp_path / "bare.gguf"), "llama")  # no context length written
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert LS.train_context(tmp_path / "bare.gguf") is None
+
+
+def test_a_refusal_says_what_llama_server_said():
+    import http.server
+    import threading
+
+    class Refuse(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = b'{"error":{"code":400,"message":"request (16347 tokens) exceeds the available context size"}}'
+            self.send_response(400)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        s = object.__new__(LS.LlamaServer)  # a peer already up: only its port
+        s.port = httpd.server_address[1]
+        with pytest.raises(RuntimeError, match="400 to /completion.*exceeds the available context size"):
+            s.complete("x", 1, ["\n"])
+    finally:
+        httpd.shutdown()
