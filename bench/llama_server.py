@@ -136,7 +136,8 @@ class LlamaServer:
             with urllib.request.urlopen(req, timeout=3600) as r:
                 return parse(json.loads(r.read()))
         except urllib.error.HTTPError as e:  # its body says why (a prompt over the context, say)
-            raise RuntimeError(f"llama-server answered {e.code} to {path}: {e.read().decode(errors='replace')[:500]}") from None
+            why = e.read().decode(errors="replace")[:500]
+            raise RuntimeError(f"llama-server answered {e.code} to {path}: {why}") from None
 
     def complete(self, prompt: str, n_predict: int, stop: list[str]) -> Answer:
         return self._post("/completion", {"prompt": prompt, "n_predict": n_predict, "stop": stop})
