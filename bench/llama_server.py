@@ -82,7 +82,7 @@ def requantize(server: Path, gguf: Path, out: Path, kind: str = "Q8_0") -> Path:
 
 
 def train_context(gguf: Path) -> tuple[str, int] | None:
-    """(architecture, trained context length) from a GGUF's metadata; None where it says neither."""
+    """(architecture, trained context length) from a GGUF's metadata; None where it lacks either."""
     import gguf as gguf_lib
     fields = gguf_lib.GGUFReader(str(gguf)).fields
 
