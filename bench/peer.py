@@ -176,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--edits", type=int, default=6, help="edits per mode and size (default %(default)s)")
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--precision", default="auto", help="livekv's (Config.precision)")
+    ap.add_argument("--decode-kv", default="auto", choices=("auto", "fp32"), help="livekv's (Config.decode_kv)")
     ap.add_argument("--out", default="bench/out/peer")
     a = ap.parse_args(argv)
     try:
@@ -207,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(threads)
         for mode in modes:
             src = sources[mode]
-            engine = Engine.load(str(src), precision=a.precision, max_new_tokens=a.max_new_tokens)
+            engine = Engine.load(str(src), precision=a.precision, decode_kv=a.decode_kv, max_new_tokens=a.max_new_tokens)
             for fmt in a.formats.split(","):
                 gguf = src if fmt == "source" else LS.requantize(binary, src, out / "gguf" / f"{src.stem}.{fmt}.gguf", fmt)
                 with LS.LlamaServer(binary, gguf, threads) as server:

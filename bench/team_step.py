@@ -2,7 +2,7 @@
 
     livekv bench team-step [--passes 1,2,4,8] [--file-tokens 600] [--context-files 3]
                            [--context-tokens 800] [--steps 8] [--reps 3] [--precision auto]
-                           [--threads 1] [--model M] [--out bench/out/team_step]
+                           [--threads 1] [--model M] [--decode-kv auto] [--out bench/out/team_step]
 
 The documents of `livekv bench team` (bench/team.py: stdlib modules as the editors' files, the
 same context files for all, held once in a cache of their own), without the servers: k documents
@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=8, help="decode steps timed per run")
     p.add_argument("--reps", type=int, default=3, help="runs per width; the best is reported")
     p.add_argument("--precision", default="auto")
+    p.add_argument("--decode-kv", default="auto", choices=("auto", "fp32"), help="Config.decode_kv")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--model", default=None)
     p.add_argument("--out", default="bench/out/team_step")
@@ -89,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.passes[0] < 1:
         p.error("--passes are counts of documents, 1 or more")
     from livekv.incremental import Engine
-    engine = Engine.load(a.model, precision=a.precision, threads=a.threads, max_new_tokens=a.steps + 8)
+    engine = Engine.load(a.model, precision=a.precision, decode_kv=a.decode_kv, threads=a.threads,
+                         max_new_tokens=a.steps + 8)
     docs = documents(engine, a)
     cursors = [cursor(d, a.steps + 2) for d in docs]
     rows = []

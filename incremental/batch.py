@@ -37,7 +37,8 @@ class Pass:
     (hydragen.py). The result sent back: None without logits_at; else, for the rows logits_at
     selects, logits (m, V), or their greedy tokens (m,) with argmax; allow (m, V) bool: with
     argmax, the tokens each of those rows may pick (token healing's), None for any. precision:
-    of the linear layers (precision.py)."""
+    of the linear layers (precision.py). kv16: attention reads the cache's fp16 copy (a decode
+    step, pass_attention.py)."""
     kv: Any
     ids: torch.Tensor
     pos: torch.Tensor
@@ -48,6 +49,7 @@ class Pass:
     precision: str = "fp32"
     shared: tuple = ()
     allow: torch.Tensor | None = None
+    kv16: bool = False
 
     @property
     def n(self) -> int:

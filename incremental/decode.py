@@ -23,6 +23,10 @@ from .batch import Pass, Stepper
 from .group import in_use
 from .stops import stop_policy
 
+# decode steps read an fp16 copy of the cache only where the model's K/V stayed this far inside
+# fp16's range (65,504) on the load's probe tokens: longer texts may reach further
+FP16_KV_PEAK = 4096.0
+
 
 @dataclass
 class Completion:
@@ -167,6 +171,8 @@ def _decoding(doc, c, n, max_new, should_stop, extra, max_prompt_ms, max_predict
         comp.total_ms = (time.perf_counter() - t0) * 1e3
         return comp
     precision = doc.config.precision
+    kv16 = (doc.config.decode_kv == "auto" and eng.model.precision.resolve(precision) != "fp32"
+            and eng.model.kv_peak <= FP16_KV_PEAK)
     if rider is not None and rider.out is not None:
         first = rider.out                                  # (1 + draft,) tokens or (1, V) logits
     elif should_stop is not None and should_stop():  # between the prompt's encode and the tail's pass
@@ -239,7 +245,7 @@ def _decoding(doc, c, n, max_new, should_stop, extra, max_prompt_ms, max_predict
         pos = torch.full((len(active),), phi + n_tail + step)
         nexts = (yield Pass(kv, q_ids, pos, int(slots[0]) if len(active) == 1 else slots, lay.step(step, active, n),
                             logits_at=torch.arange(len(active)), argmax=True, precision=precision,
-                            shared=shared)).tolist()
+                            shared=shared, kv16=kv16)).tolist()
         step += 1
     comp.texts, comp.ids = list(dict.fromkeys(texts)), ids[0]  # distinct, best first
     if emitted != comp.texts[0]:

@@ -7,6 +7,7 @@ import time
 import torch
 
 from .config import Config
+from .decode import FP16_KV_PEAK
 from .document import Document
 from .fim import FimStream, fim_ids
 from .format_store import STORED, FormatStore
@@ -40,6 +41,9 @@ class Engine:
         self._healing: dict[str, torch.Tensor] = {}
         probe = self.mirror.tokenize("def add(a, b):\n    return a + b\n")[0].tolist()[:12]
         self.model.check_against_hf(self.new_cache, probe)
+        if self.model.kv_peak > FP16_KV_PEAK and config.decode_kv == "auto":
+            log.info("decode steps read the fp32 cache: this model's K/V reach %.0f, past fp16's safe range",
+                     self.model.kv_peak)
         if config.token_healing:  # the vocabulary's text, which healing masks are made from: not on a first completion
             self.vocab_text()
 

@@ -10,7 +10,9 @@ prefix attended with batched queries), not once per pass.
 
 A group's keys are taken where they are when the forward runs, so a shared cache may move its
 groups between steps. A shared group's keys carry no pending delta (shared groups are never
-lazy), and every query of a pass sees every encoded token of the groups it shares.
+lazy), and every query of a pass sees every encoded token of the groups it shares. When every
+row that sees a group is a decode step at reduced precision (PassAttention.fp16_decode), the
+group is read from its cache's fp16 copy: half the bytes.
 """
 from __future__ import annotations
 
@@ -20,19 +22,22 @@ import torch
 from .attention import attend_lse
 
 
-def group_keys(g, i: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Layer i's keys and values (1, Hkv, N, D) of group g's encoded tokens; None when none is."""
+def group_keys(g, i: int, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Layer i's keys and values (1, Hkv, N, D) of group g's encoded tokens; None when none is.
+    dtype: from its cache's copy in that dtype (KVCache.layer_as)."""
     slots, encoded = g.encoded()
     kv = g.kv
     if isinstance(slots, slice) and encoded.all():
         if slots.stop <= slots.start:
             return None
-        return kv.k[i, :, slots][None], kv.v[i, :, slots][None]
+        K, V = kv.layer(i, slots.stop) if dtype is None else kv.layer_as(i, slots.stop, dtype)
+        return K[:, :, slots.start:], V[:, :, slots.start:]
     cols = np.arange(slots.start, slots.stop)[encoded] if isinstance(slots, slice) else np.asarray(slots)[encoded]
     if not len(cols):
         return None
     idx = torch.from_numpy(cols).to(kv.k.device)
-    return kv.k[i].index_select(1, idx)[None], kv.v[i].index_select(1, idx)[None]
+    K, V = kv.layer(i, int(cols.max()) + 1) if dtype is None else kv.layer_as(i, int(cols.max()) + 1, dtype)
+    return K.index_select(2, idx), V.index_select(2, idx)
 
 
 def shared_attention(i: int, rows: list, scaling: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -50,12 +55,16 @@ def shared_attention(i: int, rows: list, scaling: float) -> list[tuple[torch.Ten
     starts = np.concatenate([[0], np.cumsum(sizes)])
     n, parts = int(starts[-1]), []
     for g, js in users.values():
-        kv = group_keys(g, i)
+        half = all(rows[j].fp16_decode for j in js)  # decode steps only: read the group's fp16 copy
+        if half:
+            g.kv.keep_mirror(torch.float16)
+        kv = group_keys(g, i, torch.float16 if half else None)
         if kv is None:
             continue
         qs = [rows[j].q for j in js]
         q = torch.cat(qs, dim=2) if len(qs) > 1 else qs[0]            # (1, H, sum m, D)
-        out, lse = attend_lse(q, *kv, None, scaling)
+        out, lse = attend_lse(q.to(kv[0].dtype), *kv, None, scaling)
+        out = out.to(q.dtype)
         if len(js) < len(rows):  # to the batch's rows
             at = torch.from_numpy(np.concatenate([np.arange(starts[j], starts[j + 1]) for j in js])).to(q.device)
             full = out.new_zeros(1, out.shape[1], n, out.shape[3])

@@ -9,9 +9,9 @@ holes. Slot order is memory order only: what a query sees is decided by the atte
 in memory without touching positions. Slots past the last region are scratch for a
 completion's own tokens.
 
-While an encode of several chunks runs at bf16 (a file's open), the cache also keeps a bf16
-copy of its K/V (`mirrored`): each chunk attends in bf16 over every column before it, and
-casting them all again for every chunk and layer cost a 4k open about 5% of its time.
+The cache also keeps reduced-precision copies of its K/V (kv_mirror.py): a bf16 one while an
+encode of several chunks at bf16 holds it (`mirrored`), and an fp16 one for good once a document
+decodes at reduced precision (`keep_mirror`).
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .host_memory import move_slots_
+from .kv_mirror import Mirror
 
 
 def slack(n: int) -> int:
@@ -42,17 +43,18 @@ class KVCache:
         # cycle for the garbage collector
         self.regions: weakref.WeakSet = weakref.WeakSet()
         self.top = 0                        # end of the last region: scratch starts here
-        self._mirror_users = 0
-        self._mirror: tuple[torch.Tensor, torch.Tensor] | None = None  # bf16 (L, Hkv, C, D) each
-        self._mirror_hi = [0] * n_layers    # layer i's mirror equals k, v cast on slots below this
+        self._bf16_users = 0                # encodes holding the bf16 copy (mirrored)
+        self._kept: set[torch.dtype] = set()  # copies kept whoever holds them (keep_mirror)
+        self.mirrors: dict[torch.dtype, Mirror] = {}
 
     @property
     def capacity(self) -> int:
         return self.k.shape[2]
 
     def bytes_per_token(self) -> int:
+        """K and V of one slot, with the copies that are kept."""
         L, H, D = self.shape
-        return 2 * L * H * D * self.k.element_size()
+        return 2 * L * H * D * (self.k.element_size() + sum(d.itemsize for d in self._kept))
 
     def reserve(self, n: int) -> None:
         """Make room for at least n slots, keeping what every slot holds."""
@@ -70,14 +72,13 @@ class KVCache:
         return True
 
     def _reallocate(self, cap: int) -> None:
-        """Buffers of cap slots, holding what the slots below top held; the bf16 copy is remade."""
+        """Buffers of cap slots, holding what the slots below top held; the copies are remade."""
         for name in ("k", "v"):
             old = getattr(self, name)
             new = torch.zeros(old.shape[0], old.shape[1], cap, old.shape[3], dtype=old.dtype, device=old.device)
             new[:, :, : self.top] = old[:, :, : self.top]
             setattr(self, name, new)
-        self._mirror = None
-        self.changed()
+        self.mirrors.clear()
 
     # -- slot ranges (Region calls these) -------------------------------------------------------
     def alloc(self, region, cap: int) -> int:
@@ -121,7 +122,8 @@ class KVCache:
         self.reserve(max(src, dst) + n)
         move_slots_(self.k, src, dst, n)
         move_slots_(self.v, src, dst, n)
-        self.changed()
+        for m in self.mirrors.values():  # a copy moves along: its valid columns stay valid
+            m.move(src, dst, n)
 
     def write(self, i: int, slots, k: torch.Tensor, v: torch.Tensor) -> None:
         """Layer i's K/V (Hkv, m, D) into slots: slots..slots+m (an int) or the given (m,) slots."""
@@ -131,43 +133,45 @@ class KVCache:
         else:
             self.k[i].index_copy_(1, slots, k)
             self.v[i].index_copy_(1, slots, v)
-        if self._mirror_users:  # (unheld, every watermark is 0: no device sync for slots.min())
-            lo = slots if isinstance(slots, int) else int(slots.min())
-            self._mirror_hi[i] = min(self._mirror_hi[i], lo)
+        for m in self.mirrors.values():  # a copy follows a write at once: a step's one row, a chunk
+            m.write(i, slots, k, v)
 
-    def changed(self) -> None:
-        """K/V changed other than by write (a rotation, a move, a copy in): the mirror is stale."""
-        self._mirror_hi = [0] * len(self._mirror_hi)
+    def changed(self, lo: int = 0, hi: int | None = None, values: bool = True) -> None:
+        """K (and V, with values) of slots [lo, hi) (to the end without hi) changed other than by
+        write or move (a rotation, which leaves V alone; a compaction's gather; a copy in)."""
+        for m in self.mirrors.values():
+            m.changed((self.k, self.v), lo, hi, values)
+
+    def keep_mirror(self, dtype: torch.dtype) -> None:
+        """Keep a copy in dtype from now on, whoever holds it (fp16: a decode at reduced precision)."""
+        self._kept.add(dtype)
 
     @contextlib.contextmanager
     def mirrored(self):
         """While held, layer_bf16 reads a bf16 copy that it brings up to date column by column
         (an encode of many chunks holds it); the copy is freed when its last holder lets go."""
-        self._mirror_users += 1
+        self._bf16_users += 1
         try:
             yield
         finally:
-            self._mirror_users -= 1
-            if not self._mirror_users:
-                self._mirror = None
-                self.changed()
+            self._bf16_users -= 1
+            if not self._bf16_users and torch.bfloat16 not in self._kept:
+                self.mirrors.pop(torch.bfloat16, None)
 
     def layer_bf16(self, i: int, n_keys: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer i's keys and values (1, Hkv, n_keys, D) in bf16: from the mirror while one is
-        held (casting only the columns written since it last read them), else cast now."""
-        if not self._mirror_users:
+        """Layer i's keys and values (1, Hkv, n_keys, D) in bf16: from the copy while one is held,
+        else cast now."""
+        return self.layer_as(i, n_keys, torch.bfloat16)
+
+    def layer_as(self, i: int, n_keys: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i's keys and values (1, Hkv, n_keys, D) in dtype: from its copy where one is held
+        or kept (casting only the columns changed since it last read them), else cast now."""
+        if not (dtype in self._kept or (dtype == torch.bfloat16 and self._bf16_users)):
             K, V = self.layer(i, n_keys)
-            return K.to(torch.bfloat16), V.to(torch.bfloat16)
-        if self._mirror is None:
-            self._mirror = (torch.empty(self.k.shape, dtype=torch.bfloat16, device=self.k.device),
-                            torch.empty(self.v.shape, dtype=torch.bfloat16, device=self.v.device))
-        mk, mv = self._mirror
-        a = self._mirror_hi[i]
-        if a < n_keys:
-            mk[i, :, a:n_keys] = self.k[i, :, a:n_keys]
-            mv[i, :, a:n_keys] = self.v[i, :, a:n_keys]
-        self._mirror_hi[i] = max(a, n_keys)
-        return mk[i, :, :n_keys].unsqueeze(0), mv[i, :, :n_keys].unsqueeze(0)
+            return K.to(dtype), V.to(dtype)
+        if dtype not in self.mirrors:
+            self.mirrors[dtype] = Mirror(self.k, dtype)
+        return self.mirrors[dtype].layer((self.k, self.v), i, n_keys)
 
     def layer(self, i: int, n_keys: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views (1, Hkv, n_keys, D) of layer i's keys and values (no copy)."""

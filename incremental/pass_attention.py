@@ -4,13 +4,20 @@ K/V written into its own cache, and attention over the columns its layout shows 
 A pass whose document sees context groups held in another cache (Pass.shared: the server's
 shared contexts, shared.py) attends to those apart (hydragen.py), so here it also returns each
 query's log-sum-exp, and the two are merged (attention.merge).
+
+A decode step at reduced precision (Pass.kv16: decode.py sets it at any precision but fp32,
+unless decode_kv says fp32) reads its cache's fp16 copy (KVCache.keep_mirror, kv_mirror.py)
+through torch's fused CPU attention: at long context such a step is bound by reading the K/V,
+and 16 bits halve that. The cache itself stays fp32, so rotations stay exact and an fp32 pass
+reads what it always did.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .attention import (CAUSAL_TAIL_MIN, FEW_QUERIES, LAZY_MAX_QUERIES, PendingDeltas, attend, attend_lse,
-                        attention_with_deltas, flash_rows)
+                        attention_with_deltas, delta_runs, flash_rows, merge)
 from .batch import Pass
 
 
@@ -69,6 +76,12 @@ class PassAttention:
         self.mask_sdpa = self.mask  # attend()'s, cast once for all layers
         if self.bf16 and self.mask is not None:
             self.mask_sdpa = self.mask.to(torch.bfloat16)
+        self.fp16_decode = p.kv16 and dev.type == "cpu"
+        if self.fp16_decode:
+            p.kv.keep_mirror(torch.float16)
+            self.decode_runs = self._decode_runs()
+            if self.mask is not None and self.mask_rows is None:
+                self.mask_rows = flash_rows(self.mask, model.n_heads // model.n_kv_heads)
         self.q: torch.Tensor | None = None  # this layer's queries at their positions (hydragen.py reads them)
 
     def _rope(self, q: torch.Tensor, d: int) -> torch.Tensor:
@@ -89,6 +102,8 @@ class PassAttention:
         self.q = q_rot
         # attend's SDPA path at bf16 reads the keys and values in bf16: the cache's copy while held
         bf16_kv = self.bf16 and pending.runs is None and not apart and m > FEW_QUERIES
+        if self.fp16_decode:
+            return self._decode_fp16(q, q_rot, *kv.layer_as(i, n_keys, torch.float16), apart)
         K, V = kv.layer_bf16(i, n_keys) if bf16_kv else kv.layer(i, n_keys)  # (1, Hkv, n_keys, D)
         if pending.runs is None or pending.copy:
             K, V = pending.rotated(K, V)
@@ -97,3 +112,32 @@ class PassAttention:
             return attend(q_rot, K, V, self.mask_sdpa, scaling, bf16=self.bf16, causal_tail=self.causal_tail), None
         out = attention_with_deltas(q, K, V, self._rope, pending.runs, self.mask, scaling, with_lse=apart)
         return out if apart else (out, None)
+
+    def _decode_runs(self) -> list[tuple[int, int, int, int]]:
+        """(a, b, d, at): the key columns [a, b) a decode step reads, with their pending delta d,
+        and where they start in self.mask. The pending runs where there are any; else the seen
+        columns, less long stretches nobody sees (a region's free slots: a FIM stream's suffix
+        marker sits past them)."""
+        if self.pending.runs is not None:
+            starts = np.cumsum([0] + [b - a for a, b, _ in self.pending.runs])
+            return [(a, b, d, int(at)) for (a, b, d), at in zip(self.pending.runs, starts)]
+        n_keys, mask = self.p.layout.n_keys, self.p.layout.mask
+        if mask is None:
+            return [(0, n_keys, 0, 0)]
+        seen = mask.any(0).cpu().numpy()
+        return [(a, b, 0, a) for a, b, _ in delta_runs(np.zeros(n_keys, dtype=np.int64), seen)]
+
+    def _decode_fp16(self, q, q_rot, K, V, apart: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A few rows' attention over fp16 K, V (1, Hkv, N, D): each of its runs through the
+        fused kernel with its log-sum-exp, the runs merged. Returns fp32 (1, H, m, D), and the
+        log-sum-exp when apart."""
+        parts = []
+        for a, b, d, at in self.decode_runs:
+            qd = (q_rot if d == 0 else self._rope(q, d)).to(K.dtype)
+            mask = rows = None
+            if self.mask is not None:
+                mask = self.mask[:, at: at + b - a]
+                rows = self.mask_rows[:, at: at + b - a]
+            parts.append(attend_lse(qd, K[:, :, a:b], V[:, :, a:b], mask, self.model.scaling, rows))
+        out, lse = merge(parts)
+        return out.to(q.dtype), (lse if apart else None)

@@ -222,20 +222,20 @@ class Region:
         """Rotate the keys of slots [dst, dst + len(delta)) by delta, from positions; with src, first
         gather K/V from slots src into them (a compaction), layer by layer: the copy stays small."""
         kv, dev = self.kv, self.kv.k.device
-        kv.changed()
         delta_t, pos_t = (torch.from_numpy(np.array(a, dtype=np.int64)).to(dev) for a in (delta, positions))
         m = len(delta)
         if src is None:  # one call for every layer: the layer axis is the kernel's batch axis
             kernels.rerotate_keys_(kv.k[:, :, dst: dst + m], delta_t, kv.inv_freq, positions=pos_t)
-            return
-        src_t = torch.from_numpy(src).to(dev)
-        rotate = bool(np.count_nonzero(delta))
-        for i in range(kv.k.shape[0]):
-            k = kv.k[i].index_select(1, src_t)[None]            # (1, Hkv, m, D)
-            if rotate:
-                kernels.rerotate_keys_(k, delta_t, kv.inv_freq, positions=pos_t)
-            kv.k[i, :, dst: dst + m] = k[0]
-            kv.v[i, :, dst: dst + m] = kv.v[i].index_select(1, src_t)
+        else:
+            src_t = torch.from_numpy(src).to(dev)
+            rotate = bool(np.count_nonzero(delta))
+            for i in range(kv.k.shape[0]):
+                k = kv.k[i].index_select(1, src_t)[None]            # (1, Hkv, m, D)
+                if rotate:
+                    kernels.rerotate_keys_(k, delta_t, kv.inv_freq, positions=pos_t)
+                kv.k[i, :, dst: dst + m] = k[0]
+                kv.v[i, :, dst: dst + m] = kv.v[i].index_select(1, src_t)
+        kv.changed(dst, dst + m, values=src is not None)  # a rotation alone leaves V as it was
 
     def _move(self, src: int, dst: int, n: int) -> None:
         """Move n local slots from src to dst (the ranges may overlap): K/V and what is known."""
@@ -293,7 +293,7 @@ class Region:
         new.slot0 = kv.alloc(new, cap)
         s, d = slice(self.slot0, self.end), slice(new.slot0, new.end)
         kv.k[:, :, d], kv.v[:, :, d] = self.kv.k[:, :, s], self.kv.v[:, :, s]
-        kv.changed()
+        kv.changed(new.slot0, new.end)
         return new
 
     def free(self) -> None:

@@ -78,6 +78,7 @@ class Transformer:
         self.qk_norm = hasattr(attn0, "q_norm")
         self.inv_freq = self.rotary.inv_freq.detach().float().clone()  # (D/2,) for re-rotation
         self.vocab_size = cfg.vocab_size
+        self.kv_peak = 0.0  # the largest |K| or |V| check_against_hf saw
         p = next(hf.parameters())
         self.device, self.dtype = p.device, p.dtype
 
@@ -176,4 +177,7 @@ class Transformer:
         if not err <= tol:
             raise ValueError(f"model type {self.hf.config.model_type!r}: livekv's forward disagrees with HF's "
                              f"(max logit difference {err:.3g} > {tol:.3g}); this architecture is not supported")
+        # decode steps read an fp16 copy of the cache (pass_attention.py): only for K/V well
+        # inside fp16's range (65,504) on these tokens
+        self.kv_peak = max(kv.k[:, :, :n].abs().max().item(), kv.v[:, :, :n].abs().max().item())
         return err
