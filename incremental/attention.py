@@ -62,12 +62,13 @@ class PendingDeltas:
     completion's hidden suffix, the tail of a lazy layout), runs skip them all the same."""
 
     def __init__(self, layout, many_queries: bool, inv_freq: torch.Tensor):
-        self.runs = self.cols = None
+        self.runs = self.cols = self.seen = None
         self.copy = False
         mask, n_keys, delta = layout.mask, layout.n_keys, layout.delta
         if mask is None and not delta.any():
             return
         seen = np.ones(n_keys, dtype=bool) if mask is None else mask.any(0).cpu().numpy()
+        self.seen = seen  # (n_keys,) the columns some query sees
         if not delta[seen].any() and n_keys - np.count_nonzero(seen) < max(SKIP_ALONE, n_keys // 4):
             return
         self.runs = delta_runs(delta, seen)

@@ -121,10 +121,9 @@ class PassAttention:
         if self.pending.runs is not None:
             starts = np.cumsum([0] + [b - a for a, b, _ in self.pending.runs])
             return [(a, b, d, int(at)) for (a, b, d), at in zip(self.pending.runs, starts)]
-        n_keys, mask = self.p.layout.n_keys, self.p.layout.mask
-        if mask is None:
+        n_keys, seen = self.p.layout.n_keys, self.pending.seen
+        if self.p.layout.mask is None:
             return [(0, n_keys, 0, 0)]
-        seen = mask.any(0).cpu().numpy()
         return [(a, b, 0, a) for a, b, _ in delta_runs(np.zeros(n_keys, dtype=np.int64), seen)]
 
     def _decode_fp16(self, q, q_rot, K, V, apart: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
