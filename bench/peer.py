@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--edits", type=int, default=6, help="edits per mode and size (default %(default)s)")
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--precision", default="auto", help="livekv's (Config.precision)")
-    ap.add_argument("--decode-kv", default="auto", choices=("auto", "fp32"), help="livekv's (Config.decode_kv)")
+    ap.add_argument("--decode-kv", default="auto", choices=("auto", "fp16", "fp32"), help="livekv's (Config.decode_kv)")
     ap.add_argument("--out", default="bench/out/peer")
     a = ap.parse_args(argv)
     try:

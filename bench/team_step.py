@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=8, help="decode steps timed per run")
     p.add_argument("--reps", type=int, default=3, help="runs per width; the best is reported")
     p.add_argument("--precision", default="auto")
-    p.add_argument("--decode-kv", default="auto", choices=("auto", "fp32"), help="Config.decode_kv")
+    p.add_argument("--decode-kv", default="auto", choices=("auto", "fp16", "fp32"), help="Config.decode_kv")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--model", default=None)
     p.add_argument("--out", default="bench/out/team_step")

@@ -43,9 +43,9 @@ class Config(Settings):
                                 "narrows to the budget (CacheBlend)", min=1)
     blend_cursor: int = setting(0, "pie-blend: of the tokens just before the cursor, how many a completion "
                                 "recomputes when stale", min=0)
-    decode_kv: str = setting("auto", "the K/V a decode step reads: auto: an fp16 copy of the cache at any precision "
-                             "but fp32 (half the bytes, kept beside it); fp32: the cache itself",
-                             choices=("auto", "fp32"))
+    decode_kv: str = setting("auto", "the K/V a decode step reads at any precision but fp32: fp16: a copy of the "
+                             "cache in fp16 (half the bytes, kept beside it); fp32: the cache itself; auto: fp16 "
+                             "where the CPU computes in fp16 natively", choices=("auto", "fp16", "fp32"))
     encode_chunk: int = setting(512, "queries per forward pass when (re-)encoding long runs", min=1)
     lazy_segments: int = setting(16, "strategy lazy: compact (really rotate) past this many pending-delta runs",
                                  min=1)

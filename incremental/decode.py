@@ -21,11 +21,22 @@ import torch
 from . import batch, encode, layout
 from .batch import Pass, Stepper
 from .group import in_use
+from .quant import native_fp16
 from .stops import stop_policy
 
 # decode steps read an fp16 copy of the cache only where the model's K/V stayed this far inside
 # fp16's range (65,504) on the load's probe tokens: longer texts may reach further
 FP16_KV_PEAK = 4096.0
+
+
+def reads_fp16(config, model) -> bool:
+    """Whether a decode step under config reads the cache's fp16 copy (Pass.kv16): never at
+    fp32, nor for a model whose K/V leave fp16's safe range; with decode_kv auto only where the
+    CPU computes in fp16 natively, since elsewhere torch's fused attention runs fp16 slower than
+    fp32 (README, "decode K/V")."""
+    if config.decode_kv == "fp32" or model.precision.resolve(config.precision) == "fp32" or model.kv_peak > FP16_KV_PEAK:
+        return False
+    return config.decode_kv == "fp16" or native_fp16(model.device)
 
 
 @dataclass
@@ -171,8 +182,7 @@ def _decoding(doc, c, n, max_new, should_stop, extra, max_prompt_ms, max_predict
         comp.total_ms = (time.perf_counter() - t0) * 1e3
         return comp
     precision = doc.config.precision
-    kv16 = (doc.config.decode_kv == "auto" and eng.model.precision.resolve(precision) != "fp32"
-            and eng.model.kv_peak <= FP16_KV_PEAK)
+    kv16 = reads_fp16(doc.config, eng.model)
     if rider is not None and rider.out is not None:
         first = rider.out                                  # (1 + draft,) tokens or (1, V) logits
     elif should_stop is not None and should_stop():  # between the prompt's encode and the tail's pass

@@ -7,7 +7,7 @@ import time
 import torch
 
 from .config import Config
-from .decode import FP16_KV_PEAK
+from .decode import FP16_KV_PEAK, reads_fp16
 from .document import Document
 from .fim import FimStream, fim_ids
 from .format_store import STORED, FormatStore
@@ -41,7 +41,7 @@ class Engine:
         self._healing: dict[str, torch.Tensor] = {}
         probe = self.mirror.tokenize("def add(a, b):\n    return a + b\n")[0].tolist()[:12]
         self.model.check_against_hf(self.new_cache, probe)
-        if self.model.kv_peak > FP16_KV_PEAK and config.decode_kv == "auto":
+        if self.model.kv_peak > FP16_KV_PEAK and config.decode_kv != "fp32":
             log.info("decode steps read the fp32 cache: this model's K/V reach %.0f, past fp16's safe range",
                      self.model.kv_peak)
         if config.token_healing:  # the vocabulary's text, which healing masks are made from: not on a first completion
@@ -86,6 +86,9 @@ class Engine:
         log.info("loaded %s on %s/%s in %.1fs; precision %s%s%s", name, dev, str(dt).removeprefix("torch."),
                  time.perf_counter() - t0, chosen, " (auto)" if config.precision == "auto" else "",
                  "; the projections' weights as loaded are not kept (none of its passes reads them)" if released else "")
+        if config.decode_kv == "auto" and chosen != "fp32" and eng.model.kv_peak <= FP16_KV_PEAK:
+            log.info("decode steps read %s", "an fp16 copy of the cache" if reads_fp16(config, eng.model) else
+                     "the fp32 cache: this CPU computes fp16 by conversion, slower than fp32 (decode_kv fp16 forces the copy)")
         return eng
 
     @property

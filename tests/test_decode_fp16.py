@@ -109,7 +109,7 @@ def test_at_fp32_or_when_told_a_decode_reads_the_fp32_cache_and_keeps_no_copy(ti
 @NEEDS
 def test_a_completion_at_reduced_precision_keeps_the_copy_and_edits_reach_it(tiny_engine):
     doc = tiny_engine.open("file:///d/kept.py", TEXT, strategy="pie", settle=False)
-    doc.configure(precision="bf16")
+    doc.configure(precision="bf16", decode_kv="fp16")
     doc.settle()
     L, H, D = doc.kv.shape
     assert doc.kv.bytes_per_token() == 2 * L * H * D * 4 and not doc.kv._kept   # an encode keeps no copy
@@ -149,7 +149,23 @@ def test_a_model_whose_kv_leave_fp16s_safe_range_decodes_from_the_fp32_cache(tin
     assert 0 < tiny_engine.model.kv_peak <= decode.FP16_KV_PEAK
     monkeypatch.setattr(tiny_engine.model, "kv_peak", 2 * decode.FP16_KV_PEAK)
     doc = tiny_engine.open("file:///d/peak.py", TEXT, strategy="pie", settle=False)
-    doc.configure(precision="bf16")
+    doc.configure(precision="bf16", decode_kv="fp16")
     doc.settle()
     assert doc.suggest(30, 0).steps >= 2 and not doc.kv._kept
     tiny_engine.close(doc.uri)
+
+
+@NEEDS
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_keeps_the_copy_only_where_the_cpu_computes_fp16_natively(tiny_engine, monkeypatch, native):
+    """Without native fp16 (AVX512-FP16, AMX-FP16) torch's fused attention converts fp16 and runs
+    slower than fp32: decode_kv auto then reads the fp32 cache; fp16 forces the copy anyway."""
+    from livekv.incremental import decode
+    monkeypatch.setattr(decode, "native_fp16", lambda device: native)
+    for kv, kept in (("auto", native), ("fp16", True)):
+        doc = tiny_engine.open(f"file:///d/native_{kv}.py", TEXT, strategy="pie", settle=False)
+        doc.configure(precision="bf16", decode_kv=kv)
+        doc.settle()
+        assert doc.suggest(30, 0).steps >= 2
+        assert (torch.float16 in doc.kv._kept) == kept, (kv, native)
+        tiny_engine.close(doc.uri)
