@@ -5,10 +5,10 @@ A pass whose document sees context groups held in another cache (Pass.shared: th
 shared contexts, shared.py) attends to those apart (hydragen.py), so here it also returns each
 query's log-sum-exp, and the two are merged (attention.merge).
 
-A decode step at reduced precision (Pass.kv16: decode.py sets it at any precision but fp32,
-unless decode_kv says fp32) reads its cache's fp16 copy (KVCache.keep_mirror, kv_mirror.py)
-through torch's fused CPU attention: at long context such a step is bound by reading the K/V,
-and 16 bits halve that. The cache itself stays fp32, so rotations stay exact and an fp32 pass
+A decode step at reduced precision (Pass.kv16: decode.reads_fp16 says when) reads its cache's
+fp16 copy (KVCache.keep_mirror, kv_mirror.py) through torch's fused CPU attention: at long
+context such a step is bound by reading the K/V, and 16 bits halve that where the CPU computes
+fp16 natively. The cache itself stays fp32, so rotations stay exact and an fp32 pass
 reads what it always did.
 """
 from __future__ import annotations
