@@ -88,7 +88,8 @@ class Engine:
                  "; the projections' weights as loaded are not kept (none of its passes reads them)" if released else "")
         if config.decode_kv == "auto" and chosen != "fp32" and eng.model.kv_peak <= FP16_KV_PEAK:
             log.info("decode steps read %s", "an fp16 copy of the cache" if reads_fp16(config, eng.model) else
-                     "the fp32 cache: this CPU computes fp16 by conversion, slower than fp32 (decode_kv fp16 forces the copy)")
+                     "the fp32 cache: this CPU computes fp16 by conversion, slower than fp32 "
+                     "(decode_kv fp16 forces the copy)")
         return eng
 
     @property

@@ -42,8 +42,10 @@ def native_bf16(device: torch.device) -> bool:
 
 def native_fp16(device: torch.device) -> bool:
     """Whether this CPU computes in fp16 natively (AVX512-FP16 / AMX-FP16). Without it torch's
-    fused attention converts fp16 per block and runs slower than fp32 (README, "decode K/V")."""
-    return device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_fp16_supported()
+    fused attention converts fp16 per block and runs slower than fp32 (README, "Decode steps
+    read an fp16 copy")."""
+    mkldnn = torch.backends.mkldnn
+    return device.type == "cpu" and mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_fp16_supported()
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor, post: str = "none") -> torch.Tensor:
