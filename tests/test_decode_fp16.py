@@ -169,3 +169,23 @@ def test_auto_keeps_the_copy_only_where_the_cpu_computes_fp16_natively(tiny_engi
         assert doc.suggest(30, 0).steps >= 2
         assert (torch.float16 in doc.kv._kept) == kept, (kv, native)
         tiny_engine.close(doc.uri)
+
+
+@NEEDS
+def test_a_lazy_step_past_a_skipped_suffix_reads_each_runs_own_mask_columns(tiny_engine):
+    """Pending deltas (lazy), a long hidden suffix that the runs skip, and three candidates that
+    each see their own token only: a run after the skipped stretch has hidden columns inside
+    it, and reads them where they sit in the runs' mask, not at their key index."""
+    doc = tiny_engine.open("file:///d/lazyskip.py", excerpt(stdlib_source(), 300, 400), strategy="lazy",
+                           settle=False)
+    doc.configure(precision="bf16")
+    doc.settle()
+    doc.edit((5, 0), (5, 0), "    total = total + step  # moved\n")       # a delta left pending below
+    pa, _ = _step_pass(doc, 40, "bf16", k=3)
+    runs = pa.decode_runs
+    assert pa.pending.runs is not None and len(runs) >= 2
+    assert any(at != a for a, _, _, at in runs)                          # a stretch skipped before a run
+    last_a, last_b, _, last_at = runs[-1]
+    assert (pa.mask[:, last_at: last_at + last_b - last_a] < 0).any()     # hidden columns inside the last run
+    _check(pa, 11)
+    tiny_engine.close(doc.uri)
