@@ -30,11 +30,11 @@ FP16_KV_PEAK = 4096.0
 
 
 def reads_fp16(config, model) -> bool:
-    """Whether a decode step under config reads the cache's fp16 copy (Pass.kv16): never at
-    fp32, nor for a model whose K/V leave fp16's safe range; with decode_kv auto only where the
-    CPU computes in fp16 natively, since elsewhere torch's fused attention runs fp16 slower than
-    fp32 (README, "Decode steps read an fp16 copy")."""
-    if config.decode_kv == "fp32" or model.kv_peak > FP16_KV_PEAK:
+    """Whether a decode step under config reads the cache's fp16 copy (Pass.kv16): on a CPU only
+    (the copy feeds torch's fused CPU attention), never at fp32, nor for a model whose K/V leave
+    fp16's safe range; with decode_kv auto only where the CPU computes in fp16 natively, since
+    elsewhere that kernel runs fp16 slower than fp32 (README, "Decode steps read an fp16 copy")."""
+    if model.device.type != "cpu" or config.decode_kv == "fp32" or model.kv_peak > FP16_KV_PEAK:
         return False
     if model.precision.resolve(config.precision) == "fp32":
         return False

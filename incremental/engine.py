@@ -41,9 +41,6 @@ class Engine:
         self._healing: dict[str, torch.Tensor] = {}
         probe = self.mirror.tokenize("def add(a, b):\n    return a + b\n")[0].tolist()[:12]
         self.model.check_against_hf(self.new_cache, probe)
-        if self.model.kv_peak > FP16_KV_PEAK and config.decode_kv != "fp32":
-            log.info("decode steps read the fp32 cache: this model's K/V reach %.0f, past fp16's safe range",
-                     self.model.kv_peak)
         if config.token_healing:  # the vocabulary's text, which healing masks are made from: not on a first completion
             self.vocab_text()
 
@@ -86,9 +83,11 @@ class Engine:
         log.info("loaded %s on %s/%s in %.1fs; precision %s%s%s", name, dev, str(dt).removeprefix("torch."),
                  time.perf_counter() - t0, chosen, " (auto)" if config.precision == "auto" else "",
                  "; the projections' weights as loaded are not kept (none of its passes reads them)" if released else "")
-        if config.decode_kv == "auto" and chosen != "fp32" and eng.model.kv_peak <= FP16_KV_PEAK:
+        if dev.type == "cpu" and chosen != "fp32" and config.decode_kv != "fp32":  # what reads_fp16 decided, and why
+            peak = eng.model.kv_peak
             log.info("decode steps read %s", "an fp16 copy of the cache" if reads_fp16(config, eng.model) else
-                     "the fp32 cache: this CPU computes fp16 by conversion, slower than fp32 "
+                     f"the fp32 cache: this model's K/V reach {peak:.0f}, past fp16's safe range" if peak > FP16_KV_PEAK
+                     else "the fp32 cache: this CPU computes fp16 by conversion, slower than fp32 "
                      "(decode_kv fp16 forces the copy)")
         return eng
 

@@ -76,7 +76,8 @@ class PassAttention:
         self.mask_sdpa = self.mask  # attend()'s, cast once for all layers
         if self.bf16 and self.mask is not None:
             self.mask_sdpa = self.mask.to(torch.bfloat16)
-        self.fp16_decode = p.kv16 and dev.type == "cpu"
+        assert not p.kv16 or dev.type == "cpu", "an fp16 decode step reads through torch's CPU attention"
+        self.fp16_decode = p.kv16
         if self.fp16_decode:
             p.kv.keep_mirror(torch.float16)
             self.decode_runs = self._decode_runs()
