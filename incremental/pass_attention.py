@@ -70,9 +70,9 @@ class PassAttention:
         self.slots = p.slots if isinstance(p.slots, int) else p.slots.to(dev)
         self.tables: dict[int, Rope] = {}
         self.x = x
-        # an encode at precision bf16 attends in bf16 too (the cache stays fp32); Transformer.run
-        # sets the pass's precision before it makes its PassAttentions
-        self.bf16 = model.precision.mode == "bf16" and dev.type == "cpu"
+        # an encode at precision bf16 attends in bf16 too where that is faster (the cache stays
+        # fp32); Transformer.run sets the pass's precision before it makes its PassAttentions
+        self.bf16 = model.precision.mode == "bf16" and model.precision.bf16_attention
         self.mask_sdpa = self.mask  # attend()'s, cast once for all layers
         if self.bf16 and self.mask is not None:
             self.mask_sdpa = self.mask.to(torch.bfloat16)

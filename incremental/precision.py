@@ -38,7 +38,7 @@ import torch.nn as nn
 
 from .config import PRECISIONS
 from .proj import Proj, layer_linears, layer_projs
-from .quant import native_bf16
+from .quant import fused_bf16_attention, native_bf16
 
 log = logging.getLogger("livekv")
 
@@ -94,6 +94,7 @@ class Precision:
         self.lm_head = Proj([hf.lm_head])
         self.device = hf.lm_head.weight.device
         self.mode = "fp32"
+        self.bf16_attention = fused_bf16_attention(self.device)  # a bf16 encode's attention in bf16 too
         self._blocks: str | None = None  # blocks()'s answer, once known ("none" for None)
         self.reload: Callable[[], nn.Module] | None = None  # a fresh copy of the model as loaded (Engine's)
         self.kept: tuple[str, ...] | None = None  # the formats left while the weights as loaded are released

@@ -40,6 +40,13 @@ def native_bf16(device: torch.device) -> bool:
     return device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
+def fused_bf16_attention(device: torch.device) -> bool:
+    """Whether torch's fused CPU attention runs faster in bf16 than in fp32 here: it multiplies
+    bf16 blocks on AMX tiles; without AMX (AVX512-BF16 alone) it converts every block to fp32 and
+    is no faster, so an encode's attention there stays fp32, and exact (README, "Precision")."""
+    return native_bf16(device) and torch.cpu._is_amx_tile_supported()
+
+
 def native_fp16(device: torch.device) -> bool:
     """Whether this CPU computes in fp16 natively (AVX512-FP16 / AMX-FP16). Without it torch's
     fused attention converts fp16 per block and runs slower than fp32 (README, "Decode steps

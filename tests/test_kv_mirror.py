@@ -168,6 +168,8 @@ def test_an_encode_in_chunks_at_bf16_keeps_the_same_kv_with_the_mirror(tiny_engi
         return real(self, i, n)
 
     monkeypatch.setattr(KVCache, "layer_bf16", spy)
+    # attention in bf16, as on a CPU with AMX, whatever this one has (quant.fused_bf16_attention)
+    monkeypatch.setattr(tiny_engine.model.precision, "bf16_attention", True)
     for mirror in (True, False):
         if not mirror:
             monkeypatch.setattr(KVCache, "mirrored", lambda self: contextlib.nullcontext())
@@ -180,3 +182,29 @@ def test_an_encode_in_chunks_at_bf16_keeps_the_same_kv_with_the_mirror(tiny_engi
     assert torch.equal(docs[True].kv.k[:, :, s1], docs[False].kv.k[:, :, s2])
     assert torch.equal(docs[True].kv.v[:, :, s1], docs[False].kv.v[:, :, s2])
     assert not docs[True].kv.mirrors  # the settle let go of it
+
+
+def test_without_fused_bf16_attention_a_bf16_encode_attends_in_fp32(tiny_engine, monkeypatch):
+    """Where torch's fused attention is no faster in bf16 (no AMX), a bf16 encode's projections
+    round to bf16 and its attention reads the fp32 cache: no bf16 copy, and K/V as with bf16
+    attention to within bf16's rounding."""
+    text = excerpt(stdlib_source(), 300, 40)
+    used, real = [], KVCache.layer_bf16
+
+    def spy(self, i, n):
+        used.append(i)
+        return real(self, i, n)
+
+    monkeypatch.setattr(KVCache, "layer_bf16", spy)
+    docs = {}
+    for fused in (False, True):
+        monkeypatch.setattr(tiny_engine.model.precision, "bf16_attention", fused)
+        doc = Document(tiny_engine, f"file:///m/fused-{fused}.py", text, "pie", kv=tiny_engine.new_cache(2048))
+        doc.configure(precision="bf16", encode_chunk=64)
+        doc.settle()
+        docs[fused] = doc
+        assert bool(used) == fused
+    s1, s2 = docs[False].region.slots(), docs[True].region.slots()
+    k32, k16 = docs[False].kv.k[:, :, s1], docs[True].kv.k[:, :, s2]
+    assert not torch.equal(k32, k16)  # the two attentions round differently
+    torch.testing.assert_close(k32, k16, rtol=0.05, atol=0.05)
