@@ -28,6 +28,10 @@ MIN_SKIP = 256  # key columns nobody sees, in a stretch at least this long, are 
 # With nothing pending, skipping unseen columns pays for leaving SDPA only from about this many
 # (SDPA: 0.09 ms a layer at 1k keys, per-run scoring 0.16; at 16k keys 3.1 against 1.8).
 SKIP_ALONE = 2048
+# Many queries (the copy path) skip unseen columns when n * (H / Hkv) * skipped >= COPY_SKIP * kept:
+# the scores the fused kernel would compute for nothing against copying the kept K/V once
+# (measured on this CPU: a FIM edit's 129 queries over 4,721 keys of which 620 unseen, README)
+COPY_SKIP = 28
 # An encode chunk after this many columns it all sees attends to them apart (attend's causal_tail):
 # below, the merge costs more than the mask it saves (an open at 1k tokens: 3-4% slower; at 4k,
 # 3.5% faster with it)
@@ -58,10 +62,11 @@ class PendingDeltas:
     """How one forward pass attends, given its Layout: `runs` over the columns some query sees,
     scored per run (attention_with_deltas), or, for many queries (`copy`), against a copy of
     those columns rotated for real, then SDPA. runs is None (plain SDPA over every column) when
-    no seen key is pending and few columns are hidden from every query; when many are (a
-    completion's hidden suffix, the tail of a lazy layout), runs skip them all the same."""
+    no seen key is pending and few columns are hidden from every query (for many queries: too
+    few to pay for the copy, COPY_SKIP); when many are (a completion's hidden suffix, the tail
+    of a lazy layout, a FIM stream's free slots), runs skip them all the same."""
 
-    def __init__(self, layout, many_queries: bool, inv_freq: torch.Tensor):
+    def __init__(self, layout, n_queries: int, rep: int, inv_freq: torch.Tensor):
         self.runs = self.cols = self.seen = None
         self.copy = False
         mask, n_keys, delta = layout.mask, layout.n_keys, layout.delta
@@ -69,21 +74,30 @@ class PendingDeltas:
             return
         seen = np.ones(n_keys, dtype=bool) if mask is None else mask.any(0).cpu().numpy()
         self.seen = seen  # (n_keys,) the columns some query sees
-        if not delta[seen].any() and n_keys - np.count_nonzero(seen) < max(SKIP_ALONE, n_keys // 4):
+        many = n_queries >= LAZY_MAX_QUERIES
+        pending = bool(delta[seen].any())
+        if not pending and not many and n_keys - np.count_nonzero(seen) < max(SKIP_ALONE, n_keys // 4):
             return
-        self.runs = delta_runs(delta, seen)
+        runs = delta_runs(delta, seen)
+        kept = sum(b - a for a, b, _ in runs)
+        if not pending and many and n_queries * rep * (n_keys - kept) < COPY_SKIP * kept:
+            return
+        self.runs = runs
         dev = inv_freq.device
         cols = np.concatenate([np.arange(a, b) for a, b, _ in self.runs])
         self.cols = torch.from_numpy(cols).to(dev)
-        self.copy = many_queries
+        self.copy = many
         if self.copy:
             self.delta = torch.from_numpy(np.concatenate([np.full(b - a, d) for a, b, d in self.runs])).to(dev)
             self.pos, self.inv_freq = torch.from_numpy(layout.pos[cols]).to(dev), inv_freq
+            self.rotate = pending
 
     def rotated(self, K, V):
         """K and V (1, Hkv, N, D) as the copy path attends to them (as they are without runs)."""
         if self.runs is None:
             return K, V
+        if not self.rotate:  # unseen columns left out, nothing pending
+            return K.index_select(2, self.cols), V.index_select(2, self.cols)
         K = kernels.rotated_keys(K, self.cols, self.delta, self.inv_freq, positions=self.pos)
         return K, V.index_select(2, self.cols)
 

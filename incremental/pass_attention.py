@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .attention import (CAUSAL_TAIL_MIN, FEW_QUERIES, LAZY_MAX_QUERIES, PendingDeltas, attend, attend_lse,
+from .attention import (CAUSAL_TAIL_MIN, FEW_QUERIES, PendingDeltas, attend, attend_lse,
                         attention_with_deltas, delta_runs, flash_rows, merge)
 from .batch import Pass
 
@@ -51,7 +51,7 @@ class PassAttention:
         self.model, self.p, dev = model, p, model.device
         self.pos = p.pos.to(dev)
         mask = p.layout.mask
-        self.pending = PendingDeltas(p.layout, p.n >= LAZY_MAX_QUERIES, model.inv_freq.to(dev))
+        self.pending = PendingDeltas(p.layout, p.n, model.n_heads // model.n_kv_heads, model.inv_freq.to(dev))
         # an encode chunk after text every query of it sees (a file's open, chunk by chunk): the
         # fused kernel then reads no mask, and skips the upper half of the chunk's own square
         self.causal_tail = (mask is not None and dev.type == "cpu" and p.n >= 64 and not p.shared
