@@ -29,8 +29,8 @@ MIN_SKIP = 256  # key columns nobody sees, in a stretch at least this long, are 
 # (SDPA: 0.09 ms a layer at 1k keys, per-run scoring 0.16; at 16k keys 3.1 against 1.8).
 SKIP_ALONE = 2048
 # Many queries (the copy path) skip unseen columns when n * (H / Hkv) * skipped >= COPY_SKIP * kept:
-# the scores the fused kernel would compute for nothing against copying the kept K/V once
-# (measured on this CPU: a FIM edit's 129 queries over 4,721 keys of which 620 unseen, README)
+# the scores the fused kernel would compute for nothing against copying the kept K/V once, a
+# column's copy costing about as much as 28 scores on a CPU (README, "How it works")
 COPY_SKIP = 28
 # An encode chunk after this many columns it all sees attends to them apart (attend's causal_tail):
 # below, the merge costs more than the mask it saves (an open at 1k tokens: 3-4% slower; at 4k,

@@ -44,7 +44,8 @@ def fused_bf16_attention(device: torch.device) -> bool:
     """Whether torch's fused CPU attention runs faster in bf16 than in fp32 here: it multiplies
     bf16 blocks on AMX tiles; without AMX (AVX512-BF16 alone) it converts every block to fp32 and
     is no faster, so an encode's attention there stays fp32, and exact (README, "Precision")."""
-    return native_bf16(device) and torch.cpu._is_amx_tile_supported()
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # a private probe: absent, assume no AMX
+    return native_bf16(device) and amx is not None and amx()
 
 
 def native_fp16(device: torch.device) -> bool:
