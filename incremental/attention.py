@@ -76,7 +76,8 @@ class PendingDeltas:
         self.seen = seen  # (n_keys,) the columns some query sees
         many = n_queries >= LAZY_MAX_QUERIES
         pending = bool(delta[seen].any())
-        if not pending and not many and n_keys - np.count_nonzero(seen) < max(SKIP_ALONE, n_keys // 4):
+        # with nothing pending, too few unseen columns to skip ends it here (no stretch of MIN_SKIP)
+        if not pending and n_keys - np.count_nonzero(seen) < (MIN_SKIP if many else max(SKIP_ALONE, n_keys // 4)):
             return
         runs = delta_runs(delta, seen)
         kept = sum(b - a for a, b, _ in runs)
@@ -87,16 +88,16 @@ class PendingDeltas:
         cols = np.concatenate([np.arange(a, b) for a, b, _ in self.runs])
         self.cols = torch.from_numpy(cols).to(dev)
         self.copy = many
-        if self.copy:
+        self.delta = None  # the copy's deltas, where some are pending (rotated)
+        if self.copy and pending:
             self.delta = torch.from_numpy(np.concatenate([np.full(b - a, d) for a, b, d in self.runs])).to(dev)
             self.pos, self.inv_freq = torch.from_numpy(layout.pos[cols]).to(dev), inv_freq
-            self.rotate = pending
 
     def rotated(self, K, V):
         """K and V (1, Hkv, N, D) as the copy path attends to them (as they are without runs)."""
         if self.runs is None:
             return K, V
-        if not self.rotate:  # unseen columns left out, nothing pending
+        if self.delta is None:  # unseen columns left out, nothing pending
             return K.index_select(2, self.cols), V.index_select(2, self.cols)
         K = kernels.rotated_keys(K, self.cols, self.delta, self.inv_freq, positions=self.pos)
         return K, V.index_select(2, self.cols)
